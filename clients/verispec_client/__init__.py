@@ -1,0 +1,1 @@
+"""Python client of verispec.v1: sync and asyncio wrappers around the generated stubs."""

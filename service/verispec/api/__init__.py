@@ -1,0 +1,1 @@
+"""The gRPC edge: servicer, request conversion and validation, status mapping, server wiring."""

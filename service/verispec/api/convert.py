@@ -1,0 +1,319 @@
+"""Proto <-> domain: validates a request field by field and builds the responses."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from verispec.config import EngineConfig, SpecConfig
+from verispec.errors import InvalidRequestError
+from verispec.request import (
+    FinishReason,
+    Request,
+    ResponseOptions,
+    ResultAccumulator,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationParams,
+    StepOutput,
+    StoppingCriteria,
+    TokenLogprob,
+)
+from verispec.tokenizer import Tokenizer
+from verispec.v1 import generation_pb2 as pb
+
+MAX_TOP_LOGPROBS = 5
+MAX_TEMPERATURE = 100.0
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.STOP_TOKEN: pb.FINISH_REASON_STOP_TOKEN,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+SPECULATION_MODES = {
+    pb.SPECULATION_MODE_AUTO: SpeculationMode.AUTO,
+    pb.SPECULATION_MODE_OFF: SpeculationMode.OFF,
+    pb.SPECULATION_MODE_DRAFT_MODEL: SpeculationMode.DRAFT_MODEL,
+    pb.SPECULATION_MODE_NGRAM: SpeculationMode.NGRAM,
+}
+SPECULATION_MODE_TO_PB = {mode: value for value, mode in SPECULATION_MODES.items()}
+
+
+class AnyGenerateRequest(Protocol):
+    """The fields GenerateRequest and StreamGenerateRequest share."""
+
+    prompt: str
+    max_new_tokens: int
+    min_new_tokens: int
+    time_limit_ms: int
+    truncate_input_tokens: int
+
+    @property
+    def messages(self) -> Sequence[pb.ChatMessage]: ...
+    @property
+    def stop(self) -> Sequence[str]: ...
+    @property
+    def stop_token_ids(self) -> Sequence[int]: ...
+    @property
+    def sampling(self) -> pb.SamplingParams: ...
+    @property
+    def response(self) -> pb.ResponseOptions: ...
+    @property
+    def speculation(self) -> pb.SpeculationParams: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows, from its config and the loaded model."""
+
+    engine: EngineConfig
+    spec: SpecConfig
+    vocab_size: int
+    max_context_length: int
+    has_draft_model: bool
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(field, message)
+
+
+def _check_range(value: float, field: str, low: float, high: float, low_open: bool = False) -> None:
+    _check(math.isfinite(value), field, f"must be a finite number, got {value}")
+    inside = (low < value if low_open else low <= value) and value <= high
+    bracket = "(" if low_open else "["
+    _check(inside, field, f"must be in {bracket}{low}, {high}], got {value}")
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Validated sampling settings; an unset seed becomes a fresh random one (returned to the caller)."""
+    _check_range(msg.temperature, "sampling.temperature", 0.0, MAX_TEMPERATURE)
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    _check_range(top_p, "sampling.top_p", 0.0, 1.0, low_open=True)
+    _check_range(msg.min_p, "sampling.min_p", 0.0, 1.0)
+    typical_p = msg.typical_p if msg.HasField("typical_p") else 1.0
+    _check_range(typical_p, "sampling.typical_p", 0.0, 1.0, low_open=True)
+    repetition = msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
+    _check_range(repetition, "sampling.repetition_penalty", 0.0, 10.0, low_open=True)
+    _check_range(msg.presence_penalty, "sampling.presence_penalty", -2.0, 2.0)
+    _check_range(msg.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0)
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_k=msg.top_k,
+        top_p=top_p,
+        min_p=msg.min_p,
+        typical_p=typical_p,
+        repetition_penalty=repetition,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        seed=msg.seed if msg.HasField("seed") else secrets.randbits(63),
+    )
+
+
+def messages_from_proto(messages: Sequence[pb.ChatMessage], field: str = "messages") -> list[tuple[str, str]]:
+    result = []
+    for i, message in enumerate(messages):
+        _check(bool(message.role.strip()), f"{field}[{i}].role", "must not be empty")
+        result.append((message.role, message.content))
+    return result
+
+
+def prompt_token_ids(msg: AnyGenerateRequest, tokenizer: Tokenizer, limits: Limits) -> list[int]:
+    """Tokenizes the prompt or chat, applies truncation and checks the context window."""
+    has_prompt, has_messages = bool(msg.prompt), bool(msg.messages)
+    _check(not (has_prompt and has_messages), "prompt", "set prompt or messages, not both")
+    _check(has_prompt or has_messages, "prompt", "empty: set prompt or messages")
+    if has_prompt:
+        field, ids = "prompt", tokenizer.encode(msg.prompt)
+    else:
+        field, ids = "messages", tokenizer.encode_chat(messages_from_proto(msg.messages))
+    _check(bool(ids), field, "tokenizes to nothing")
+    if msg.truncate_input_tokens and len(ids) > msg.truncate_input_tokens:
+        ids = ids[-msg.truncate_input_tokens :]
+    longest = limits.max_context_length - 1
+    _check(
+        len(ids) <= longest,
+        field,
+        f"{len(ids)} tokens exceed the context window ({longest} input tokens at most);"
+        " set truncate_input_tokens to keep the last ones",
+    )
+    return ids
+
+
+def request_from_proto(
+    msg: AnyGenerateRequest,
+    request_id: str,
+    tokenizer: Tokenizer,
+    limits: Limits,
+    deadline: float | None = None,
+    record_steps: bool = False,
+) -> Request:
+    """A validated domain Request; raises InvalidRequestError naming the first bad field."""
+    engine = limits.engine
+    max_new = msg.max_new_tokens or engine.default_max_new_tokens
+    _check(
+        max_new <= engine.max_new_tokens_limit,
+        "max_new_tokens",
+        f"{max_new} exceeds the server limit of {engine.max_new_tokens_limit}",
+    )
+    _check(
+        msg.min_new_tokens <= max_new,
+        "min_new_tokens",
+        f"{msg.min_new_tokens} exceeds max_new_tokens ({max_new})",
+    )
+    _check(
+        len(msg.stop) <= engine.max_stop_sequences,
+        "stop",
+        f"{len(msg.stop)} stop sequences, at most {engine.max_stop_sequences}",
+    )
+    for i, stop in enumerate(msg.stop):
+        _check(bool(stop), f"stop[{i}]", "must not be empty")
+        _check(
+            len(stop) <= engine.max_stop_sequence_chars,
+            f"stop[{i}]",
+            f"{len(stop)} characters, at most {engine.max_stop_sequence_chars}",
+        )
+    for i, token_id in enumerate(msg.stop_token_ids):
+        _check(
+            token_id < limits.vocab_size,
+            f"stop_token_ids[{i}]",
+            f"{token_id} is outside the vocabulary (size {limits.vocab_size})",
+        )
+    sampling = sampling_from_proto(msg.sampling)
+    response = msg.response
+    _check(
+        response.top_logprobs <= MAX_TOP_LOGPROBS,
+        "response.top_logprobs",
+        f"{response.top_logprobs} exceeds {MAX_TOP_LOGPROBS}",
+    )
+    speculation = speculation_from_proto(msg.speculation, limits)
+    ids = prompt_token_ids(msg, tokenizer, limits)
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=tuple(ids),
+        sampling=sampling,
+        stopping=StoppingCriteria(
+            max_new_tokens=max_new,
+            min_new_tokens=msg.min_new_tokens,
+            stop_sequences=tuple(msg.stop),
+            stop_token_ids=tuple(msg.stop_token_ids),
+            include_stop_sequence=response.include_stop_sequence,
+            time_limit_s=msg.time_limit_ms / 1000.0 if msg.time_limit_ms else None,
+        ),
+        response=ResponseOptions(
+            logprobs=response.logprobs,
+            top_logprobs=response.top_logprobs,
+            echo_input_tokens=response.echo_input_tokens,
+        ),
+        speculation=speculation,
+        deadline=deadline,
+        record_steps=record_steps,
+    )
+
+
+def speculation_from_proto(msg: pb.SpeculationParams, limits: Limits) -> SpeculationParams:
+    spec = limits.spec
+    if msg.mode == pb.SPECULATION_MODE_UNSPECIFIED:
+        mode = SpeculationMode(spec.default_mode)
+    else:
+        _check(msg.mode in SPECULATION_MODES, "speculation.mode", f"unknown mode {msg.mode}")
+        mode = SPECULATION_MODES[msg.mode]
+    _check(
+        mode is not SpeculationMode.DRAFT_MODEL or limits.has_draft_model,
+        "speculation.mode",
+        "SPECULATION_MODE_DRAFT_MODEL needs a draft model, and this server has none",
+    )
+    k = msg.num_draft_tokens or spec.default_num_draft_tokens
+    return SpeculationParams(mode=mode, num_draft_tokens=min(k, spec.max_num_draft_tokens))
+
+
+def _logprobs_to_proto(items: Sequence[TokenLogprob], tokenizer: Tokenizer) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=item.token_id,
+            token=tokenizer.token_text(item.token_id),
+            logprob=item.logprob,
+            top_logprobs=[
+                pb.TopLogprob(token_id=tid, token=tokenizer.token_text(tid), logprob=value)
+                for tid, value in item.top
+            ],
+        )
+        for item in items
+    ]
+
+
+def input_tokens_to_proto(request: Request, tokenizer: Tokenizer) -> list[pb.InputToken]:
+    if not request.response.echo_input_tokens:
+        return []
+    return [pb.InputToken(token_id=t, token=tokenizer.token_text(t)) for t in request.prompt_token_ids]
+
+
+def _speculation_stats(out: StepOutput) -> pb.SpeculationStats:
+    spec = out.spec
+    if spec is None:
+        return pb.SpeculationStats()
+    return pb.SpeculationStats(
+        drafter=spec.drafter,
+        num_steps=spec.num_steps,
+        num_draft_tokens=spec.num_draft_tokens,
+        num_accepted_tokens=spec.num_accepted_tokens,
+        mean_accepted_length=spec.mean_accepted_length,
+        draft_seconds=spec.draft_seconds,
+        verify_seconds=spec.verify_seconds,
+    )
+
+
+def _usage(out: StepOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_generated_tokens)
+
+
+def _finish_reason(out: StepOutput) -> pb.FinishReason.ValueType:
+    assert out.finish_reason is not None
+    return FINISH_REASONS[out.finish_reason]
+
+
+def stream_response(
+    out: StepOutput, request: Request, tokenizer: Tokenizer, first: bool
+) -> pb.StreamGenerateResponse:
+    """One streamed message: the step's delta, plus the final fields on the last message."""
+    msg = pb.StreamGenerateResponse(
+        request_id=out.request_id,
+        text=out.text,
+        token_ids=out.token_ids,
+        logprobs=_logprobs_to_proto(out.logprobs, tokenizer),
+    )
+    if first:
+        msg.input_tokens.extend(input_tokens_to_proto(request, tokenizer))
+    if first or out.finished:
+        msg.seed = out.seed
+    if out.finished:
+        msg.finish_reason = _finish_reason(out)
+        msg.stop_sequence = out.stop_sequence
+        msg.usage.CopyFrom(_usage(out))
+        msg.speculation.CopyFrom(_speculation_stats(out))
+    return msg
+
+
+def unary_response(request: Request, result: ResultAccumulator, tokenizer: Tokenizer) -> pb.GenerateResponse:
+    """The whole result of a Generate call, from all of its step outputs."""
+    last = result.last
+    assert last is not None
+    return pb.GenerateResponse(
+        request_id=request.request_id,
+        text=result.text,
+        token_ids=result.token_ids,
+        finish_reason=_finish_reason(last),
+        stop_sequence=last.stop_sequence,
+        seed=last.seed,
+        usage=_usage(last),
+        speculation=_speculation_stats(last),
+        logprobs=_logprobs_to_proto(result.logprobs, tokenizer),
+        input_tokens=input_tokens_to_proto(request, tokenizer),
+    )

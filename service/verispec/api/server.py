@@ -1,0 +1,105 @@
+"""The grpc.aio server: servicer, standard health, reflection, loading in the background, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from verispec import telemetry
+from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
+from verispec.config import Config
+from verispec.loader import LoadedModels
+from verispec.v1 import generation_pb2 as pb
+from verispec.v1 import generation_pb2_grpc as pb_grpc
+
+log = structlog.get_logger(__name__)
+
+_HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+class Server:
+    """Owns the grpc.aio server and the service's lifecycle: loading -> serving -> draining."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = ServiceState(config)
+        self.health = health.aio.HealthServicer()
+        max_bytes = config.server.max_message_bytes
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+            ]
+        )
+        servicer = GenerationServicer(self.state, telemetry.StepSpans(config.telemetry.step_spans))
+        pb_grpc.add_GenerationServiceServicer_to_server(servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.grpc,
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds and starts serving (health NOT_SERVING until the model is loaded); returns the port."""
+        address = f"{self.config.server.host}:{self.config.server.port}"
+        self.port = self.grpc.add_insecure_port(address)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        log.info("server.listening", address=f"{self.config.server.host}:{self.port}")
+        return self.port
+
+    async def load(self, loader: Callable[[Config], LoadedModels]) -> None:
+        """Loads the models on a worker thread; health turns SERVING when done."""
+        try:
+            models = await asyncio.to_thread(loader, self.config)
+        except BaseException:
+            self.state.phase = pb.SERVING_STATUS_FAILED
+            raise
+        self.state.models = models
+        self.state.phase = pb.SERVING_STATUS_SERVING
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("server.serving", model=models.target.model_id)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, new calls refused, in-flight calls given `grace` seconds, engine stopped."""
+        self.state.phase = pb.SERVING_STATUS_DRAINING
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.config.server.grace_period_s if grace is None else grace)
+        if self.state.models is not None:
+            await asyncio.to_thread(self.state.models.engine.core.stop, 10.0)
+        log.info("server.stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in _HEALTH_NAMES:
+            await self.health.set(name, status)
+
+
+async def serve(config: Config, loader: Callable[[Config], LoadedModels]) -> None:
+    """Runs until SIGTERM or SIGINT, then drains."""
+    server = Server(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loading = asyncio.create_task(server.load(loader))
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if loading in done and loading.exception() is not None:
+        await server.stop(0)
+        raise loading.exception()  # type: ignore[misc]
+    await stopped
+    log.info("server.draining", grace_period_s=config.server.grace_period_s)
+    loading.cancel()
+    await server.stop()

@@ -1,0 +1,46 @@
+"""Domain errors -> gRPC status codes with google.rpc details, in one place."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from verispec.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    NotReadyError,
+    OverloadedError,
+    VerispecError,
+)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status(exc: VerispecError) -> grpc.Status:
+    """The rich status a caller sees for a domain error."""
+    details: list[any_pb2.Any] = []
+    if isinstance(exc, InvalidRequestError):
+        code = code_pb2.INVALID_ARGUMENT
+        violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    elif isinstance(exc, OverloadedError):
+        code = code_pb2.RESOURCE_EXHAUSTED
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(exc.retry_after_s * 1000))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    elif isinstance(exc, NotReadyError | EngineDeadError):
+        code = code_pb2.UNAVAILABLE
+    else:
+        code = code_pb2.INTERNAL
+    return rpc_status.to_status(status_pb2.Status(code=code, message=str(exc), details=details))
+
+
+def internal(message: str) -> grpc.Status:
+    """INTERNAL for a request the engine failed while serving."""
+    return rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message=message))

@@ -1,0 +1,69 @@
+"""The `verispec` command: `serve` wires config -> models -> engine -> server; `bench` measures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from verispec import __version__
+from verispec.config import add_serve_arguments, build_config
+from verispec.errors import ConfigError, ModelLoadError
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="verispec",
+        description="gRPC service for a quantized LLM with speculative decoding.",
+    )
+    parser.add_argument("--version", action="version", version=f"verispec {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="start the gRPC server",
+        description="Start the gRPC server. Every flag can also be set with its VERISPEC_* variable; "
+        "flags win. Tracing is configured by the standard OTEL_* variables "
+        "(OTEL_TRACES_EXPORTER=otlp|console|none, OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf, "
+        "OTEL_EXPORTER_OTLP_ENDPOINT).",
+    )
+    add_serve_arguments(serve)
+    bench = commands.add_parser("bench", help="benchmarks that print JSON")
+    from verispec.bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = build_config(args) if args.command == "serve" else None
+    except ConfigError as exc:
+        print(f"verispec: invalid setting {exc}", file=sys.stderr)
+        return 2
+    if args.command == "bench":
+        from verispec.bench import run_bench
+
+        return run_bench(args)
+    assert config is not None
+    from verispec import telemetry
+    from verispec.api.server import serve
+    from verispec.loader import load
+
+    telemetry.configure_logging(config.telemetry)
+    telemetry.configure_tracing(config.telemetry.traces_exporters, config.telemetry.otlp_protocol)
+    try:
+        asyncio.run(serve(config, load))
+    except (ModelLoadError, ConfigError) as exc:
+        log.error("server.failed", error=str(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Settings: frozen dataclasses built once from flags and VERISPEC_* variables (read only here)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from verispec.errors import ConfigError
+
+ENV_PREFIX = "VERISPEC_"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> Path:
+    """Where fetched and converted models live: $VERISPEC_CACHE_DIR, else $XDG_CACHE_HOME/verispec."""
+    explicit = os.environ.get(ENV_PREFIX + "CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "verispec"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the gRPC server listens."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    grace_period_s: float = 30.0
+    max_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which target model to load and how."""
+
+    model: str = DEFAULT_MODEL
+    backend: str = "torch_ref"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_context_length: int = 0  # 0: the model's own
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    gpu_split: tuple[float, ...] = ()
+    cache_mode: str = "fp16"
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding defaults; requests may override mode and k within max_num_draft_tokens."""
+
+    draft_model: str = ""
+    default_mode: str = "auto"
+    default_num_draft_tokens: int = 4
+    max_num_draft_tokens: int = 8
+    ngram_min: int = 1
+    ngram_max: int = 3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Admission limits and per-request bounds."""
+
+    max_active_requests: int = 8
+    max_queued_requests: int = 64
+    max_new_tokens_limit: int = 2048
+    default_max_new_tokens: int = 256
+    max_stop_sequences: int = 16
+    max_stop_sequence_chars: int = 256
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """Logging, tracing and metrics settings (OTLP endpoints come from the standard OTEL_* variables)."""
+
+    log_level: str = "info"
+    log_format: str = "json"
+    log_prompts: bool = False
+    step_spans: str = "on"  # on | off | a sampling ratio in (0, 1]
+    metrics_port: int = 0  # 0: no metrics endpoint
+    traces_exporters: tuple[str, ...] = ()  # from OTEL_TRACES_EXPORTER: otlp, console
+    otlp_protocol: str = "grpc"  # from OTEL_EXPORTER_OTLP_PROTOCOL: grpc or http/protobuf
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service needs, built once at start-up and passed down in slices."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+
+# (flag, dataclass slice, attribute, type, help). Each flag's variable is VERISPEC_<FLAG>.
+_OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
+    ("host", "server", "host", str, "address to listen on"),
+    ("port", "server", "port", int, "gRPC port (0 picks a free one)"),
+    (
+        "grace-period",
+        "server",
+        "grace_period_s",
+        float,
+        "seconds in-flight requests may finish after SIGTERM",
+    ),
+    ("max-message-bytes", "server", "max_message_bytes", int, "largest gRPC message accepted"),
+    (
+        "model",
+        "model",
+        "model",
+        str,
+        f"target model: '{DEFAULT_MODEL}' (embedded default) or a model directory",
+    ),
+    ("backend", "model", "backend", str, "runtime for the target: torch_ref"),
+    ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),
+    ("dtype", "model", "dtype", str, "activation dtype: auto, float32, float16, bfloat16"),
+    (
+        "max-context-length",
+        "model",
+        "max_context_length",
+        int,
+        "longest prompt+completion in tokens (0: the model's own)",
+    ),
+    ("cache-dir", "model", "cache_dir", Path, "where fetched and converted models are kept"),
+    (
+        "draft-model",
+        "spec",
+        "draft_model",
+        str,
+        "draft model directory for speculative decoding (default: none, n-gram drafter)",
+    ),
+    ("speculation", "spec", "default_mode", str, "default speculation mode: auto, off, draft_model, ngram"),
+    ("num-draft-tokens", "spec", "default_num_draft_tokens", int, "default k, drafts per step"),
+    ("max-num-draft-tokens", "spec", "max_num_draft_tokens", int, "largest k a request may ask for"),
+    ("ngram-min", "spec", "ngram_min", int, "shortest n-gram the prompt-lookup drafter matches"),
+    ("ngram-max", "spec", "ngram_max", int, "longest n-gram the prompt-lookup drafter matches"),
+    ("max-active-requests", "engine", "max_active_requests", int, "requests generated concurrently"),
+    (
+        "max-queued-requests",
+        "engine",
+        "max_queued_requests",
+        int,
+        "requests waiting for a slot before RESOURCE_EXHAUSTED",
+    ),
+    (
+        "max-new-tokens-limit",
+        "engine",
+        "max_new_tokens_limit",
+        int,
+        "largest max_new_tokens a request may ask for",
+    ),
+    (
+        "default-max-new-tokens",
+        "engine",
+        "default_max_new_tokens",
+        int,
+        "max_new_tokens when a request leaves it at 0",
+    ),
+    ("log-level", "telemetry", "log_level", str, "debug, info, warning or error"),
+    ("log-format", "telemetry", "log_format", str, "json (one object a line) or console"),
+    ("log-prompts", "telemetry", "log_prompts", bool, "log prompt and completion text (debug only)"),
+    (
+        "step-spans",
+        "telemetry",
+        "step_spans",
+        str,
+        "spans per draft/verify step: on, off, or a sampling ratio in (0, 1]",
+    ),
+    ("metrics-port", "telemetry", "metrics_port", int, "Prometheus /metrics port (0: off)"),
+)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; defaults come from the dataclasses."""
+    defaults = Config()
+    for flag, section, attr, kind, help_text in _OPTIONS:
+        default = getattr(getattr(defaults, section), attr)
+        env = ENV_PREFIX + flag.upper().replace("-", "_")
+        parser.add_argument(
+            f"--{flag}",
+            dest=f"{section}.{attr}",
+            default=None,
+            metavar="BOOL" if kind is bool else flag.split("-")[-1].upper(),
+            nargs="?" if kind is bool else None,
+            const="true" if kind is bool else None,
+            help=f"{help_text} [env {env}; default {default}]",
+        )
+    parser.add_argument(
+        "--gpu-split",
+        dest="model.gpu_split",
+        default=None,
+        metavar="GB,GB",
+        help="GB of target weights per GPU, comma-separated (exl2) [env VERISPEC_GPU_SPLIT]",
+    )
+    parser.add_argument(
+        "--cache-mode",
+        dest="model.cache_mode",
+        default=None,
+        metavar="MODE",
+        help="KV cache format for exl2: fp16, q8, q6, q4 [env VERISPEC_CACHE_MODE; default fp16]",
+    )
+
+
+def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Flags win over VERISPEC_* variables, which win over defaults; every value is validated."""
+    env = os.environ if environ is None else environ
+    values: dict[str, dict[str, Any]] = {s: {} for s in ("server", "model", "spec", "engine", "telemetry")}
+    options = [(f, s, a, k) for f, s, a, k, _ in _OPTIONS]
+    options += [("gpu-split", "model", "gpu_split", tuple), ("cache-mode", "model", "cache_mode", str)]
+    for flag, section, attr, kind in options:
+        raw = getattr(args, f"{section}.{attr}", None)
+        name = f"--{flag}"
+        if raw is None:
+            env_name = ENV_PREFIX + flag.upper().replace("-", "_")
+            raw = env.get(env_name)
+            name = env_name
+        if raw is None:
+            continue
+        values[section][attr] = _convert(name, raw, kind)
+    if "cache_dir" not in values["model"]:
+        values["model"]["cache_dir"] = default_cache_dir()
+    values["telemetry"].update(_otel_settings(env))
+    config = Config(
+        server=ServerConfig(**values["server"]),
+        model=ModelConfig(**values["model"]),
+        spec=SpecConfig(**values["spec"]),
+        engine=EngineConfig(**values["engine"]),
+        telemetry=TelemetryConfig(**values["telemetry"]),
+    )
+    validate(config)
+    return config
+
+
+def _otel_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The standard OTEL_* variables this service honours itself (the exporters read the rest).
+
+    OTEL_TRACES_EXPORTER picks exporters (otlp, console, none); when it is unset, traces go to
+    OTLP only if an OTLP endpoint is configured, so a bare start does not retry a missing collector.
+    """
+    names = env.get("OTEL_TRACES_EXPORTER")
+    if names is None:
+        configured = any(
+            env.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
+        names = "otlp" if configured else "none"
+    exporters = tuple(n.strip() for n in names.split(",") if n.strip() and n.strip() != "none")
+    for name in exporters:
+        _require(name in ("otlp", "console"), "OTEL_TRACES_EXPORTER", f"unsupported exporter {name!r}")
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    _require(
+        protocol in ("grpc", "http/protobuf"),
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        f"unsupported protocol {protocol!r}",
+    )
+    return {"traces_exporters": exporters, "otlp_protocol": protocol}
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            return _parse_bool(raw)
+        if kind is tuple:
+            return tuple(float(part) for part in raw.split(",") if part.strip())
+        return kind(raw)
+    except ValueError as exc:
+        raise ConfigError(name, f"cannot read {raw!r}: {exc}") from None
+
+
+def _require(ok: bool, setting: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(setting, message)
+
+
+def validate(config: Config) -> None:
+    """Raises ConfigError naming the first bad setting."""
+    s, m, sp, e, t = config.server, config.model, config.spec, config.engine, config.telemetry
+    _require(0 <= s.port <= 65535, "--port", f"{s.port} is not a TCP port")
+    _require(s.grace_period_s >= 0, "--grace-period", "must be >= 0")
+    _require(s.max_message_bytes >= 1024, "--max-message-bytes", "must be >= 1024")
+    _require(m.backend in ("torch_ref",), "--backend", f"unknown backend {m.backend!r}")
+    _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
+    _require(m.max_context_length >= 0, "--max-context-length", "must be >= 0")
+    _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
+    _require(all(gb > 0 for gb in m.gpu_split), "--gpu-split", "every share must be > 0 GB")
+    _require(
+        sp.default_mode in ("auto", "off", "draft_model", "ngram"),
+        "--speculation",
+        f"unknown mode {sp.default_mode!r}",
+    )
+    _require(
+        sp.default_mode != "draft_model" or bool(sp.draft_model),
+        "--speculation",
+        "draft_model needs --draft-model",
+    )
+    _require(0 <= sp.max_num_draft_tokens <= 32, "--max-num-draft-tokens", "must be in [0, 32]")
+    _require(
+        0 <= sp.default_num_draft_tokens <= sp.max_num_draft_tokens,
+        "--num-draft-tokens",
+        f"must be in [0, --max-num-draft-tokens={sp.max_num_draft_tokens}]",
+    )
+    _require(
+        1 <= sp.ngram_min <= sp.ngram_max <= 16, "--ngram-min", "need 1 <= --ngram-min <= --ngram-max <= 16"
+    )
+    _require(e.max_active_requests >= 1, "--max-active-requests", "must be >= 1")
+    _require(e.max_queued_requests >= 0, "--max-queued-requests", "must be >= 0")
+    _require(e.max_new_tokens_limit >= 1, "--max-new-tokens-limit", "must be >= 1")
+    _require(
+        1 <= e.default_max_new_tokens <= e.max_new_tokens_limit,
+        "--default-max-new-tokens",
+        f"must be in [1, --max-new-tokens-limit={e.max_new_tokens_limit}]",
+    )
+    _require(
+        t.log_level in ("debug", "info", "warning", "error"), "--log-level", f"unknown level {t.log_level!r}"
+    )
+    _require(t.log_format in ("json", "console"), "--log-format", f"unknown format {t.log_format!r}")
+    _require(0 <= t.metrics_port <= 65535, "--metrics-port", f"{t.metrics_port} is not a TCP port")
+    _require(
+        step_span_ratio(t.step_spans) is not None,
+        "--step-spans",
+        f"{t.step_spans!r} is not on, off or a ratio in (0, 1]",
+    )
+
+
+def step_span_ratio(setting: str) -> float | None:
+    """'on' -> 1.0, 'off' -> 0.0, '0.25' -> 0.25; None when the setting is not understood."""
+    if setting == "on":
+        return 1.0
+    if setting == "off":
+        return 0.0
+    try:
+        ratio = float(setting)
+    except ValueError:
+        return None
+    return ratio if 0.0 < ratio <= 1.0 else None
+
+
+def config_from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Builds a Config from `serve` flags alone (tests and embedding)."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return build_config(parser.parse_args(list(argv)), environ)

@@ -1,0 +1,90 @@
+"""Start-up wiring of the model side: config -> backend -> drafters -> engine, with progress logs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from verispec.backends.base import Backend, BackendInfo
+from verispec.config import Config, ModelConfig
+from verispec.engine.async_engine import AsyncEngine
+from verispec.engine.core import EngineCore
+from verispec.errors import ConfigError, ModelLoadError
+from verispec.models import resolve_model
+from verispec.request import SpeculationMode
+from verispec.spec.adaptive import CostModel
+from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
+from verispec.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModels:
+    """Everything the API needs once loading is done."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    target: BackendInfo
+    draft: BackendInfo | None
+    auto_drafter: str
+
+
+def load_backend(model: ModelConfig, spec: str) -> tuple[Backend, Tokenizer]:
+    """Loads one model (target or draft) and its tokenizer."""
+    model_dir = resolve_model(spec, model.cache_dir)
+    tokenizer = Tokenizer(model_dir)
+    if model.backend == "torch_ref":
+        from verispec.backends.torch_ref import TorchRefBackend
+
+        backend = TorchRefBackend(model_dir, spec, model.device, model.dtype, model.max_context_length)
+        tokenizer.add_eos_token_ids(backend.generation_eos)
+        return backend, tokenizer
+    raise ConfigError("--backend", f"backend {model.backend!r} is not available in this build")
+
+
+def load(config: Config) -> LoadedModels:
+    """Loads target and draft, builds the drafters, calibrates step costs, starts the engine thread."""
+    started = time.monotonic()
+    target, tokenizer = load_backend(config.model, config.model.model)
+    drafters: dict[SpeculationMode, Drafter] = {
+        SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)
+    }
+    draft_info = None
+    if config.spec.draft_model:
+        draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model)
+        if not tokenizer.same_vocabulary(draft_tokenizer):
+            raise ModelLoadError(
+                f"draft model {config.spec.draft_model!r} does not share the target's vocabulary "
+                f"(target {tokenizer.vocab_size} tokens, draft {draft_tokenizer.vocab_size}); "
+                "speculative decoding needs identical token ids"
+            )
+        drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft)
+        draft_info = draft.info
+    costs = CostModel()
+    calibrate(target, costs, config.spec.max_num_draft_tokens + 1)
+    core = EngineCore(target, tokenizer, drafters, config.engine, costs)
+    core.start()
+    auto = "draft_model" if SpeculationMode.DRAFT_MODEL in drafters else "ngram"
+    log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=auto)
+    return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft_info, auto)
+
+
+def calibrate(backend: Backend, costs: CostModel, max_tokens: int, repeats: int = 3) -> None:
+    """Measures one target pass over 1..max_tokens tokens so AUTO can price k from the first request."""
+    cache = backend.new_cache()
+    try:
+        backend.forward(cache, list(range(16)), 1)  # a 16-token context; also warms the kernels
+        for n in range(1, max_tokens + 1):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                backend.forward(cache, list(range(n)), n)
+                best = min(best, time.perf_counter() - start)
+                backend.rollback(cache, 16)
+            costs.record_verify(n, best)
+    finally:
+        backend.free(cache)
+    log.info("engine.calibrated", verify_ms={n: round(s * 1000, 2) for n, s in costs.verify_s.items()})

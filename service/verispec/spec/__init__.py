@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters propose, verification accepts a prefix exactly."""

@@ -1,0 +1,108 @@
+"""Adaptive k: choose the number of drafts that maximises expected tokens per second, 0 included."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+_EMA = 0.1  # weight of a new measurement
+_PROBE_EVERY = 16  # steps at k = 0 before one cheap k = 1 probe re-measures acceptance
+
+
+@dataclass
+class CostModel:
+    """Measured seconds of one target pass over n tokens and of one draft step, per drafter."""
+
+    verify_s: dict[int, float] = field(default_factory=dict)
+    draft_s: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_verify(self, num_tokens: int, seconds: float) -> None:
+        with self._lock:
+            old = self.verify_s.get(num_tokens)
+            self.verify_s[num_tokens] = seconds if old is None else old + _EMA * (seconds - old)
+
+    def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
+        if num_draft_tokens <= 0:
+            return
+        per_token = seconds / num_draft_tokens
+        with self._lock:
+            old = self.draft_s.get(drafter)
+            self.draft_s[drafter] = per_token if old is None else old + _EMA * (per_token - old)
+
+    def verify_cost(self, num_tokens: int) -> float:
+        """Seconds for a pass over num_tokens, interpolated linearly between measured sizes."""
+        if num_tokens in self.verify_s:
+            return self.verify_s[num_tokens]
+        known = sorted(self.verify_s)
+        if not known:
+            return float(num_tokens)  # nothing measured: assume cost grows with tokens (no speculation)
+        lower = max((n for n in known if n < num_tokens), default=known[0])
+        upper = min((n for n in known if n > num_tokens), default=None)
+        if upper is None:  # extrapolate from the two largest sizes, never cheaper than the largest
+            if len(known) < 2:
+                return self.verify_s[lower] * num_tokens / lower
+            a, b = known[-2], known[-1]
+            slope = max(0.0, (self.verify_s[b] - self.verify_s[a]) / (b - a))
+            return self.verify_s[b] + slope * (num_tokens - b)
+        frac = (num_tokens - lower) / (upper - lower)
+        return self.verify_s[lower] + frac * (self.verify_s[upper] - self.verify_s[lower])
+
+    def draft_cost(self, drafter: str) -> float:
+        return self.draft_s.get(drafter, 0.0)
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens one step emits when each draft is accepted with probability `acceptance`:
+    1 + a + a^2 + ... + a^k (the recovered/bonus token is the 1)."""
+    if acceptance >= 1.0:
+        return float(k + 1)
+    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+
+
+def best_k(acceptance: float, k_max: int, costs: CostModel, drafter: str) -> int:
+    """argmax_k expected_tokens(a, k) / (k * draft + verify(k + 1)), k in [0, k_max]."""
+    draft = costs.draft_cost(drafter)
+    best, best_rate = 0, 1.0 / costs.verify_cost(1)
+    for k in range(1, k_max + 1):
+        rate = expected_tokens(acceptance, k) / (k * draft + costs.verify_cost(k + 1))
+        if rate > best_rate * 1.02:  # demand a margin over noise before speculating deeper
+            best, best_rate = k, rate
+    return best
+
+
+@dataclass
+class KController:
+    """Per-request acceptance estimate and the k it implies; a fixed k when adapt is False."""
+
+    k_max: int
+    adapt: bool
+    prior: float = 0.5
+    accepted: float = 0.0
+    proposed: float = 0.0
+    _steps_at_zero: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        # A Beta-style estimate: the prior counts as 2 observed drafts, decayed history as the rest.
+        return (self.accepted + 2.0 * self.prior) / (self.proposed + 2.0)
+
+    def choose(self, costs: CostModel, drafter: str) -> int:
+        if not self.adapt or self.k_max == 0:
+            return self.k_max
+        k = best_k(self.acceptance, self.k_max, costs, drafter)
+        if k == 0:
+            self._steps_at_zero += 1
+            if self._steps_at_zero >= _PROBE_EVERY:
+                self._steps_at_zero = 0
+                return 1
+        else:
+            self._steps_at_zero = 0
+        return k
+
+    def update(self, num_draft_tokens: int, num_accepted: int) -> None:
+        if num_draft_tokens <= 0:
+            return
+        # Decay old evidence so the estimate follows a request whose text changes character.
+        self.accepted = 0.9 * self.accepted + num_accepted
+        self.proposed = 0.9 * self.proposed + num_draft_tokens
