@@ -1,1 +1,5 @@
 """Python client of verispec.v1: sync and asyncio wrappers around the generated stubs."""
+
+from verispec_client.client import AsyncVerispecClient, VerispecClient, build_request
+
+__all__ = ["AsyncVerispecClient", "VerispecClient", "build_request"]

@@ -46,30 +46,42 @@ def load_backend(model: ModelConfig, spec: str) -> tuple[Backend, Tokenizer]:
 
 
 def load(config: Config) -> LoadedModels:
-    """Loads target and draft, builds the drafters, calibrates step costs, starts the engine thread."""
+    """Loads target and draft, then starts an engine over them."""
     started = time.monotonic()
     target, tokenizer = load_backend(config.model, config.model.model)
+    draft = None
+    if config.spec.draft_model:
+        draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model)
+        check_same_vocabulary(tokenizer, draft_tokenizer, config.spec.draft_model)
+    models = start_engine(config, target, tokenizer, draft)
+    log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=models.auto_drafter)
+    return models
+
+
+def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) -> None:
+    if not target.same_vocabulary(draft):
+        raise ModelLoadError(
+            f"draft model {draft_name!r} does not share the target's vocabulary "
+            f"(target {target.vocab_size} tokens, draft {draft.vocab_size}); "
+            "speculative decoding needs identical token ids"
+        )
+
+
+def start_engine(
+    config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None
+) -> LoadedModels:
+    """Builds the drafters, calibrates step costs and starts the engine thread over loaded models."""
     drafters: dict[SpeculationMode, Drafter] = {
         SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)
     }
-    draft_info = None
-    if config.spec.draft_model:
-        draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model)
-        if not tokenizer.same_vocabulary(draft_tokenizer):
-            raise ModelLoadError(
-                f"draft model {config.spec.draft_model!r} does not share the target's vocabulary "
-                f"(target {tokenizer.vocab_size} tokens, draft {draft_tokenizer.vocab_size}); "
-                "speculative decoding needs identical token ids"
-            )
+    if draft is not None:
         drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft)
-        draft_info = draft.info
     costs = CostModel()
     calibrate(target, costs, config.spec.max_num_draft_tokens + 1)
     core = EngineCore(target, tokenizer, drafters, config.engine, costs)
     core.start()
-    auto = "draft_model" if SpeculationMode.DRAFT_MODEL in drafters else "ngram"
-    log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=auto)
-    return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft_info, auto)
+    auto = "draft_model" if draft is not None else "ngram"
+    return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
 
 
 def calibrate(backend: Backend, costs: CostModel, max_tokens: int, repeats: int = 3) -> None:

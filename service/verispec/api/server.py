@@ -29,29 +29,26 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = ServiceState(config)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds and starts serving (health NOT_SERVING until the model is loaded); returns the port.
+
+        The grpc.aio objects are made here, inside the loop that will run them.
+        """
         self.health = health.aio.HealthServicer()
-        max_bytes = config.server.max_message_bytes
+        max_bytes = self.config.server.max_message_bytes
         self.grpc = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
             ]
         )
-        servicer = GenerationServicer(self.state, telemetry.StepSpans(config.telemetry.step_spans))
+        servicer = GenerationServicer(self.state, telemetry.StepSpans(self.config.telemetry.step_spans))
         pb_grpc.add_GenerationServiceServicer_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.grpc,
-        )
-        self.port = 0
-
-    async def start(self) -> int:
-        """Binds and starts serving (health NOT_SERVING until the model is loaded); returns the port."""
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), self.grpc)
         address = f"{self.config.server.host}:{self.config.server.port}"
         self.port = self.grpc.add_insecure_port(address)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -100,7 +100,7 @@ class TorchRefBackend:
             cache.past = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         out = self.model(
-            input_ids=input_ids, past_key_values=cache.past, use_cache=True, logits_to_keep=num_logits
+            input_ids=input_ids, cache=cache.past, use_cache=True, logits_to_keep=num_logits
         )
         logits: torch.Tensor = out.logits[0, -num_logits:, :]
         return logits.float()

@@ -1,0 +1,195 @@
+"""Sync and asyncio clients: build a request from keyword options, call the generated stubs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from verispec.v1 import generation_pb2 as pb
+from verispec.v1 import generation_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+SPECULATION_MODES = {
+    "auto": pb.SPECULATION_MODE_AUTO,
+    "off": pb.SPECULATION_MODE_OFF,
+    "draft_model": pb.SPECULATION_MODE_DRAFT_MODEL,
+    "ngram": pb.SPECULATION_MODE_NGRAM,
+}
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
+_RESPONSE_FIELDS = ("logprobs", "top_logprobs", "echo_input_tokens", "include_stop_sequence")
+
+
+def build_request(
+    prompt: str = "",
+    messages: Sequence[tuple[str, str]] = (),
+    *,
+    max_new_tokens: int = 0,
+    min_new_tokens: int = 0,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    time_limit_ms: int = 0,
+    truncate_input_tokens: int = 0,
+    speculation: str | None = None,
+    num_draft_tokens: int = 0,
+    **options: Any,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from keyword options; sampling and response options are passed flat
+    (temperature=0.7, seed=1, logprobs=True, ...). None values are left unset."""
+    unknown = set(options) - set(_SAMPLING_FIELDS) - set(_RESPONSE_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    sampling = {k: v for k, v in options.items() if k in _SAMPLING_FIELDS and v is not None}
+    response = {k: v for k, v in options.items() if k in _RESPONSE_FIELDS and v is not None}
+    spec = pb.SpeculationParams(num_draft_tokens=num_draft_tokens)
+    if speculation is not None:
+        if speculation not in SPECULATION_MODES:
+            raise ValueError(
+                f"speculation must be one of {', '.join(SPECULATION_MODES)}, got {speculation!r}"
+            )
+        spec.mode = SPECULATION_MODES[speculation]
+    return pb.GenerateRequest(
+        prompt=prompt,
+        messages=[pb.ChatMessage(role=role, content=content) for role, content in messages],
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        time_limit_ms=time_limit_ms,
+        truncate_input_tokens=truncate_input_tokens,
+        sampling=pb.SamplingParams(**sampling),
+        response=pb.ResponseOptions(**response),
+        speculation=spec,
+    )
+
+
+def as_stream_request(request: pb.GenerateRequest) -> pb.StreamGenerateRequest:
+    """The same request for StreamGenerate (the two messages share their field numbers)."""
+    return pb.StreamGenerateRequest.FromString(request.SerializeToString())
+
+
+class VerispecClient:
+    """Blocking client; use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def generate(
+        self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
+    ) -> pb.GenerateResponse:
+        request = build_request(prompt, messages, **options)
+        response: pb.GenerateResponse = self._stub.Generate(
+            request, timeout=self.timeout, metadata=self.metadata
+        )
+        return response
+
+    def stream(
+        self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
+    ) -> Iterator[pb.StreamGenerateResponse]:
+        request = as_stream_request(build_request(prompt, messages, **options))
+        yield from self._stub.StreamGenerate(request, timeout=self.timeout, metadata=self.metadata)
+
+    def health(self) -> pb.HealthResponse:
+        response: pb.HealthResponse = self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+        return response
+
+    def info(self) -> pb.ModelInfoResponse:
+        response: pb.ModelInfoResponse = self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        return response
+
+    def tokenize(
+        self, text: str = "", messages: Sequence[tuple[str, str]] = (), return_tokens: bool = False
+    ) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(
+            text=text,
+            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
+            return_tokens=return_tokens,
+        )
+        response: pb.TokenizeResponse = self._stub.Tokenize(request, timeout=self.timeout)
+        return response
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VerispecClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncVerispecClient:
+    """asyncio client; use with `async with` or await close()."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    async def generate(
+        self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
+    ) -> pb.GenerateResponse:
+        request = build_request(prompt, messages, **options)
+        response: pb.GenerateResponse = await self._stub.Generate(
+            request, timeout=self.timeout, metadata=self.metadata
+        )
+        return response
+
+    async def stream(
+        self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        request = as_stream_request(build_request(prompt, messages, **options))
+        call = self._stub.StreamGenerate(request, timeout=self.timeout, metadata=self.metadata)
+        async for message in call:
+            yield message
+
+    async def health(self) -> pb.HealthResponse:
+        response: pb.HealthResponse = await self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+        return response
+
+    async def info(self) -> pb.ModelInfoResponse:
+        response: pb.ModelInfoResponse = await self._stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=self.timeout
+        )
+        return response
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncVerispecClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,118 @@
+"""Shared fixtures: the real embedded model, loaded once, and real servers on ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from verispec.api.server import Server
+from verispec.backends.torch_ref import TorchRefBackend
+from verispec.config import DEFAULT_MODEL, Config, ModelConfig, config_from_argv
+from verispec.loader import load_backend, start_engine
+from verispec.tokenizer import Tokenizer
+from verispec.v1 import generation_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Target:
+    """The embedded model as a backend and tokenizer, shared by every test."""
+
+    backend: TorchRefBackend
+    tokenizer: Tokenizer
+
+
+@pytest.fixture(scope="session")
+def target() -> Target:
+    backend, tokenizer = load_backend(ModelConfig(), DEFAULT_MODEL)
+    assert isinstance(backend, TorchRefBackend)
+    return Target(backend, tokenizer)
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, for running a real grpc.aio server beside sync tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 120) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@dataclass
+class RunningServer:
+    """A started server: its address, a channel and the stubs tests use."""
+
+    server: Server
+    address: str
+    channel: grpc.Channel
+
+    @property
+    def stub(self) -> pb_grpc.GenerationServiceStub:
+        return pb_grpc.GenerationServiceStub(self.channel)
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel)
+
+
+def wait_serving(channel: grpc.Channel, service: str = "", timeout: float = 120) -> None:
+    """Blocks until grpc.health.v1 answers SERVING for `service`."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    for response in stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout):
+        if response.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def make_server(target: Target, loop_thread: LoopThread) -> Iterator[ServerFactory]:
+    """Starts servers over the shared model with extra `serve` flags; all are stopped at the end."""
+    started: list[RunningServer] = []
+
+    def factory(*flags: str, draft: Any = None) -> RunningServer:
+        config: Config = config_from_argv(["--host", "127.0.0.1", "--port", "0", *flags])
+        server = Server(config)
+        port = loop_thread.run(server.start())
+        models = start_engine(config, target.backend, target.tokenizer, draft)
+        loop_thread.run(server.load(lambda _: models))
+        address = f"127.0.0.1:{port}"
+        channel = grpc.insecure_channel(address)
+        wait_serving(channel, "verispec.v1.GenerationService")
+        running = RunningServer(server, address, channel)
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.channel.close()
+        loop_thread.run(running.server.stop(0))
+
+
+@pytest.fixture(scope="session")
+def server(make_server: ServerFactory) -> RunningServer:
+    """The default server: embedded model, default settings."""
+    return make_server()
