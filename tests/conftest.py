@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from verispec.api.server import Server
 from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import DEFAULT_MODEL, Config, ModelConfig, config_from_argv

@@ -6,9 +6,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from verispec.v1 import generation_pb2 as pb
 
 from tests.conftest import RunningServer
-from verispec.v1 import generation_pb2 as pb
 
 FRANCE = [pb.ChatMessage(role="user", content="What is the capital of France?")]
 STORY = "Once upon a time, in a small village by the sea,"
@@ -52,8 +52,9 @@ def test_same_seed_same_text(server: RunningServer) -> None:
     second = server.stub.Generate(request)
     assert first.text == second.text and first.token_ids == second.token_ids
     assert first.seed == 1234
-    other = server.stub.Generate(greedy(prompt=STORY, max_new_tokens=24,
-                                        sampling=pb.SamplingParams(temperature=0.9, top_p=0.95, seed=99)))
+    other = server.stub.Generate(
+        greedy(prompt=STORY, max_new_tokens=24, sampling=pb.SamplingParams(temperature=0.9, top_p=0.95, seed=99))
+    )
     assert other.token_ids != first.token_ids, "a different seed gives a different sample"
 
 
@@ -74,16 +75,21 @@ def test_stop_sequence_ends_generation(server: RunningServer) -> None:
     assert response.stop_sequence == " Paris"
     assert "Paris" not in response.text
     assert response.text.startswith("The capital of France is")
-    kept = server.stub.Generate(greedy(messages=FRANCE, max_new_tokens=32, stop=[" Paris"],
-                                       response=pb.ResponseOptions(include_stop_sequence=True)))
+    kept = server.stub.Generate(
+        greedy(
+            messages=FRANCE,
+            max_new_tokens=32,
+            stop=[" Paris"],
+            response=pb.ResponseOptions(include_stop_sequence=True),
+        )
+    )
     assert kept.text.endswith(" Paris")
 
 
 def test_stop_sequence_across_tokens_in_stream(server: RunningServer) -> None:
     """A stop sequence spanning token boundaries is never streamed, even partly."""
     stop = "of France is Par"
-    messages = list(server.stub.StreamGenerate(stream_of(greedy(messages=FRANCE, max_new_tokens=32,
-                                                                stop=[stop]))))
+    messages = list(server.stub.StreamGenerate(stream_of(greedy(messages=FRANCE, max_new_tokens=32, stop=[stop]))))
     text = "".join(m.text for m in messages)
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP_SEQUENCE
     assert text == "The capital "
@@ -99,8 +105,7 @@ def test_max_new_tokens_gives_length(server: RunningServer) -> None:
 def test_min_new_tokens_suppresses_eos(server: RunningServer) -> None:
     """With min_new_tokens the model cannot end before that many tokens."""
     plain = server.stub.Generate(greedy(messages=FRANCE, max_new_tokens=32))
-    forced = server.stub.Generate(greedy(messages=FRANCE, max_new_tokens=32,
-                                         min_new_tokens=len(plain.token_ids) + 4))
+    forced = server.stub.Generate(greedy(messages=FRANCE, max_new_tokens=32, min_new_tokens=len(plain.token_ids) + 4))
     assert len(forced.token_ids) >= len(plain.token_ids) + 4
 
 
@@ -115,8 +120,9 @@ def test_stop_token_ids(server: RunningServer) -> None:
 
 def test_logprobs_and_top_logprobs(server: RunningServer) -> None:
     """Greedy tokens are the most likely ones, so each is its own top-1 alternative."""
-    response = server.stub.Generate(greedy(messages=FRANCE, max_new_tokens=8,
-                                           response=pb.ResponseOptions(logprobs=True, top_logprobs=3)))
+    response = server.stub.Generate(
+        greedy(messages=FRANCE, max_new_tokens=8, response=pb.ResponseOptions(logprobs=True, top_logprobs=3))
+    )
     assert len(response.logprobs) == len(response.token_ids)
     for token_id, item in zip(response.token_ids, response.logprobs, strict=True):
         assert item.token_id == token_id
@@ -130,8 +136,14 @@ def test_logprobs_and_top_logprobs(server: RunningServer) -> None:
 def test_echo_input_tokens_and_truncation(server: RunningServer) -> None:
     """truncate_input_tokens keeps the last n prompt tokens, as echoed back."""
     full = server.stub.Tokenize(pb.TokenizeRequest(text=STORY))
-    response = server.stub.Generate(greedy(prompt=STORY, max_new_tokens=2, truncate_input_tokens=5,
-                                           response=pb.ResponseOptions(echo_input_tokens=True)))
+    response = server.stub.Generate(
+        greedy(
+            prompt=STORY,
+            max_new_tokens=2,
+            truncate_input_tokens=5,
+            response=pb.ResponseOptions(echo_input_tokens=True),
+        )
+    )
     assert [t.token_id for t in response.input_tokens] == list(full.token_ids[-5:])
     assert response.usage.prompt_tokens == 5
 
@@ -159,10 +171,15 @@ def _bad_request(server: RunningServer, request: pb.GenerateRequest) -> tuple[st
         ({"prompt": "x", "sampling": pb.SamplingParams(top_p=1.5)}, "sampling.top_p"),
         ({"prompt": "x", "sampling": pb.SamplingParams(min_p=2.0)}, "sampling.min_p"),
         ({"prompt": "x", "sampling": pb.SamplingParams(typical_p=0.0)}, "sampling.typical_p"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(repetition_penalty=0.0)}, "sampling.repetition_penalty"),
+        (
+            {"prompt": "x", "sampling": pb.SamplingParams(repetition_penalty=0.0)},
+            "sampling.repetition_penalty",
+        ),
         ({"prompt": "x", "sampling": pb.SamplingParams(presence_penalty=3.0)}, "sampling.presence_penalty"),
-        ({"prompt": "x", "sampling": pb.SamplingParams(frequency_penalty=float("inf"))},
-         "sampling.frequency_penalty"),
+        (
+            {"prompt": "x", "sampling": pb.SamplingParams(frequency_penalty=float("inf"))},
+            "sampling.frequency_penalty",
+        ),
         ({"prompt": "x", "response": pb.ResponseOptions(top_logprobs=6)}, "response.top_logprobs"),
         ({"prompt": "x", "max_new_tokens": 100_000}, "max_new_tokens"),
         ({"prompt": "x", "max_new_tokens": 4, "min_new_tokens": 5}, "min_new_tokens"),
@@ -171,8 +188,10 @@ def _bad_request(server: RunningServer, request: pb.GenerateRequest) -> tuple[st
         ({"prompt": "x", "stop_token_ids": [10**9]}, "stop_token_ids[0]"),
         ({"messages": [pb.ChatMessage(role="", content="hi")]}, "messages[0].role"),
         ({"prompt": "word " * 9000}, "prompt"),
-        ({"prompt": "x", "speculation": pb.SpeculationParams(mode=pb.SPECULATION_MODE_DRAFT_MODEL)},
-         "speculation.mode"),
+        (
+            {"prompt": "x", "speculation": pb.SpeculationParams(mode=pb.SPECULATION_MODE_DRAFT_MODEL)},
+            "speculation.mode",
+        ),
     ],
 )
 def test_invalid_requests_name_the_field(server: RunningServer, fields: dict[str, object], field: str) -> None:

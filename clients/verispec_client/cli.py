@@ -44,9 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--logprobs", action="store_true", default=None)
     gen.add_argument("--top-logprobs", type=int, default=None)
     gen.add_argument("--time-limit-ms", type=int, default=0)
-    gen.add_argument(
-        "--speculation", choices=sorted(SPECULATION_MODES), default=None, help="unset: the server default"
-    )
+    gen.add_argument("--speculation", choices=sorted(SPECULATION_MODES), default=None, help="unset: the server default")
     gen.add_argument("--num-draft-tokens", type=int, default=0, help="0: the server default")
 
     commands.add_parser("health", help="deep health of the service")

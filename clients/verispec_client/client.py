@@ -55,9 +55,7 @@ def build_request(
     spec = pb.SpeculationParams(num_draft_tokens=num_draft_tokens)
     if speculation is not None:
         if speculation not in SPECULATION_MODES:
-            raise ValueError(
-                f"speculation must be one of {', '.join(SPECULATION_MODES)}, got {speculation!r}"
-            )
+            raise ValueError(f"speculation must be one of {', '.join(SPECULATION_MODES)}, got {speculation!r}")
         spec.mode = SPECULATION_MODES[speculation]
     return pb.GenerateRequest(
         prompt=prompt,
@@ -99,9 +97,7 @@ class VerispecClient:
         self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
     ) -> pb.GenerateResponse:
         request = build_request(prompt, messages, **options)
-        response: pb.GenerateResponse = self._stub.Generate(
-            request, timeout=self.timeout, metadata=self.metadata
-        )
+        response: pb.GenerateResponse = self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
         return response
 
     def stream(
@@ -160,9 +156,7 @@ class AsyncVerispecClient:
         self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
     ) -> pb.GenerateResponse:
         request = build_request(prompt, messages, **options)
-        response: pb.GenerateResponse = await self._stub.Generate(
-            request, timeout=self.timeout, metadata=self.metadata
-        )
+        response: pb.GenerateResponse = await self._stub.Generate(request, timeout=self.timeout, metadata=self.metadata)
         return response
 
     async def stream(
@@ -178,9 +172,7 @@ class AsyncVerispecClient:
         return response
 
     async def info(self) -> pb.ModelInfoResponse:
-        response: pb.ModelInfoResponse = await self._stub.ModelInfo(
-            pb.ModelInfoRequest(), timeout=self.timeout
-        )
+        response: pb.ModelInfoResponse = await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
         return response
 
     async def close(self) -> None:

@@ -44,8 +44,6 @@ class ModelConfig:
     dtype: str = "auto"
     max_context_length: int = 0  # 0: the model's own
     cache_dir: Path = field(default_factory=default_cache_dir)
-    gpu_split: tuple[float, ...] = ()
-    cache_mode: str = "fp16"
 
 
 @dataclass(frozen=True)
@@ -198,20 +196,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             const="true" if kind is bool else None,
             help=f"{help_text} [env {env}; default {default}]",
         )
-    parser.add_argument(
-        "--gpu-split",
-        dest="model.gpu_split",
-        default=None,
-        metavar="GB,GB",
-        help="GB of target weights per GPU, comma-separated (exl2) [env VERISPEC_GPU_SPLIT]",
-    )
-    parser.add_argument(
-        "--cache-mode",
-        dest="model.cache_mode",
-        default=None,
-        metavar="MODE",
-        help="KV cache format for exl2: fp16, q8, q6, q4 [env VERISPEC_CACHE_MODE; default fp16]",
-    )
 
 
 def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
@@ -219,7 +203,6 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     env = os.environ if environ is None else environ
     values: dict[str, dict[str, Any]] = {s: {} for s in ("server", "model", "spec", "engine", "telemetry")}
     options = [(f, s, a, k) for f, s, a, k, _ in _OPTIONS]
-    options += [("gpu-split", "model", "gpu_split", tuple), ("cache-mode", "model", "cache_mode", str)]
     for flag, section, attr, kind in options:
         raw = getattr(args, f"{section}.{attr}", None)
         name = f"--{flag}"
@@ -252,9 +235,7 @@ def _otel_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """
     names = env.get("OTEL_TRACES_EXPORTER")
     if names is None:
-        configured = any(
-            env.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        )
+        configured = any(env.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         names = "otlp" if configured else "none"
     exporters = tuple(n.strip() for n in names.split(",") if n.strip() and n.strip() != "none")
     for name in exporters:
@@ -272,8 +253,6 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     try:
         if kind is bool:
             return _parse_bool(raw)
-        if kind is tuple:
-            return tuple(float(part) for part in raw.split(",") if part.strip())
         return kind(raw)
     except ValueError as exc:
         raise ConfigError(name, f"cannot read {raw!r}: {exc}") from None
@@ -293,8 +272,6 @@ def validate(config: Config) -> None:
     _require(m.backend in ("torch_ref",), "--backend", f"unknown backend {m.backend!r}")
     _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
     _require(m.max_context_length >= 0, "--max-context-length", "must be >= 0")
-    _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
-    _require(all(gb > 0 for gb in m.gpu_split), "--gpu-split", "every share must be > 0 GB")
     _require(
         sp.default_mode in ("auto", "off", "draft_model", "ngram"),
         "--speculation",
@@ -311,9 +288,7 @@ def validate(config: Config) -> None:
         "--num-draft-tokens",
         f"must be in [0, --max-num-draft-tokens={sp.max_num_draft_tokens}]",
     )
-    _require(
-        1 <= sp.ngram_min <= sp.ngram_max <= 16, "--ngram-min", "need 1 <= --ngram-min <= --ngram-max <= 16"
-    )
+    _require(1 <= sp.ngram_min <= sp.ngram_max <= 16, "--ngram-min", "need 1 <= --ngram-min <= --ngram-max <= 16")
     _require(e.max_active_requests >= 1, "--max-active-requests", "must be >= 1")
     _require(e.max_queued_requests >= 0, "--max-queued-requests", "must be >= 0")
     _require(e.max_new_tokens_limit >= 1, "--max-new-tokens-limit", "must be >= 1")
@@ -322,9 +297,7 @@ def validate(config: Config) -> None:
         "--default-max-new-tokens",
         f"must be in [1, --max-new-tokens-limit={e.max_new_tokens_limit}]",
     )
-    _require(
-        t.log_level in ("debug", "info", "warning", "error"), "--log-level", f"unknown level {t.log_level!r}"
-    )
+    _require(t.log_level in ("debug", "info", "warning", "error"), "--log-level", f"unknown level {t.log_level!r}")
     _require(t.log_format in ("json", "console"), "--log-format", f"unknown format {t.log_format!r}")
     _require(0 <= t.metrics_port <= 65535, "--metrics-port", f"{t.metrics_port} is not a TCP port")
     _require(

@@ -67,9 +67,7 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) 
         )
 
 
-def start_engine(
-    config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None
-) -> LoadedModels:
+def start_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None) -> LoadedModels:
     """Builds the drafters, calibrates step costs and starts the engine thread over loaded models."""
     drafters: dict[SpeculationMode, Drafter] = {
         SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)

@@ -140,9 +140,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     log.info("model.convert.start", gguf=gguf.name, into=str(target))
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    model: Any = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain float32: drop the GGUF quantizer so they save as safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -107,9 +107,7 @@ def _apply_penalties(
 ) -> torch.Tensor:
     # Repetition (CTRL paper): over prompt and output, divide positive logits, multiply negative ones.
     if params.repetition_penalty != 1.0:
-        penalised = torch.where(
-            scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
-        )
+        penalised = torch.where(scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty)
         scores = torch.where(seen, penalised, scores)
     # Presence and frequency (OpenAI): over the output only, subtract once / per occurrence.
     scores = scores - params.frequency_penalty * counts
@@ -149,9 +147,7 @@ def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
     return scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
 
 
-def logprobs(
-    logits: torch.Tensor, token_ids: Sequence[int], top_n: int
-) -> list[tuple[float, list[tuple[int, float]]]]:
+def logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """Log-probabilities of `token_ids` under raw `logits` [n, vocab], with the top_n alternatives."""
     log_probs = logits.float().log_softmax(-1)
     chosen = log_probs[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()

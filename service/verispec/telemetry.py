@@ -95,9 +95,7 @@ def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
 
 def configure_tracing(exporter_names: Iterable[str], protocol: str) -> TracerProvider:
     """A tracer provider exporting to each named exporter: otlp, console (none: no export)."""
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": SERVICE_NAME, "service.version": __version__})
-    )
+    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME, "service.version": __version__}))
     for name in exporter_names:
         exporter = _exporter(name.strip(), protocol)
         if exporter is not None:

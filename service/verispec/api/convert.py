@@ -241,8 +241,7 @@ def _logprobs_to_proto(items: Sequence[TokenLogprob], tokenizer: Tokenizer) -> l
             token=tokenizer.token_text(item.token_id),
             logprob=item.logprob,
             top_logprobs=[
-                pb.TopLogprob(token_id=tid, token=tokenizer.token_text(tid), logprob=value)
-                for tid, value in item.top
+                pb.TopLogprob(token_id=tid, token=tokenizer.token_text(tid), logprob=value) for tid, value in item.top
             ],
         )
         for item in items
@@ -279,9 +278,7 @@ def _finish_reason(out: StepOutput) -> pb.FinishReason.ValueType:
     return FINISH_REASONS[out.finish_reason]
 
 
-def stream_response(
-    out: StepOutput, request: Request, tokenizer: Tokenizer, first: bool
-) -> pb.StreamGenerateResponse:
+def stream_response(out: StepOutput, request: Request, tokenizer: Tokenizer, first: bool) -> pb.StreamGenerateResponse:
     """One streamed message: the step's delta, plus the final fields on the last message."""
     msg = pb.StreamGenerateResponse(
         request_id=out.request_id,

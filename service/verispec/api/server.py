@@ -93,9 +93,10 @@ async def serve(config: Config, loader: Callable[[Config], LoadedModels]) -> Non
     loading = asyncio.create_task(server.load(loader))
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if loading in done and loading.exception() is not None:
+    failure = loading.exception() if loading in done else None
+    if failure is not None:
         await server.stop(0)
-        raise loading.exception()  # type: ignore[misc]
+        raise failure
     await stopped
     log.info("server.draining", grace_period_s=config.server.grace_period_s)
     loading.cancel()

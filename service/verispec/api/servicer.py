@@ -104,17 +104,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 span.set_status(trace.StatusCode.ERROR, str(exc))
                 await _abort(context, to_status(exc))
             _request_attributes(span, request, self.state.config.model.model)
+            log_prompts = self.state.config.telemetry.log_prompts
+            tokenizer = self._models().tokenizer
             log.info(
                 "request.start",
                 method=method,
                 prompt_tokens=len(request.prompt_token_ids),
                 max_new_tokens=request.stopping.max_new_tokens,
                 speculation=request.speculation.mode.value,
+                **({"prompt": tokenizer.decode(request.prompt_token_ids)} if log_prompts else {}),
             )
             last: StepOutput | None = None
+            completion: list[str] = []
             try:
                 async for out in self._models().engine.generate(request):
                     last = out
+                    if log_prompts:
+                        completion.append(out.text)
                     if out.finish_reason is FinishReason.ERROR:
                         break
                     yield request, out
@@ -123,7 +129,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 await _abort(context, to_status(exc))
             finally:
                 if last is not None and last.finished:
-                    self._finish_span(span, last)
+                    self._finish_span(span, last, "".join(completion) if log_prompts else None)
             if last is not None and last.finish_reason is FinishReason.ERROR:
                 await _abort(context, internal(f"generation failed: {last.error}"))
 
@@ -140,7 +146,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             convert.request_from_proto, msg, request_id, models.tokenizer, limits, deadline, record
         )
 
-    def _finish_span(self, span: trace.Span, last: StepOutput) -> None:
+    def _finish_span(self, span: trace.Span, last: StepOutput, completion: str | None) -> None:
         assert last.finish_reason is not None
         self.step_spans.emit(span, last.records)
         spec = last.spec
@@ -170,6 +176,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             completion_tokens=last.num_generated_tokens,
             steps=spec.num_steps if spec else 0,
             accepted=spec.num_accepted_tokens if spec else 0,
+            **({"completion": completion} if completion is not None else {}),
         )
 
     def _models(self) -> LoadedModels:

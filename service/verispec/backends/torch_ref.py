@@ -85,9 +85,7 @@ class TorchRefBackend:
             bits_per_weight=float(torch.finfo(self.dtype).bits),
             cache_mode=str(self.dtype).removeprefix("torch."),
         )
-        log.info(
-            "model.load.done", model=model_id, vocab_size=self.info.vocab_size, max_context_length=context
-        )
+        log.info("model.load.done", model=model_id, vocab_size=self.info.vocab_size, max_context_length=context)
 
     def new_cache(self) -> TorchCache:
         return TorchCache()
@@ -99,9 +97,7 @@ class TorchRefBackend:
         if cache.past is None:
             cache.past = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids, cache=cache.past, use_cache=True, logits_to_keep=num_logits
-        )
+        out = self.model(input_ids=input_ids, cache=cache.past, use_cache=True, logits_to_keep=num_logits)
         logits: torch.Tensor = out.logits[0, -num_logits:, :]
         return logits.float()
 

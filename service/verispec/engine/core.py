@@ -208,9 +208,7 @@ class EngineCore:
         reason: FinishReason | None = None
         if request.request_id in aborted or (request.deadline is not None and now >= request.deadline):
             reason = FinishReason.CANCELLED
-        elif (
-            request.stopping.time_limit_s is not None and now - seq.submitted >= request.stopping.time_limit_s
-        ):
+        elif request.stopping.time_limit_s is not None and now - seq.submitted >= request.stopping.time_limit_s:
             reason = FinishReason.TIME_LIMIT
         if reason is not None:
             self._finish(seq, self._final(seq, reason, seq.text.flush()))
@@ -258,9 +256,7 @@ class EngineCore:
             proposal = seq.drafter.propose(seq.draft_state, seq.context, k, seq.sampler)
         t1 = time.time_ns()
         # (2) The target scores the last accepted token plus the drafts in ONE pass: k+1 positions.
-        logits = self.backend.forward(
-            seq.cache, [seq.context[-1], *proposal.token_ids], 1 + len(proposal.token_ids)
-        )
+        logits = self.backend.forward(seq.cache, [seq.context[-1], *proposal.token_ids], 1 + len(proposal.token_ids))
         # (3) Verification keeps a prefix of the drafts and adds one token of the target's own.
         verdict = verify(seq.sampler, logits, proposal, position=len(seq.output_ids))
         t2 = time.time_ns()
@@ -272,9 +268,7 @@ class EngineCore:
         self._account(seq, proposal, verdict, t0, t1, t2)
         return self._emit(seq, verdict, logits)
 
-    def _account(
-        self, seq: _Sequence, proposal: Proposal, verdict: Verdict, t0: int, t1: int, t2: int
-    ) -> None:
+    def _account(self, seq: _Sequence, proposal: Proposal, verdict: Verdict, t0: int, t1: int, t2: int) -> None:
         stats, num_draft = seq.stats, len(proposal.token_ids)
         stats.num_steps += 1
         stats.num_draft_tokens += num_draft

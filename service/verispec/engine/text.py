@@ -42,7 +42,7 @@ class TextStream:
                 end = index + len(stop) if self._include_stop else index
                 self._text = self._text[:end]
                 return self._take(end), stop
-        return self._take(self._safe_end()), ""
+        return self._take(self._safe_end(hold_stop_prefix=stops_active)), ""
 
     def flush(self) -> str:
         """Everything not yet emitted (at the end of generation)."""
@@ -57,11 +57,13 @@ class TextStream:
                 best = (index, stop)
         return best
 
-    def _safe_end(self) -> int:
+    def _safe_end(self, hold_stop_prefix: bool) -> int:
         end = len(self._text)
         # A trailing replacement character is usually half of a multi-byte character: wait.
         while end > self._emitted and self._text[end - 1] == _REPLACEMENT:
             end -= 1
+        if not hold_stop_prefix:  # stops cannot start before _search_from: nothing to wait for
+            return end
         # Hold back a tail that could still grow into a stop sequence.
         for length in range(min(self._longest - 1, end - self._emitted), 0, -1):
             tail = self._text[end - length : end]

@@ -1,0 +1,340 @@
+"""Speculative decoding: drafters, verification exactness, rollback, adaptive k, and the lossless invariant."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from verispec.backends.torch_ref import TorchRefBackend
+from verispec.config import EngineConfig
+from verispec.engine.core import EngineCore
+from verispec.loader import check_same_vocabulary
+from verispec.request import (
+    FinishReason,
+    Request,
+    ResponseOptions,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationParams,
+    StepOutput,
+    StoppingCriteria,
+)
+from verispec.sampling import Sampler
+from verispec.spec.adaptive import CostModel, KController, best_k, expected_tokens
+from verispec.spec.drafters import ModelDrafter, NgramDrafter, lookup
+from verispec.spec.verify import Proposal, verify
+from verispec.tokenizer import Tokenizer
+
+from tests.conftest import Target
+
+COPY_PROMPT = (
+    "Repeat the following text exactly.\n"
+    "Text: The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long.\n"
+    "Repeated: The quick brown fox"
+)
+FREE_PROMPT = "Write a short poem about the ocean at night."
+
+
+# -- drafters ---------------------------------------------------------------------------------
+
+
+def test_ngram_lookup_prefers_longest_recent_match() -> None:
+    context = [1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3]
+    assert lookup(context, 3, 1, 3) == [4, 5, 7], "suffix [2, 3] last followed by 4 5 7"
+    assert lookup(context, 2, 1, 1) == [4, 5]
+    assert lookup([1, 2, 3], 3, 1, 3) == [], "no earlier occurrence"
+    assert lookup(context, 0, 1, 3) == []
+
+
+# -- verification -----------------------------------------------------------------------------
+
+
+def _first_token_frequencies(
+    p_logits: torch.Tensor,
+    q: torch.Tensor | None,
+    drafts_for_trial: object,
+    trials: int,
+    params: SamplingParams,
+) -> list[float]:
+    counts = [0] * p_logits.shape[-1]
+    for trial in range(trials):
+        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": trial}), p_logits.shape[-1], [])
+        draft = drafts_for_trial(trial)  # type: ignore[operator]
+        logits = p_logits.expand(len(draft) + 1, -1)
+        proposal = Proposal(draft, None if q is None else q.expand(len(draft), -1))
+        counts[verify(sampler, logits, proposal, position=0).token_ids[0]] += 1
+    return [c / trials for c in counts]
+
+
+@pytest.mark.parametrize("stochastic_draft", [True, False])
+def test_rejection_sampling_preserves_target_distribution(stochastic_draft: bool) -> None:
+    """Whatever the draft proposes, the first emitted token is distributed as the target's p."""
+    p = torch.tensor([0.05, 0.5, 0.25, 0.2])
+    q = torch.tensor([0.6, 0.1, 0.1, 0.2])  # a poor draft: mass where the target has little
+    params = SamplingParams(temperature=1.0)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(q, 8000, replacement=True, generator=generator).tolist()
+    freqs = _first_token_frequencies(
+        p.log().unsqueeze(0),
+        q if stochastic_draft else None,
+        lambda t: [draws[t], draws[t - 1]],
+        8000,
+        params,
+    )
+    for freq, target in zip(freqs, p.tolist(), strict=True):
+        assert abs(freq - target) < 5 * math.sqrt(target * (1 - target) / 8000), (freqs, p)
+
+
+def test_deterministic_drafts_emit_plain_sampling_tokens() -> None:
+    """With position-keyed draws, a step over deterministic drafts emits what plain sampling would."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=0.8, top_k=20, seed=5)
+    plain = [verify(Sampler(params, 50, []), logits[i : i + 1], Proposal([]), i).token_ids[0] for i in range(4)]
+    for drafts in ([plain[0], plain[1], 7], [plain[0], 3], [9]):
+        verdict = verify(Sampler(params, 50, []), logits[: len(drafts) + 1], Proposal(drafts), 0)
+        assert verdict.token_ids == plain[: len(verdict.token_ids)]
+
+
+def test_greedy_verify_accepts_matching_prefix() -> None:
+    logits = torch.full((4, 10), -5.0)
+    for row, best in enumerate([3, 4, 5, 6]):
+        logits[row, best] = 5.0
+    sampler = Sampler(SamplingParams(), 10, [])
+    assert verify(sampler, logits, Proposal([3, 4, 1]), 0).token_ids == [3, 4, 5]
+    all_in = verify(sampler, logits, Proposal([3, 4, 5]), 0)
+    assert all_in.token_ids == [3, 4, 5, 6] and all_in.bonus
+    assert verify(sampler, logits, Proposal([0, 4, 5]), 0).token_ids == [3]
+
+
+def test_rejection_sampling_on_the_real_model(target: Target) -> None:
+    """Monte Carlo on SmolLM2's own next-token distribution (top-k 6, temperature 1), k = 1,
+    a uniform draft over the same 6 tokens: frequencies match p within 5 standard errors."""
+    backend, tok = target.backend, target.tokenizer
+    context = tok.encode("The weather today is")
+    cache = backend.new_cache()
+    row0 = backend.forward(cache, context, 1)
+    params = SamplingParams(temperature=1.0, top_k=6)
+    support = torch.topk(row0[0], 6).indices.tolist()
+    p = Sampler(params, backend.info.vocab_size, context).probs(row0)[0]
+    # Row 1 of the verify pass depends on the draft token: score each candidate once.
+    rows = {}
+    for d in support:
+        rows[d] = backend.forward(cache, [d], 1)[0]
+        backend.rollback(cache, len(context))
+    backend.free(cache)
+    q = torch.zeros_like(p)
+    q[support] = 1.0 / len(support)
+    trials = 3000
+    counts: dict[int, int] = {}
+    for trial in range(trials):
+        sampler = Sampler(SamplingParams(temperature=1.0, top_k=6, seed=trial), backend.info.vocab_size, context)
+        d = support[trial % len(support)]
+        logits = torch.stack([row0[0], rows[d]])
+        first = verify(sampler, logits, Proposal([d], q.unsqueeze(0)), 0).token_ids[0]
+        counts[first] = counts.get(first, 0) + 1
+    for token_id in support:
+        expected = float(p[token_id])
+        freq = counts.get(token_id, 0) / trials
+        assert abs(freq - expected) < 5 * math.sqrt(expected * (1 - expected) / trials) + 1e-3, (
+            token_id,
+            freq,
+        )
+
+
+# -- rollback ----------------------------------------------------------------------------------
+
+
+def test_rollback_equals_fresh_prefill(target: Target) -> None:
+    """Forward 6 more tokens, roll back 4: the cache and next logits equal a fresh prefill."""
+    backend = target.backend
+    ids = target.tokenizer.encode("Speculative decoding checks drafts in one pass")
+    extra = [11, 22, 33, 44, 55, 66]
+    rolled = backend.new_cache()
+    backend.forward(rolled, ids + extra, 1)
+    backend.rollback(rolled, len(ids) + 2)
+    fresh = backend.new_cache()
+    backend.forward(fresh, ids + extra[:2], 1)
+    assert rolled.length == fresh.length == len(ids) + 2
+    for layer_a, layer_b in zip(rolled.past.layers, fresh.past.layers, strict=True):
+        assert torch.allclose(layer_a.keys, layer_b.keys, atol=1e-4)
+        assert torch.allclose(layer_a.values, layer_b.values, atol=1e-4)
+    a = backend.forward(rolled, [77], 1)
+    b = backend.forward(fresh, [77], 1)
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+# -- adaptive k --------------------------------------------------------------------------------
+
+
+def _costs(verify_ms: Sequence[float], draft_ms: float = 0.0) -> CostModel:
+    costs = CostModel()
+    for n, ms in enumerate(verify_ms, start=1):
+        costs.record_verify(n, ms / 1000)
+    costs.record_draft("draft_model", 1, draft_ms / 1000)
+    return costs
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_best_k_is_zero_when_speculation_cannot_pay() -> None:
+    """The 70B-on-H200 shape: k+1 tokens cost 1.3x-3x one token, plus a 4 ms draft step."""
+    costs = _costs([22.6, 29.4, 33.0, 38.4, 54.2, 60.0, 64.0, 67.8, 70.0], draft_ms=4.0)
+    assert best_k(0.0, 8, costs, "draft_model") == 0
+    assert best_k(0.2, 8, costs, "draft_model") == 0
+    assert best_k(0.9, 8, costs, "draft_model") >= 2
+
+
+def test_controller_adapts_and_probes() -> None:
+    costs = _costs([20, 22, 24, 26, 28], draft_ms=1.0)
+    controller = KController(k_max=4, adapt=True, prior=0.5)
+    for _ in range(30):
+        controller.update(4, 0)
+    ks = [controller.choose(costs, "draft_model") for _ in range(40)]
+    assert ks.count(0) >= 36, "rejected drafts turn speculation off"
+    assert 1 in ks, "but a cheap probe keeps measuring"
+    for _ in range(30):
+        controller.update(4, 4)
+    assert controller.choose(costs, "draft_model") == 4
+    assert KController(k_max=3, adapt=False).choose(costs, "draft_model") == 3
+
+
+# -- the lossless invariant on the real model ------------------------------------------------------
+
+
+def _request(
+    ids: list[int], mode: SpeculationMode, k: int, n: int, sampling: SamplingParams, request_id: str
+) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=tuple(ids),
+        sampling=sampling,
+        stopping=StoppingCriteria(max_new_tokens=n),
+        response=ResponseOptions(),
+        speculation=SpeculationParams(mode=mode, num_draft_tokens=k),
+    )
+
+
+def run_engine(core: EngineCore, request: Request) -> list[StepOutput]:
+    outputs: list[StepOutput] = []
+    done = threading.Event()
+
+    def sink(out: StepOutput) -> None:
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    core.submit(request, sink)
+    assert done.wait(300), "request did not finish"
+    return outputs
+
+
+def generated(outputs: list[StepOutput]) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]
+
+
+@pytest.fixture(scope="module")
+def random_draft(target: Target, tmp_path_factory: pytest.TempPathFactory) -> TorchRefBackend:
+    """A 2-layer Llama with random weights and the target's vocabulary and tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=target.backend.info.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    directory = tmp_path_factory.mktemp("random-draft")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    model_dir = Path(target.backend.model.config._name_or_path or "")
+    source = model_dir if (model_dir / "tokenizer.json").is_file() else None
+    assert source is not None
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).is_file():
+            shutil.copy(source / name, directory / name)
+    check_same_vocabulary(target.tokenizer, Tokenizer(directory), "random-draft")
+    return TorchRefBackend(directory, "random-draft")
+
+
+@pytest.fixture(scope="module")
+def cores(target: Target, random_draft: TorchRefBackend) -> Iterator[dict[str, EngineCore]]:
+    config = EngineConfig()
+    made = {
+        "ngram": EngineCore(target.backend, target.tokenizer, {SpeculationMode.NGRAM: NgramDrafter(1, 3)}, config),
+        "self": EngineCore(
+            target.backend,
+            target.tokenizer,
+            {SpeculationMode.DRAFT_MODEL: ModelDrafter(target.backend)},
+            config,
+        ),
+        "random": EngineCore(
+            target.backend,
+            target.tokenizer,
+            {SpeculationMode.DRAFT_MODEL: ModelDrafter(random_draft)},
+            config,
+        ),
+    }
+    for core in made.values():
+        core.start()
+    yield made
+    for core in made.values():
+        core.stop(10)
+
+
+@pytest.mark.parametrize(
+    ("drafter", "mode"),
+    [
+        ("ngram", SpeculationMode.NGRAM),
+        ("self", SpeculationMode.DRAFT_MODEL),
+        ("random", SpeculationMode.DRAFT_MODEL),
+    ],
+)
+@pytest.mark.parametrize("prompt", [COPY_PROMPT, FREE_PROMPT])
+def test_greedy_speculative_equals_greedy_plain(
+    target: Target, cores: dict[str, EngineCore], drafter: str, mode: SpeculationMode, prompt: str
+) -> None:
+    """Token for token, whatever the drafter accepts or rejects."""
+    ids = target.tokenizer.encode_chat([("user", prompt)])
+    greedy = SamplingParams()
+    plain = generated(run_engine(cores[drafter], _request(ids, SpeculationMode.OFF, 0, 40, greedy, "plain")))
+    outputs = run_engine(cores[drafter], _request(ids, mode, 4, 40, greedy, "spec"))
+    assert generated(outputs) == plain
+    stats = outputs[-1].spec
+    assert stats is not None and stats.num_draft_tokens > 0
+    if drafter == "self":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens, "a model agrees with itself"
+    if drafter == "random":
+        assert stats.num_accepted_tokens <= stats.num_draft_tokens // 4, "random drafts are nearly all rejected"
+    assert outputs[-1].finish_reason in (FinishReason.LENGTH, FinishReason.EOS)
+
+
+def test_sampled_speculative_with_ngram_equals_plain_sampling(target: Target, cores: dict[str, EngineCore]) -> None:
+    """Deterministic drafts + position-keyed draws: the same seed gives the same tokens with or without k."""
+    ids = target.tokenizer.encode(COPY_PROMPT)
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=3)
+    plain = generated(run_engine(cores["ngram"], _request(ids, SpeculationMode.OFF, 0, 32, sampling, "p")))
+    spec = generated(run_engine(cores["ngram"], _request(ids, SpeculationMode.NGRAM, 4, 32, sampling, "s")))
+    assert spec == plain
+
+
+def test_sampled_self_draft_accepts_everything(target: Target, cores: dict[str, EngineCore]) -> None:
+    """With q == p every draft passes the min(1, p/q) test."""
+    ids = target.tokenizer.encode_chat([("user", FREE_PROMPT)])
+    sampling = SamplingParams(temperature=1.0, seed=8)
+    outputs = run_engine(cores["self"], _request(ids, SpeculationMode.DRAFT_MODEL, 3, 24, sampling, "s"))
+    stats = outputs[-1].spec
+    assert stats is not None
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens
