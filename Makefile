@@ -19,8 +19,7 @@ test: $(STAMP) lint typecheck proto-check buf-check
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: this version's CPU build is on the registry mirror; anything else
-	# would pull a multi-GB CUDA build.
+	# torch first, pinned to its CPU build: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
