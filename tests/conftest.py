@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from verispec.api.server import Server
 from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import DEFAULT_MODEL, Config, ModelConfig, config_from_argv
@@ -115,3 +121,49 @@ def make_server(target: Target, loop_thread: LoopThread) -> Iterator[ServerFacto
 def server(make_server: ServerFactory) -> RunningServer:
     """The default server: embedded model, default settings."""
     return make_server()
+
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServeProcess:
+    """`verispec serve` in its own process; its log lines go to `log_path`."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(60)
+
+
+def spawn_serve(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> ServeProcess:
+    """Starts `verispec serve` on a free loopback port and waits until it is ready."""
+    port = free_port()
+    environment = dict(os.environ, VERISPEC_PORT=str(port), VERISPEC_HOST="127.0.0.1", **(env or {}))
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "verispec"), "serve", *flags], env=environment, stdout=log, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            wait_serving(channel, "verispec.v1.GenerationService")
+        except Exception:
+            process.kill()
+            raise AssertionError(f"server did not start:\n{log_path.read_text()}") from None
+    return ServeProcess(process, address, log_path)

@@ -6,9 +6,9 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from verispec.v1 import generation_pb2 as pb
 
 from tests.conftest import RunningServer
+from verispec.v1 import generation_pb2 as pb
 
 FRANCE = [pb.ChatMessage(role="user", content="What is the capital of France?")]
 STORY = "Once upon a time, in a small village by the sea,"

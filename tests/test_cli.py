@@ -2,58 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import RunningServer, wait_serving
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.conftest import BIN, RunningServer, ServeProcess, spawn_serve
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`verispec serve` on the embedded default model, exactly as the README starts it."""
-    port = _free_port()
-    env = dict(os.environ, VERISPEC_PORT=str(port), VERISPEC_HOST="127.0.0.1")
-    process = subprocess.Popen(
-        [str(BIN / "verispec"), "serve", "--log-format", "json"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    address = f"127.0.0.1:{port}"
-    yield process, address
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    serve = spawn_serve(tmp_path_factory.mktemp("serve") / "serve.log")
+    yield serve
+    serve.stop()
 
 
-def test_serve_reports_not_serving_then_serving_and_exits_cleanly(
-    served: tuple[subprocess.Popen[str], str],
-) -> None:
+def test_serve_reports_serving_and_drains_on_sigterm(served: ServeProcess) -> None:
     """Health is SERVING once loaded; SIGTERM drains and the process exits 0."""
-    process, address = served
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=120)
-        wait_serving(channel, "verispec.v1.GenerationService")
+    with grpc.insecure_channel(served.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         status = stub.Check(health_pb2.HealthCheckRequest(service="")).status
         assert status == health_pb2.HealthCheckResponse.SERVING
@@ -61,7 +32,7 @@ def test_serve_reports_not_serving_then_serving_and_exits_cleanly(
             [
                 str(BIN / "verispec-client"),
                 "--target",
-                address,
+                served.address,
                 "generate",
                 "What is the capital of France?",
                 "--chat",
@@ -75,9 +46,9 @@ def test_serve_reports_not_serving_then_serving_and_exits_cleanly(
         )
         assert client.returncode == 0, client.stderr
         assert "Paris" in client.stdout
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(60) == 0
+    output = served.log_path.read_text()
     assert '"event": "server.draining"' in output
     assert '"event": "server.stopped"' in output
     assert "What is the capital" not in output, "prompts are not logged by default"

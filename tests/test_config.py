@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from verispec.config import Config, config_from_argv, step_span_ratio
 from verispec.errors import ConfigError
 

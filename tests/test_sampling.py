@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from verispec.request import SamplingParams
 from verispec.sampling import Sampler, draw, position_seed, uniform, warp
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import Target
 from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import EngineConfig
 from verispec.engine.core import EngineCore
@@ -29,8 +31,6 @@ from verispec.spec.adaptive import CostModel, KController, best_k, expected_toke
 from verispec.spec.drafters import ModelDrafter, NgramDrafter, lookup
 from verispec.spec.verify import Proposal, verify
 from verispec.tokenizer import Tokenizer
-
-from tests.conftest import Target
 
 COPY_PROMPT = (
     "Repeat the following text exactly.\n"

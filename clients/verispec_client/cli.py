@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from verispec.v1 import generation_pb2 as pb
 
+from verispec.v1 import generation_pb2 as pb
 from verispec_client.client import DEFAULT_TARGET, SPECULATION_MODES, VerispecClient
 
 

@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
 

@@ -15,6 +15,7 @@ from verispec import telemetry
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.config import Config
 from verispec.loader import LoadedModels
+from verispec.metrics import Metrics
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -29,7 +30,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = ServiceState(config)
+        self.metrics = Metrics()
         self.port = 0
+        self.metrics_port = 0
 
     async def start(self) -> int:
         """Binds and starts serving (health NOT_SERVING until the model is loaded); returns the port.
@@ -44,7 +47,8 @@ class Server:
                 ("grpc.max_send_message_length", max_bytes),
             ]
         )
-        servicer = GenerationServicer(self.state, telemetry.StepSpans(self.config.telemetry.step_spans))
+        step_spans = telemetry.StepSpans(self.config.telemetry.step_spans)
+        servicer = GenerationServicer(self.state, step_spans, self.metrics)
         pb_grpc.add_GenerationServiceServicer_to_server(servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -54,6 +58,9 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         log.info("server.listening", address=f"{self.config.server.host}:{self.port}")
+        if self.config.telemetry.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.telemetry.metrics_port, self.config.server.host)
+            log.info("metrics.listening", port=self.metrics_port)
         return self.port
 
     async def load(self, loader: Callable[[Config], LoadedModels]) -> None:
@@ -63,6 +70,9 @@ class Server:
         except BaseException:
             self.state.phase = pb.SERVING_STATUS_FAILED
             raise
+        core = models.engine.core
+        core.observer = self.metrics
+        self.metrics.watch(lambda: core.stats().queue_depth, lambda: core.stats().active_requests, core.backend.memory)
         self.state.models = models
         self.state.phase = pb.SERVING_STATUS_SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -19,6 +19,7 @@ from verispec.api.status import internal, to_status
 from verispec.config import Config
 from verispec.errors import InvalidRequestError, NotReadyError, VerispecError
 from verispec.loader import LoadedModels
+from verispec.metrics import Metrics
 from verispec.request import FinishReason, Request, ResultAccumulator, SpeculationMode, StepOutput
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
@@ -61,9 +62,10 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves the contract; domain errors become statuses here and nowhere else."""
 
-    def __init__(self, state: ServiceState, step_spans: telemetry.StepSpans) -> None:
+    def __init__(self, state: ServiceState, step_spans: telemetry.StepSpans, metrics: Metrics) -> None:
         self.state = state
         self.step_spans = step_spans
+        self.metrics = metrics
         self.tracer = trace.get_tracer(telemetry.TRACER_NAME, __version__)
 
     async def Generate(  # noqa: N802 (gRPC method name)
@@ -89,6 +91,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, method: str, msg: convert.AnyGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[tuple[Request, StepOutput]]:
         """Validates, submits and yields the engine's outputs inside the request's span."""
+        arrived = time.monotonic()
         parent = propagate.extract(dict(context.invocation_metadata() or ()))
         request_id = uuid.uuid4().hex
         with (
@@ -100,38 +103,50 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             try:
                 request = await self._validate(msg, request_id, context)
             except VerispecError as exc:
-                log.info("request.rejected", method=method, error=str(exc))
-                span.set_status(trace.StatusCode.ERROR, str(exc))
-                await _abort(context, to_status(exc))
-            _request_attributes(span, request, self.state.config.model.model)
-            log_prompts = self.state.config.telemetry.log_prompts
-            tokenizer = self._models().tokenizer
-            log.info(
-                "request.start",
-                method=method,
-                prompt_tokens=len(request.prompt_token_ids),
-                max_new_tokens=request.stopping.max_new_tokens,
-                speculation=request.speculation.mode.value,
-                **({"prompt": tokenizer.decode(request.prompt_token_ids)} if log_prompts else {}),
-            )
+                await self._reject(context, span, exc)
+            self._log_start(method, request, span)
+            timing = _Timing(arrived, self.metrics)
             last: StepOutput | None = None
             completion: list[str] = []
             try:
                 async for out in self._models().engine.generate(request):
                     last = out
-                    if log_prompts:
-                        completion.append(out.text)
+                    timing.observe(out)
+                    completion.append(out.text)
                     if out.finish_reason is FinishReason.ERROR:
                         break
                     yield request, out
             except VerispecError as exc:
-                span.set_status(trace.StatusCode.ERROR, str(exc))
-                await _abort(context, to_status(exc))
+                await self._reject(context, span, exc)
             finally:
                 if last is not None and last.finished:
-                    self._finish_span(span, last, "".join(completion) if log_prompts else None)
+                    self._finish(span, last, "".join(completion))
             if last is not None and last.finish_reason is FinishReason.ERROR:
+                span.set_status(trace.StatusCode.ERROR, last.error)
                 await _abort(context, internal(f"generation failed: {last.error}"))
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError
+    ) -> NoReturn:
+        status = to_status(exc)
+        log.info("request.rejected", code=status.code.name, error=str(exc))
+        span.set_status(trace.StatusCode.ERROR, str(exc))
+        self.metrics.rejected.labels(status.code.name).inc()
+        await _abort(context, status)
+
+    def _log_start(self, method: str, request: Request, span: trace.Span) -> None:
+        _request_attributes(span, request, self.state.config.model.model)
+        extra = {}
+        if self.state.config.telemetry.log_prompts:
+            extra["prompt"] = self._models().tokenizer.decode(request.prompt_token_ids)
+        log.info(
+            "request.start",
+            method=method,
+            prompt_tokens=len(request.prompt_token_ids),
+            max_new_tokens=request.stopping.max_new_tokens,
+            speculation=request.speculation.mode.value,
+            **extra,
+        )
 
     async def _validate(
         self, msg: convert.AnyGenerateRequest, request_id: str, context: grpc.aio.ServicerContext[Any, Any]
@@ -146,8 +161,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             convert.request_from_proto, msg, request_id, models.tokenizer, limits, deadline, record
         )
 
-    def _finish_span(self, span: trace.Span, last: StepOutput, completion: str | None) -> None:
+    def _finish(self, span: trace.Span, last: StepOutput, completion: str) -> None:
+        """Step spans, final attributes, the finish log line and metrics of one request."""
         assert last.finish_reason is not None
+        self.metrics.on_finish(last.finish_reason, last.num_prompt_tokens, last.num_generated_tokens)
         self.step_spans.emit(span, last.records)
         spec = last.spec
         span.set_attributes(
@@ -176,7 +193,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             completion_tokens=last.num_generated_tokens,
             steps=spec.num_steps if spec else 0,
             accepted=spec.num_accepted_tokens if spec else 0,
-            **({"completion": completion} if completion is not None else {}),
+            **({"completion": completion} if self.state.config.telemetry.log_prompts else {}),
         )
 
     def _models(self) -> LoadedModels:
@@ -245,6 +262,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             max_new_tokens=self.state.config.engine.max_new_tokens_limit,
             version=__version__,
         )
+
+
+class _Timing:
+    """Time to first token and inter-token latency of one request, as its outputs arrive."""
+
+    def __init__(self, arrived: float, metrics: Metrics) -> None:
+        self.previous = arrived
+        self.first = True
+        self.metrics = metrics
+
+    def observe(self, out: StepOutput) -> None:
+        if not out.token_ids:
+            return
+        now = time.monotonic()
+        if self.first:
+            self.metrics.ttft.observe(now - self.previous)
+            self.first = False
+        else:
+            self.metrics.itl.observe((now - self.previous) / len(out.token_ids))
+        self.previous = now
 
 
 def _tokenize(

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 import torch
@@ -34,6 +35,14 @@ from verispec.tokenizer import Tokenizer
 log = structlog.get_logger(__name__)
 
 Sink = Callable[[StepOutput], None]
+
+
+class StepObserver(Protocol):
+    """Told about every speculative step (metrics); called on the engine thread, must be quick."""
+
+    def on_step(
+        self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float
+    ) -> None: ...
 
 
 @dataclass
@@ -92,6 +101,7 @@ class EngineCore:
         self._last_step: float | None = None
         self._stopping = False
         self._failure: BaseException | None = None
+        self.observer: StepObserver | None = None
         self._thread = threading.Thread(target=self._run, name="verispec-engine", daemon=True)
 
     # -- called from other threads -------------------------------------------------------------
@@ -277,6 +287,8 @@ class EngineCore:
         stats.draft_seconds += (t1 - t0) / 1e9
         stats.verify_seconds += (t2 - t1) / 1e9
         self.costs.record_verify(1 + num_draft, (t2 - t1) / 1e9)
+        if self.observer is not None:
+            self.observer.on_step(stats.drafter, num_draft, verdict.num_accepted, (t1 - t0) / 1e9, (t2 - t1) / 1e9)
         if num_draft:
             assert seq.drafter is not None
             self.costs.record_draft(seq.drafter.name, num_draft, (t1 - t0) / 1e9)
