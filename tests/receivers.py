@@ -79,7 +79,7 @@ class OtlpGrpcReceiver(_Store, trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         super().__init__()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)  # type: ignore[no-untyped-call]
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
