@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from tests.conftest import Target
 from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import EngineConfig
-from verispec.engine.core import EngineCore
+from verispec.engine.core import EngineCore, run_to_completion
 from verispec.loader import check_same_vocabulary
 from verispec.request import (
     FinishReason,
@@ -223,20 +222,6 @@ def _request(
     )
 
 
-def run_engine(core: EngineCore, request: Request) -> list[StepOutput]:
-    outputs: list[StepOutput] = []
-    done = threading.Event()
-
-    def sink(out: StepOutput) -> None:
-        outputs.append(out)
-        if out.finished:
-            done.set()
-
-    core.submit(request, sink)
-    assert done.wait(300), "request did not finish"
-    return outputs
-
-
 def generated(outputs: list[StepOutput]) -> list[int]:
     return [t for out in outputs for t in out.token_ids]
 
@@ -309,8 +294,8 @@ def test_greedy_speculative_equals_greedy_plain(
     """Token for token, whatever the drafter accepts or rejects."""
     ids = target.tokenizer.encode_chat([("user", prompt)])
     greedy = SamplingParams()
-    plain = generated(run_engine(cores[drafter], _request(ids, SpeculationMode.OFF, 0, 40, greedy, "plain")))
-    outputs = run_engine(cores[drafter], _request(ids, mode, 4, 40, greedy, "spec"))
+    plain = generated(run_to_completion(cores[drafter], _request(ids, SpeculationMode.OFF, 0, 40, greedy, "plain")))
+    outputs = run_to_completion(cores[drafter], _request(ids, mode, 4, 40, greedy, "spec"))
     assert generated(outputs) == plain
     stats = outputs[-1].spec
     assert stats is not None and stats.num_draft_tokens > 0
@@ -325,8 +310,8 @@ def test_sampled_speculative_with_ngram_equals_plain_sampling(target: Target, co
     """Deterministic drafts + position-keyed draws: the same seed gives the same tokens with or without k."""
     ids = target.tokenizer.encode(COPY_PROMPT)
     sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=3)
-    plain = generated(run_engine(cores["ngram"], _request(ids, SpeculationMode.OFF, 0, 32, sampling, "p")))
-    spec = generated(run_engine(cores["ngram"], _request(ids, SpeculationMode.NGRAM, 4, 32, sampling, "s")))
+    plain = generated(run_to_completion(cores["ngram"], _request(ids, SpeculationMode.OFF, 0, 32, sampling, "p")))
+    spec = generated(run_to_completion(cores["ngram"], _request(ids, SpeculationMode.NGRAM, 4, 32, sampling, "s")))
     assert spec == plain
 
 
@@ -334,7 +319,7 @@ def test_sampled_self_draft_accepts_everything(target: Target, cores: dict[str, 
     """With q == p every draft passes the min(1, p/q) test."""
     ids = target.tokenizer.encode_chat([("user", FREE_PROMPT)])
     sampling = SamplingParams(temperature=1.0, seed=8)
-    outputs = run_engine(cores["self"], _request(ids, SpeculationMode.DRAFT_MODEL, 3, 24, sampling, "s"))
+    outputs = run_to_completion(cores["self"], _request(ids, SpeculationMode.DRAFT_MODEL, 3, 24, sampling, "s"))
     stats = outputs[-1].spec
     assert stats is not None
     assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens

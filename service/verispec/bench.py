@@ -29,6 +29,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     overhead.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per run")
     overhead.add_argument("--repeats", type=int, default=3, help="runs of each path, interleaved")
     overhead.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    add_spec_arguments(kinds)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -38,6 +39,8 @@ def run_bench(args: argparse.Namespace) -> int:
     telemetry.configure_logging(TelemetryConfig(log_level="warning"))
     if args.bench == "overhead":
         result = asyncio.run(_overhead(args))
+    elif args.bench == "spec":
+        result = _spec(args)
     else:  # pragma: no cover - argparse only accepts the kinds above
         raise SystemExit(f"unknown benchmark {args.bench}")
     text = json.dumps(result, indent=2)
@@ -54,15 +57,18 @@ def _progress(message: str) -> None:
 
 def direct_greedy(backend: Any, prompt_ids: list[int], num_tokens: int, suppress: list[int]) -> float:
     """Seconds for plain greedy decoding of num_tokens straight on the backend (end-of-sequence masked)."""
+    import torch
+
     cache = backend.new_cache()
     try:
-        start = time.perf_counter()
-        logits = backend.forward(cache, prompt_ids, 1)
-        for _ in range(num_tokens - 1):
-            logits[:, suppress] = float("-inf")
-            token = int(logits[0].argmax())
-            logits = backend.forward(cache, [token], 1)
-        return time.perf_counter() - start
+        with torch.inference_mode():
+            start = time.perf_counter()
+            logits = backend.forward(cache, prompt_ids, 1)
+            for _ in range(num_tokens - 1):
+                logits[:, suppress] = float("-inf")
+                token = int(logits[0].argmax())
+                logits = backend.forward(cache, [token], 1)
+            return time.perf_counter() - start
     finally:
         backend.free(cache)
 
@@ -147,3 +153,164 @@ async def _stream(stub: Any, request: Any) -> tuple[float, float, int]:
             first = time.perf_counter() - start
         count += len(message.token_ids)
     return time.perf_counter() - start, first, count
+
+
+# -- speculation: OFF vs AUTO ----------------------------------------------------------------------
+
+PASSAGE = (
+    "The lighthouse stood at the edge of the cliff, its white paint peeling in long strips. Every night "
+    "the keeper climbed the one hundred and twelve steps, trimmed the wick, and watched the beam sweep "
+    "across the water until dawn."
+)
+CODE = (
+    "def total(items):\n    x = 0\n    for item in items:\n        x = x + item.price * item.quantity\n"
+    "    if x > 100:\n        x = x * 0.9\n    return x\n"
+)
+COPY_HEAVY = (
+    f"Repeat the following passage exactly, word for word:\n\n{PASSAGE}",
+    f"Rename the variable `x` to `subtotal` in this code and print the whole function:\n\n{CODE}",
+    f"Fix the spelling mistakes in this paragraph and return it in full:\n\n{PASSAGE.replace('the', 'teh')}",
+)
+FREE_WRITING = (
+    "Write a short poem about autumn leaves.",
+    "Explain in a few sentences why the sky is blue.",
+    "Give three tips for someone learning to cook.",
+)
+
+
+class _PositionCounts:
+    """A StepObserver that counts drafts and acceptances per draft position."""
+
+    def __init__(self) -> None:
+        self.drafted: dict[int, int] = {}
+        self.accepted: dict[int, int] = {}
+
+    def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
+        for position in range(1, num_draft_tokens + 1):
+            self.drafted[position] = self.drafted.get(position, 0) + 1
+            if position <= num_accepted:
+                self.accepted[position] = self.accepted.get(position, 0) + 1
+
+    def rates(self) -> dict[str, float]:
+        return {str(p): round(self.accepted.get(p, 0) / n, 4) for p, n in sorted(self.drafted.items())}
+
+
+def add_spec_arguments(kinds: Any) -> None:
+    spec = kinds.add_parser(
+        "spec",
+        help="speculation OFF vs AUTO on copy-heavy and free-writing prompts (greedy)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    spec.add_argument("--model", default=None, help="target model (default: the embedded model)")
+    spec.add_argument("--draft-model", default="", help="draft model (default: n-gram drafter)")
+    spec.add_argument("--max-new-tokens", type=int, default=96, help="tokens per request")
+    spec.add_argument("--num-draft-tokens", type=int, default=8, help="largest k AUTO may choose")
+    spec.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    spec.add_argument("--plot", type=Path, default=None, help="PNG of acceptance by draft position")
+
+
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    from verispec.config import DEFAULT_MODEL, config_from_argv
+    from verispec.engine.core import run_to_completion
+    from verispec.loader import check_same_vocabulary, load_backend, start_engine
+    from verispec.request import (
+        Request,
+        ResponseOptions,
+        SamplingParams,
+        SpeculationMode,
+        SpeculationParams,
+        StoppingCriteria,
+    )
+
+    flags = ["--model", args.model or DEFAULT_MODEL, "--max-num-draft-tokens", str(args.num_draft_tokens)]
+    config = config_from_argv(flags)
+    _progress("loading the model")
+    target, tokenizer = load_backend(config.model, config.model.model)
+    draft = None
+    if args.draft_model:
+        draft, draft_tokenizer = load_backend(config.model, args.draft_model)
+        check_same_vocabulary(tokenizer, draft_tokenizer, args.draft_model)
+    models = start_engine(config, target, tokenizer, draft)
+    core = models.engine.core
+    result: dict[str, Any] = {
+        "benchmark": "spec",
+        "model": target.info.model_id,
+        "drafter": models.auto_drafter,
+        "device": ",".join(target.info.devices),
+        "max_new_tokens": args.max_new_tokens,
+        "max_num_draft_tokens": args.num_draft_tokens,
+        "sets": {},
+    }
+    for name, prompts in (("copy_heavy", COPY_HEAVY), ("free_writing", FREE_WRITING)):
+        counts = _PositionCounts()
+        seconds = {"off": 0.0, "auto": 0.0}
+        tokens = {"off": 0, "auto": 0}
+        drafted = accepted = steps = 0
+        identical = True
+        for i, prompt in enumerate(prompts):
+            ids = tokenizer.encode_chat([("user", prompt)])
+            outputs = {}
+            for mode in ("off", "auto"):
+                _progress(f"{name} {i + 1}/{len(prompts)}: speculation {mode}")
+                core.observer = counts if mode == "auto" else None
+                request = Request(
+                    request_id=f"{name}-{i}-{mode}",
+                    prompt_token_ids=tuple(ids),
+                    sampling=SamplingParams(),
+                    stopping=StoppingCriteria(max_new_tokens=args.max_new_tokens),
+                    response=ResponseOptions(),
+                    speculation=SpeculationParams(SpeculationMode(mode), args.num_draft_tokens),
+                )
+                start = time.perf_counter()
+                outs = run_to_completion(core, request)
+                seconds[mode] += time.perf_counter() - start
+                outputs[mode] = [t for o in outs for t in o.token_ids]
+                tokens[mode] += len(outputs[mode])
+                stats = outs[-1].spec
+                if mode == "auto" and stats is not None:
+                    drafted += stats.num_draft_tokens
+                    accepted += stats.num_accepted_tokens
+                    steps += stats.num_steps
+            identical &= outputs["off"] == outputs["auto"]
+        off_tps, auto_tps = tokens["off"] / seconds["off"], tokens["auto"] / seconds["auto"]
+        result["sets"][name] = {
+            "prompts": len(prompts),
+            "tokens": tokens["auto"],
+            "off_tokens_per_s": round(off_tps, 2),
+            "auto_tokens_per_s": round(auto_tps, 2),
+            "speedup": round(auto_tps / off_tps, 3),
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "draft_tokens": drafted,
+            "mean_tokens_per_step": round(tokens["auto"] / max(steps + len(prompts), 1), 3),
+            "acceptance_by_position": counts.rates(),
+            "greedy_outputs_identical": identical,
+        }
+    core.stop(10)
+    result["verify_ms_by_tokens"] = {str(n): round(s * 1000, 2) for n, s in sorted(core.costs.verify_s.items())}
+    if args.plot is not None:
+        _plot_acceptance(result, args.plot)
+        result["plot"] = str(args.plot)
+    return result
+
+
+def _plot_acceptance(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.4
+    for offset, (name, data) in zip((-width / 2, width / 2), result["sets"].items(), strict=False):
+        rates = data["acceptance_by_position"]
+        positions = [int(p) for p in rates]
+        label = f"{name} (speedup {data['speedup']}x)"
+        axis.bar([p + offset for p in positions], list(rates.values()), width=width, label=label)
+    axis.set_xlabel("draft position")
+    axis.set_ylabel("acceptance rate")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"{result['model']}, drafter {result['drafter']}, AUTO k <= {result['max_num_draft_tokens']}")
+    axis.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)

@@ -411,3 +411,20 @@ class EngineCore:
             self._waiting.clear()
         for seq in pending:
             self._finish(seq, self._final(seq, reason, error="engine stopped"))
+
+
+def run_to_completion(core: EngineCore, request: Request, timeout: float = 600) -> list[StepOutput]:
+    """Submits `request` and blocks until its final output (benchmarks and tests; not for the API)."""
+    outputs: list[StepOutput] = []
+    done = threading.Event()
+
+    def sink(out: StepOutput) -> None:
+        outputs.append(out)
+        if out.finished:
+            done.set()
+
+    core.submit(request, sink)
+    if not done.wait(timeout):
+        core.abort(request.request_id)
+        raise TimeoutError(f"request {request.request_id} did not finish within {timeout}s")
+    return outputs
