@@ -119,7 +119,9 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
         await _stream(stub, request)  # warm-up of both paths
         for i in range(args.repeats):
             _progress(f"run {i + 1}/{args.repeats}: direct")
-            direct_s.append(await asyncio.to_thread(direct_greedy, backend, prompt_ids, n, suppress))
+            # The engine thread owns torch's thread pool: measure the backend there too.
+            direct = models.engine.core.call(lambda: direct_greedy(backend, prompt_ids, n, suppress))
+            direct_s.append(await asyncio.wrap_future(direct))
             _progress(f"run {i + 1}/{args.repeats}: gRPC stream")
             elapsed, first, count = await _stream(stub, request)
             assert count == n, f"the service generated {count} tokens, expected {n}"
@@ -160,16 +162,26 @@ async def _stream(stub: Any, request: Any) -> tuple[float, float, int]:
 PASSAGE = (
     "The lighthouse stood at the edge of the cliff, its white paint peeling in long strips. Every night "
     "the keeper climbed the one hundred and twelve steps, trimmed the wick, and watched the beam sweep "
-    "across the water until dawn."
+    "across the water until dawn. In winter the storms came from the north and shook the glass of the "
+    "lantern room, and in summer the fog rolled in so thick that the horn sounded every half minute "
+    "from dusk to morning. The keeper kept a logbook of every ship that passed, every storm that broke, "
+    "and every bird that struck the glass, and he wrote in it each evening before he lit the lamp."
 )
 CODE = (
-    "def total(items):\n    x = 0\n    for item in items:\n        x = x + item.price * item.quantity\n"
-    "    if x > 100:\n        x = x * 0.9\n    return x\n"
+    "def total(items, tax_rate):\n"
+    "    x = 0\n"
+    "    for item in items:\n"
+    "        x = x + item.price * item.quantity\n"
+    "    if x > 100:\n"
+    "        x = x * 0.9\n"
+    "    x = x + x * tax_rate\n"
+    '    print("total:", x)\n'
+    "    return round(x, 2)\n"
 )
 COPY_HEAVY = (
     f"Repeat the following passage exactly, word for word:\n\n{PASSAGE}",
     f"Rename the variable `x` to `subtotal` in this code and print the whole function:\n\n{CODE}",
-    f"Fix the spelling mistakes in this paragraph and return it in full:\n\n{PASSAGE.replace('the', 'teh')}",
+    f"Fix the spelling mistakes in this paragraph and return it in full:\n\n{PASSAGE.replace('the ', 'teh ')}",
 )
 FREE_WRITING = (
     "Write a short poem about autumn leaves.",
@@ -203,7 +215,7 @@ def add_spec_arguments(kinds: Any) -> None:
     )
     spec.add_argument("--model", default=None, help="target model (default: the embedded model)")
     spec.add_argument("--draft-model", default="", help="draft model (default: n-gram drafter)")
-    spec.add_argument("--max-new-tokens", type=int, default=96, help="tokens per request")
+    spec.add_argument("--max-new-tokens", type=int, default=128, help="tokens per request")
     spec.add_argument("--num-draft-tokens", type=int, default=8, help="largest k AUTO may choose")
     spec.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     spec.add_argument("--plot", type=Path, default=None, help="PNG of acceptance by draft position")
@@ -212,7 +224,7 @@ def add_spec_arguments(kinds: Any) -> None:
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
     from verispec.config import DEFAULT_MODEL, config_from_argv
     from verispec.engine.core import run_to_completion
-    from verispec.loader import check_same_vocabulary, load_backend, start_engine
+    from verispec.loader import load
     from verispec.request import (
         Request,
         ResponseOptions,
@@ -223,15 +235,11 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     flags = ["--model", args.model or DEFAULT_MODEL, "--max-num-draft-tokens", str(args.num_draft_tokens)]
-    config = config_from_argv(flags)
-    _progress("loading the model")
-    target, tokenizer = load_backend(config.model, config.model.model)
-    draft = None
     if args.draft_model:
-        draft, draft_tokenizer = load_backend(config.model, args.draft_model)
-        check_same_vocabulary(tokenizer, draft_tokenizer, args.draft_model)
-    models = start_engine(config, target, tokenizer, draft)
-    core = models.engine.core
+        flags += ["--draft-model", args.draft_model]
+    _progress("loading the model")
+    models = load(config_from_argv(flags))
+    core, tokenizer, target = models.engine.core, models.tokenizer, models.engine.core.backend
     result: dict[str, Any] = {
         "benchmark": "spec",
         "model": target.info.model_id,

@@ -54,8 +54,8 @@ class SpecConfig:
     default_mode: str = "auto"
     default_num_draft_tokens: int = 4
     max_num_draft_tokens: int = 8
-    ngram_min: int = 1
-    ngram_max: int = 3
+    ngram_min: int = 2
+    ngram_max: int = 4
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import structlog
@@ -46,14 +48,33 @@ def load_backend(model: ModelConfig, spec: str) -> tuple[Backend, Tokenizer]:
 
 
 def load(config: Config) -> LoadedModels:
-    """Loads target and draft, then starts an engine over them."""
+    """Loads target and draft on a new engine thread, which then runs the engine loop.
+
+    One thread does all torch work: loading, calibration and every step.
+    """
+    loaded: Future[LoadedModels] = Future()
+
+    def engine_thread() -> None:
+        try:
+            models = _load(config)
+        except BaseException as exc:
+            loaded.set_exception(exc)
+            return
+        loaded.set_result(models)
+        models.engine.core.run()
+
+    threading.Thread(target=engine_thread, name="verispec-engine", daemon=True).start()
+    return loaded.result()
+
+
+def _load(config: Config) -> LoadedModels:
     started = time.monotonic()
     target, tokenizer = load_backend(config.model, config.model.model)
     draft = None
     if config.spec.draft_model:
         draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model)
         check_same_vocabulary(tokenizer, draft_tokenizer, config.spec.draft_model)
-    models = start_engine(config, target, tokenizer, draft)
+    models = build_engine(config, target, tokenizer, draft)
     log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=models.auto_drafter)
     return models
 
@@ -68,7 +89,14 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) 
 
 
 def start_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None) -> LoadedModels:
-    """Builds the drafters, calibrates step costs and starts the engine thread over loaded models."""
+    """build_engine, with the loop on a thread of its own (tests)."""
+    models = build_engine(config, target, tokenizer, draft)
+    models.engine.core.start()
+    return models
+
+
+def build_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None) -> LoadedModels:
+    """Builds the drafters and the engine over loaded models and calibrates step costs."""
     drafters: dict[SpeculationMode, Drafter] = {
         SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)
     }
@@ -77,7 +105,6 @@ def start_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: B
     costs = CostModel()
     calibrate(target, costs, config.spec.max_num_draft_tokens + 1)
     core = EngineCore(target, tokenizer, drafters, config.engine, costs)
-    core.start()
     auto = "draft_model" if draft is not None else "ngram"
     return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
 

@@ -7,8 +7,9 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 import torch
@@ -35,6 +36,7 @@ from verispec.tokenizer import Tokenizer
 log = structlog.get_logger(__name__)
 
 Sink = Callable[[StepOutput], None]
+T = TypeVar("T")
 
 
 class StepObserver(Protocol):
@@ -55,7 +57,6 @@ class _Sequence:
     submitted: float
     drafter: Drafter | None
     controller: KController
-    sampler: Sampler
     text: TextStream
     context: list[int]
     cache: SequenceCache | None = None
@@ -64,6 +65,12 @@ class _Sequence:
     stats: SpecStats = field(default_factory=SpecStats)
     records: list[StepRecord] = field(default_factory=list)
     started: bool = False
+    sampler_state: Sampler | None = None
+
+    @property
+    def sampler(self) -> Sampler:
+        assert self.sampler_state is not None, "the sampler is made at prefill"
+        return self.sampler_state
 
 
 @dataclass(frozen=True)
@@ -102,19 +109,24 @@ class EngineCore:
         self._stopping = False
         self._failure: BaseException | None = None
         self.observer: StepObserver | None = None
-        self._thread = threading.Thread(target=self._run, name="verispec-engine", daemon=True)
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._done = threading.Event()
+        self._started = False
 
     # -- called from other threads -------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        """Runs the step loop on a new daemon thread."""
+        self._started = True
+        threading.Thread(target=self.run, name="verispec-engine", daemon=True).start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Cancels everything still queued or active and joins the thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._started:
+            self._done.wait(timeout)
 
     def submit(self, request: Request, sink: Sink) -> None:
         """Queues `request`; its outputs go to `sink` on the engine thread. Raises at once when full."""
@@ -133,6 +145,14 @@ class EngineCore:
             self._waiting.append(seq)
             self._cond.notify()
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs `fn` on the engine thread between steps (benchmarks measure the backend there)."""
+        future: Future[T] = Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
     def abort(self, request_id: str) -> None:
         """Ends the request at its next step with FINISH_REASON_CANCELLED (no-op when finished)."""
         with self._cond:
@@ -147,7 +167,7 @@ class EngineCore:
             active_requests=len(self._active),
             last_step_age_s=None if self._last_step is None else time.monotonic() - self._last_step,
             recent_acceptance=accepted / drafted if drafted else None,
-            running=self._thread.is_alive() and self._failure is None,
+            running=self._started and not self._done.is_set() and self._failure is None,
         )
 
     def _new_sequence(self, request: Request, sink: Sink) -> _Sequence:
@@ -165,13 +185,6 @@ class EngineCore:
             controller=KController(
                 k_max=k_max, adapt=spec.mode is SpeculationMode.AUTO, prior=0.5 if recent is None else recent
             ),
-            sampler=Sampler(
-                request.sampling,
-                self.backend.info.vocab_size,
-                request.prompt_token_ids,
-                suppress_token_ids=set(self.tokenizer.eos_token_ids) | set(stopping.stop_token_ids),
-                min_new_tokens=stopping.min_new_tokens,
-            ),
             text=TextStream(self.tokenizer.decode, stopping.stop_sequences, stopping.include_stop_sequence),
             context=list(request.prompt_token_ids),
             stats=SpecStats(drafter=drafter.name if drafter is not None else "off"),
@@ -186,16 +199,30 @@ class EngineCore:
 
     # -- the engine thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The step loop, on the calling thread, until stop().
+
+        Call it on the thread that loaded the models (see loader.load): torch's CPU thread pool
+        belongs to the calling thread, and a second live thread that has run torch work halves
+        decode speed on a 2-core machine.
+        """
+        self._started = True
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._active):
+                    while not (self._stopping or self._waiting or self._active or self._calls):
                         self._cond.wait()
                     if self._stopping:
                         break
                     self._admit_locked()
                     aborted, self._aborted = self._aborted, set()
+                    calls, self._calls = self._calls, collections.deque()
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except Exception as exc:
+                            future.set_exception(exc)
                 for seq in list(self._active.values()):
                     self._advance(seq, aborted)
         except BaseException as exc:  # a bug in the loop itself: fail everything, loudly
@@ -203,6 +230,7 @@ class EngineCore:
             log.exception("engine.crashed")
         finally:
             self._fail_all(FinishReason.CANCELLED if self._failure is None else FinishReason.ERROR)
+            self._done.set()
 
     def _admit_locked(self) -> None:
         while self._waiting and len(self._active) < self.config.max_active_requests:
@@ -239,6 +267,15 @@ class EngineCore:
         """Scores the prompt and emits the first token."""
         seq.started = True
         start = time.time_ns()
+        stopping = seq.request.stopping
+        # Made here, not in submit(): every torch op belongs on the engine thread.
+        seq.sampler_state = Sampler(
+            seq.request.sampling,
+            self.backend.info.vocab_size,
+            seq.request.prompt_token_ids,
+            suppress_token_ids=set(self.tokenizer.eos_token_ids) | set(stopping.stop_token_ids),
+            min_new_tokens=stopping.min_new_tokens,
+        )
         seq.cache = self.backend.new_cache()
         if seq.drafter is not None:
             seq.draft_state = seq.drafter.start()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new measurement
-_PROBE_EVERY = 16  # steps at k = 0 before one cheap k = 1 probe re-measures acceptance
+_PROBE_EVERY = 8  # steps at k = 0 before one cheap k = 1 probe re-measures acceptance
+_DECAY = 0.9  # per step, of a request's acceptance evidence
 
 
 @dataclass
@@ -52,20 +54,26 @@ class CostModel:
         return self.draft_s.get(drafter, 0.0)
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Tokens one step emits when each draft is accepted with probability `acceptance`:
-    1 + a + a^2 + ... + a^k (the recovered/bonus token is the 1)."""
-    if acceptance >= 1.0:
-        return float(k + 1)
-    return (1.0 - acceptance ** (k + 1)) / (1.0 - acceptance)
+def expected_tokens(chain: Sequence[float], k: int) -> float:
+    """Tokens one step emits with k drafts, where chain[i] is the probability that draft i+1 is
+    accepted given that drafts 1..i were (the last entry repeats for deeper positions):
+    1 + c1 + c1*c2 + ... + c1*...*ck, the 1 being the recovered or bonus token.
+
+    Conditioning on the previous draft captures bursty acceptance: a copied passage accepts in runs.
+    """
+    total, reach = 1.0, 1.0
+    for i in range(k):
+        reach *= chain[min(i, len(chain) - 1)]
+        total += reach
+    return total
 
 
-def best_k(acceptance: float, k_max: int, costs: CostModel, drafter: str) -> int:
-    """argmax_k expected_tokens(a, k) / (k * draft + verify(k + 1)), k in [0, k_max]."""
+def best_k(chain: Sequence[float], k_max: int, costs: CostModel, drafter: str) -> int:
+    """argmax_k expected_tokens(chain, k) / (k * draft + verify(k + 1)), k in [0, k_max]."""
     draft = costs.draft_cost(drafter)
     best, best_rate = 0, 1.0 / costs.verify_cost(1)
     for k in range(1, k_max + 1):
-        rate = expected_tokens(acceptance, k) / (k * draft + costs.verify_cost(k + 1))
+        rate = expected_tokens(chain, k) / (k * draft + costs.verify_cost(k + 1))
         if rate > best_rate * 1.02:  # demand a margin over noise before speculating deeper
             best, best_rate = k, rate
     return best
@@ -73,24 +81,28 @@ def best_k(acceptance: float, k_max: int, costs: CostModel, drafter: str) -> int
 
 @dataclass
 class KController:
-    """Per-request acceptance estimate and the k it implies; a fixed k when adapt is False."""
+    """Per-request conditional acceptance by draft position, and the k it implies (fixed if not adapt)."""
 
     k_max: int
     adapt: bool
     prior: float = 0.5
-    accepted: float = 0.0
-    proposed: float = 0.0
+    reached: list[float] = field(default_factory=list)  # decayed count of drafts evaluated per position
+    accepted: list[float] = field(default_factory=list)  # decayed count of those accepted
     _steps_at_zero: int = 0
 
+    def __post_init__(self) -> None:
+        self.reached = [0.0] * max(self.k_max, 1)
+        self.accepted = [0.0] * max(self.k_max, 1)
+
     @property
-    def acceptance(self) -> float:
-        # A Beta-style estimate: the prior counts as 2 observed drafts, decayed history as the rest.
-        return (self.accepted + 2.0 * self.prior) / (self.proposed + 2.0)
+    def chain(self) -> list[float]:
+        # Beta-style estimates: the prior counts as 2 observed drafts at each position.
+        return [(a + 2.0 * self.prior) / (r + 2.0) for a, r in zip(self.accepted, self.reached, strict=True)]
 
     def choose(self, costs: CostModel, drafter: str) -> int:
         if not self.adapt or self.k_max == 0:
             return self.k_max
-        k = best_k(self.acceptance, self.k_max, costs, drafter)
+        k = best_k(self.chain, self.k_max, costs, drafter)
         if k == 0:
             self._steps_at_zero += 1
             if self._steps_at_zero >= _PROBE_EVERY:
@@ -101,8 +113,14 @@ class KController:
         return k
 
     def update(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """Draft i+1 was evaluated iff drafts 1..i were accepted; decay so old text weighs less."""
         if num_draft_tokens <= 0:
             return
-        # Decay old evidence so the estimate follows a request whose text changes character.
-        self.accepted = 0.9 * self.accepted + num_accepted
-        self.proposed = 0.9 * self.proposed + num_draft_tokens
+        for i in range(len(self.reached)):
+            self.reached[i] *= _DECAY
+            self.accepted[i] *= _DECAY
+        for i in range(min(num_draft_tokens, len(self.reached))):
+            if i <= num_accepted:
+                self.reached[i] += 1.0
+            if i < num_accepted:
+                self.accepted[i] += 1.0
