@@ -26,7 +26,7 @@ from verispec.request import (
     StepOutput,
     StoppingCriteria,
 )
-from verispec.sampling import Sampler
+from verispec.sampling import Sampler, draw
 from verispec.spec.adaptive import CostModel, KController, best_k, expected_tokens
 from verispec.spec.drafters import ModelDrafter, NgramDrafter, lookup
 from verispec.spec.verify import Proposal, verify
@@ -89,6 +89,36 @@ def test_rejection_sampling_preserves_target_distribution(stochastic_draft: bool
     )
     for freq, target in zip(freqs, p.tolist(), strict=True):
         assert abs(freq - target) < 5 * math.sqrt(target * (1 - target) / 8000), (freqs, p)
+
+
+class GridSampler(Sampler):
+    """A Sampler whose accept and sample uniforms are set by the test, to enumerate outcomes exactly."""
+
+    u_accept = 0.5
+    u_sample = 0.5
+
+    def uniform(self, position: int, stream: int = 0) -> float:
+        return self.u_accept
+
+    def sample(self, probs: torch.Tensor, position: int, stream: int = 0) -> int:
+        return draw(probs, self.u_sample)
+
+
+def test_rejection_sampling_is_exact_on_a_grid() -> None:
+    """Summing verify's outcome over drafts d ~ q and a grid of uniforms fine enough to resolve every
+    threshold gives p exactly: P(first token = x) = q(x) min(1, p/q) + P(reject) norm(max(0, p - q))(x)."""
+    p = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    q = torch.tensor([0.4, 0.2, 0.2, 0.2])  # p/q = 1/4 on token 0; residual (0, 2/3, 1/3, 0)
+    sampler = GridSampler(SamplingParams(temperature=1.0), 4, [])
+    accept_grid = [(i + 0.5) / 20 for i in range(20)]
+    sample_grid = [(i + 0.5) / 60 for i in range(60)]
+    mass = [0.0] * 4
+    for d in range(4):
+        for sampler.u_accept in accept_grid:
+            for sampler.u_sample in sample_grid:
+                verdict = verify(sampler, p.log().expand(2, -1), Proposal([d], q.unsqueeze(0)), 0)
+                mass[verdict.token_ids[0]] += float(q[d]) / (len(accept_grid) * len(sample_grid))
+    assert mass == pytest.approx(p.tolist(), abs=1e-6)  # exact up to float32 rounding
 
 
 def test_deterministic_drafts_emit_plain_sampling_tokens() -> None:

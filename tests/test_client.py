@@ -1,0 +1,58 @@
+"""The Python client package against the real server: sync and asyncio, unary and streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import RunningServer
+from verispec.v1 import generation_pb2 as pb
+from verispec_client import AsyncVerispecClient, VerispecClient, build_request
+
+FRANCE = [("user", "What is the capital of France?")]
+
+
+def test_sync_client(server: RunningServer) -> None:
+    with VerispecClient(server.address, timeout=60) as client:
+        reply = client.generate(messages=FRANCE, max_new_tokens=16)
+        assert "Paris" in reply.text
+        deltas = list(client.stream(messages=FRANCE, max_new_tokens=16))
+        assert "".join(d.text for d in deltas) == reply.text
+        assert client.health().status == pb.SERVING_STATUS_SERVING
+        assert client.info().vocab_size == 49152
+        assert client.tokenize("Hello").count > 0
+
+
+def test_async_client(server: RunningServer) -> None:
+    async def scenario() -> tuple[str, str, int]:
+        async with AsyncVerispecClient(server.address, timeout=60) as client:
+            reply = await client.generate(messages=FRANCE, max_new_tokens=16)
+            streamed = [d async for d in client.stream(messages=FRANCE, max_new_tokens=16)]
+            health = await client.health()
+            return reply.text, "".join(d.text for d in streamed), health.status
+
+    unary, streamed, status = asyncio.run(scenario())
+    assert "Paris" in unary and streamed == unary
+    assert status == pb.SERVING_STATUS_SERVING
+
+
+def test_build_request_maps_flat_options() -> None:
+    request = build_request(
+        "hi",
+        max_new_tokens=5,
+        temperature=0.5,
+        seed=3,
+        logprobs=True,
+        speculation="ngram",
+        num_draft_tokens=2,
+        top_p=None,
+    )
+    assert request.sampling.temperature == 0.5 and request.sampling.seed == 3
+    assert not request.sampling.HasField("top_p"), "None leaves a field unset"
+    assert request.response.logprobs
+    assert request.speculation.mode == pb.SPECULATION_MODE_NGRAM
+    with pytest.raises(TypeError, match="unknown option"):
+        build_request("hi", temprature=0.5)
+    with pytest.raises(ValueError, match="speculation must be one of"):
+        build_request("hi", speculation="fast")
