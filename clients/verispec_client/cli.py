@@ -12,7 +12,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from verispec.v1 import generation_pb2 as pb
-from verispec_client.client import DEFAULT_TARGET, SPECULATION_MODES, VerispecClient
+from verispec_client.client import DEFAULT_TARGET, SAMPLING_FIELDS, SPECULATION_MODES, VerispecClient
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,22 +64,7 @@ def _generate(client: VerispecClient, args: argparse.Namespace) -> None:
         if args.system is not None:
             messages.append(("system", args.system))
         messages.append(("user", args.prompt))
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "temperature",
-            "top_k",
-            "top_p",
-            "min_p",
-            "typical_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-            "seed",
-            "logprobs",
-            "top_logprobs",
-        )
-    }
+    options = {name: getattr(args, name) for name in (*SAMPLING_FIELDS, "logprobs", "top_logprobs")}
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens,

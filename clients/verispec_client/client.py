@@ -18,7 +18,7 @@ SPECULATION_MODES = {
     "draft_model": pb.SPECULATION_MODE_DRAFT_MODEL,
     "ngram": pb.SPECULATION_MODE_NGRAM,
 }
-_SAMPLING_FIELDS = (
+SAMPLING_FIELDS = (
     "temperature",
     "top_k",
     "top_p",
@@ -48,10 +48,10 @@ def build_request(
 ) -> pb.GenerateRequest:
     """A GenerateRequest from keyword options; sampling and response options are passed flat
     (temperature=0.7, seed=1, logprobs=True, ...). None values are left unset."""
-    unknown = set(options) - set(_SAMPLING_FIELDS) - set(_RESPONSE_FIELDS)
+    unknown = set(options) - set(SAMPLING_FIELDS) - set(_RESPONSE_FIELDS)
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    sampling = {k: v for k, v in options.items() if k in _SAMPLING_FIELDS and v is not None}
+    sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}
     response = {k: v for k, v in options.items() if k in _RESPONSE_FIELDS and v is not None}
     spec = pb.SpeculationParams(num_draft_tokens=num_draft_tokens)
     if speculation is not None:
