@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.conftest import RunningServer, ServerFactory
+from tests.conftest import RunningServer, ServerFactory, spawn_serve
 from verispec.v1 import generation_pb2 as pb
+from verispec.v1 import generation_pb2_grpc as pb_grpc
 
 LONG = pb.GenerateRequest(prompt="Write a very long story about the sea.", max_new_tokens=400, min_new_tokens=400)
 
@@ -108,3 +112,35 @@ def test_health_answers_fast_while_the_engine_is_busy(server: RunningServer) -> 
     call.cancel()
     assert sorted(latencies)[-2] < 0.05, latencies
     _wait_idle(server)
+
+
+def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM: health NOT_SERVING, new calls UNAVAILABLE, the in-flight stream completes, exit 0."""
+    serve = spawn_serve(tmp_path / "serve.log", "--grace-period", "60")
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.GenerateRequest(prompt="Tell a story.", max_new_tokens=60, min_new_tokens=60)
+            stream = stub.StreamGenerate(_stream(request), timeout=120)
+            first = next(stream)
+            serve.process.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            status = None
+            while time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                except grpc.RpcError:
+                    break  # the server already refuses new calls
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=2), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)
+        tokens = len(first.token_ids) + sum(len(m.token_ids) for m in rest)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and tokens == 60, "in-flight work finished"
+        assert serve.process.wait(60) == 0
+    finally:
+        serve.stop()

@@ -197,7 +197,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     def _models(self) -> LoadedModels:
-        return self.state.ready()
+        """The loaded models, for requests already admitted (they finish even while draining)."""
+        assert self.state.models is not None
+        return self.state.models
 
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext[Any, Any]
