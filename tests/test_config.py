@@ -47,6 +47,8 @@ def test_environment_parses_types() -> None:
         (["--dtype", "int3"], {}, "--dtype"),
         ([], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         ([], {"VERISPEC_LOG_PROMPTS": "maybe"}, "VERISPEC_LOG_PROMPTS"),
+        (["--fault-injection", "explode:3"], {}, "--fault-injection"),
+        (["--fault-injection", "fatal:0"], {}, "--fault-injection"),
     ],
 )
 def test_bad_settings_name_themselves(argv: list[str], env: dict[str, str], setting: str) -> None:

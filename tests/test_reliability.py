@@ -144,3 +144,35 @@ def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(tmp_path: Path) -> 
         assert serve.process.wait(60) == 0
     finally:
         serve.stop()
+
+
+def test_step_errors_fail_only_the_affected_request(make_server: ServerFactory) -> None:
+    """With every 7th step failing, hit requests get INTERNAL with the reason; the server serves on."""
+    faulty = make_server("--fault-injection", "step_error:7")
+    request = pb.GenerateRequest(prompt="Tell a story.", max_new_tokens=4)
+    codes = []
+    for _ in range(6):
+        try:
+            faulty.stub.Generate(request, timeout=60)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+            assert "injected step error" in exc.details()
+    assert grpc.StatusCode.INTERNAL in codes and grpc.StatusCode.OK in codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.INTERNAL}
+    assert faulty.stub.Health(pb.HealthRequest()).status == pb.SERVING_STATUS_SERVING
+
+
+def test_fatal_device_error_turns_health_off_and_exits_nonzero(tmp_path: Path) -> None:
+    serve = spawn_serve(tmp_path / "serve.log", "--fault-injection", "fatal:3")
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(pb.GenerateRequest(prompt="Tell a story.", max_new_tokens=20), timeout=60)
+            assert info.value.code() == grpc.StatusCode.INTERNAL
+            assert "injected fatal device error" in info.value.details()
+        assert serve.process.wait(60) == 1, "a supervisor sees the failure and restarts the process"
+        assert '"event": "server.engine_failed"' in serve.log_path.read_text()
+    finally:
+        serve.stop()

@@ -11,7 +11,7 @@ import structlog
 
 from verispec import __version__
 from verispec.config import add_serve_arguments, build_config
-from verispec.errors import ConfigError, ModelLoadError
+from verispec.errors import ConfigError, EngineDeadError, ModelLoadError
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     telemetry.configure_tracing(config.telemetry.traces_exporters, config.telemetry.otlp_protocol)
     try:
         asyncio.run(serve(config, load))
-    except (ModelLoadError, ConfigError) as exc:
+    except (ModelLoadError, ConfigError, EngineDeadError) as exc:
         log.error("server.failed", error=str(exc))
         return 1
     return 0

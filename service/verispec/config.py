@@ -68,6 +68,7 @@ class EngineConfig:
     default_max_new_tokens: int = 256
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
+    fault_injection: str = ""  # test only: step_error:N, fatal:N
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,13 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "default_max_new_tokens",
         int,
         "max_new_tokens when a request leaves it at 0",
+    ),
+    (
+        "fault-injection",
+        "engine",
+        "fault_injection",
+        str,
+        "TEST ONLY: fail steps on purpose: step_error:N (every Nth step), fatal:N (device dies at step N)",
     ),
     ("log-level", "telemetry", "log_level", str, "debug, info, warning or error"),
     ("log-format", "telemetry", "log_format", str, "json (one object a line) or console"),
@@ -297,6 +305,10 @@ def validate(config: Config) -> None:
         "--default-max-new-tokens",
         f"must be in [1, --max-new-tokens-limit={e.max_new_tokens_limit}]",
     )
+    try:
+        parse_fault_injection(e.fault_injection)
+    except ValueError as exc:
+        raise ConfigError("--fault-injection", str(exc)) from None
     _require(t.log_level in ("debug", "info", "warning", "error"), "--log-level", f"unknown level {t.log_level!r}")
     _require(t.log_format in ("json", "console"), "--log-format", f"unknown format {t.log_format!r}")
     _require(0 <= t.metrics_port <= 65535, "--metrics-port", f"{t.metrics_port} is not a TCP port")
@@ -305,6 +317,20 @@ def validate(config: Config) -> None:
         "--step-spans",
         f"{t.step_spans!r} is not on, off or a ratio in (0, 1]",
     )
+
+
+def parse_fault_injection(spec: str) -> tuple[int, int]:
+    """'step_error:3,fatal:10' -> (3, 10); '' -> (0, 0); ValueError for anything else."""
+    step_error = fatal = 0
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        kind, _, count = part.partition(":")
+        if kind not in ("step_error", "fatal") or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"{part!r} is not step_error:N or fatal:N with N >= 1")
+        if kind == "step_error":
+            step_error = int(count)
+        else:
+            fatal = int(count)
+    return step_error, fatal
 
 
 def step_span_ratio(setting: str) -> float | None:

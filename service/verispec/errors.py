@@ -42,3 +42,7 @@ class ConfigError(VerispecError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
+
+
+class DeviceFatalError(VerispecError):
+    """The compute device stopped working (out of memory, a CUDA fault); the process must restart."""

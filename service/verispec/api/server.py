@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from verispec import telemetry
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.config import Config
+from verispec.errors import EngineDeadError
 from verispec.loader import LoadedModels
 from verispec.metrics import Metrics
 from verispec.v1 import generation_pb2 as pb
@@ -31,6 +32,8 @@ class Server:
         self.config = config
         self.state = ServiceState(config)
         self.metrics = Metrics()
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
         self.port = 0
         self.metrics_port = 0
 
@@ -72,15 +75,29 @@ class Server:
             raise
         core = models.engine.core
         core.observer = self.metrics
+        loop = asyncio.get_running_loop()
+
+        def on_failure(exc: BaseException) -> None:  # engine thread -> event loop
+            loop.call_soon_threadsafe(self._engine_failed, exc)
+
+        core.on_failure = on_failure
         self.metrics.watch(lambda: core.stats().queue_depth, lambda: core.stats().active_requests, core.backend.memory)
         self.state.models = models
         self.state.phase = pb.SERVING_STATUS_SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("server.serving", model=models.target.model_id)
 
+    def _engine_failed(self, exc: BaseException) -> None:
+        """The engine thread died (a dead device): stop serving; serve() exits non-zero."""
+        log.error("server.engine_failed", error=str(exc))
+        self.state.phase = pb.SERVING_STATUS_FAILED
+        self.failure = exc
+        self.failed.set()
+
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, new calls refused, in-flight calls given `grace` seconds, engine stopped."""
-        self.state.phase = pb.SERVING_STATUS_DRAINING
+        if self.state.phase != pb.SERVING_STATUS_FAILED:
+            self.state.phase = pb.SERVING_STATUS_DRAINING
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_period_s if grace is None else grace)
         if self.state.models is not None:
@@ -93,7 +110,7 @@ class Server:
 
 
 async def serve(config: Config, loader: Callable[[Config], LoadedModels]) -> None:
-    """Runs until SIGTERM or SIGINT, then drains."""
+    """Runs until SIGTERM or SIGINT, then drains; raises when loading fails or the engine dies."""
     server = Server(config)
     await server.start()
     stop = asyncio.Event()
@@ -102,12 +119,16 @@ async def serve(config: Config, loader: Callable[[Config], LoadedModels]) -> Non
         loop.add_signal_handler(sig, stop.set)
     loading = asyncio.create_task(server.load(loader))
     stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(server.failed.wait())
     done, _ = await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
     failure = loading.exception() if loading in done else None
     if failure is not None:
         await server.stop(0)
         raise failure
-    await stopped
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if server.failure is not None:
+        await server.stop(1.0)  # a moment for the failed calls' statuses to go out
+        raise EngineDeadError(f"engine failed: {server.failure}")
     log.info("server.draining", grace_period_s=config.server.grace_period_s)
     loading.cancel()
     await server.stop()

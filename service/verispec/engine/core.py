@@ -16,6 +16,7 @@ import torch
 
 from verispec.backends.base import Backend, SequenceCache
 from verispec.config import EngineConfig
+from verispec.engine.faults import FaultInjector, is_fatal
 from verispec.engine.text import TextStream
 from verispec.errors import EngineDeadError, NotReadyError, OverloadedError
 from verispec.request import (
@@ -109,6 +110,8 @@ class EngineCore:
         self._stopping = False
         self._failure: BaseException | None = None
         self.observer: StepObserver | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None  # called on the engine thread
+        self.faults = FaultInjector.parse(config.fault_injection)
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._done = threading.Event()
         self._started = False
@@ -225,12 +228,15 @@ class EngineCore:
                             future.set_exception(exc)
                 for seq in list(self._active.values()):
                     self._advance(seq, aborted)
-        except BaseException as exc:  # a bug in the loop itself: fail everything, loudly
+        except BaseException as exc:  # a dead device or a bug in the loop: fail everything, loudly
             self._failure = exc
-            log.exception("engine.crashed")
+            log.exception("engine.crashed", fatal=is_fatal(exc))
         finally:
-            self._fail_all(FinishReason.CANCELLED if self._failure is None else FinishReason.ERROR)
+            error = "engine stopped" if self._failure is None else f"engine failed: {self._failure}"
+            self._fail_all(FinishReason.CANCELLED if self._failure is None else FinishReason.ERROR, error)
             self._done.set()
+            if self._failure is not None and self.on_failure is not None:
+                self.on_failure(self._failure)
 
     def _admit_locked(self) -> None:
         while self._waiting and len(self._active) < self.config.max_active_requests:
@@ -252,8 +258,12 @@ class EngineCore:
             self._finish(seq, self._final(seq, reason, seq.text.flush()))
             return
         try:
+            if self.faults is not None:
+                self.faults.before_step()
             out = self._step(seq) if seq.started else self._prefill(seq)
         except Exception as exc:
+            if is_fatal(exc):
+                raise  # the device is gone: the loop fails every request and stops
             log.exception("engine.step_failed", request_id=request.request_id)
             self._finish(seq, self._final(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
             return
@@ -442,12 +452,12 @@ class EngineCore:
             seq.drafter.free(seq.draft_state)
             seq.draft_state = None
 
-    def _fail_all(self, reason: FinishReason) -> None:
+    def _fail_all(self, reason: FinishReason, error: str) -> None:
         with self._cond:
             pending = list(self._waiting) + list(self._active.values())
             self._waiting.clear()
         for seq in pending:
-            self._finish(seq, self._final(seq, reason, error="engine stopped"))
+            self._finish(seq, self._final(seq, reason, error=error))
 
 
 def run_to_completion(core: EngineCore, request: Request, timeout: float = 600) -> list[StepOutput]:
