@@ -98,14 +98,14 @@ def make_server(target: Target, loop_thread: LoopThread) -> Iterator[ServerFacto
     """Starts servers over the shared model with extra `serve` flags; all are stopped at the end."""
     started: list[RunningServer] = []
 
-    def factory(*flags: str, draft: Any = None) -> RunningServer:
+    def factory(*flags: str, draft: Any = None, credentials: grpc.ChannelCredentials | None = None) -> RunningServer:
         config: Config = config_from_argv(["--host", "127.0.0.1", "--port", "0", *flags])
         server = Server(config)
         port = loop_thread.run(server.start())
         models = start_engine(config, target.backend, target.tokenizer, draft)
         loop_thread.run(server.load(lambda _: models))
         address = f"127.0.0.1:{port}"
-        channel = grpc.insecure_channel(address)
+        channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
         wait_serving(channel, "verispec.v1.GenerationService")
         running = RunningServer(server, address, channel)
         started.append(running)

@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from verispec.v1 import generation_pb2 as pb
-from verispec_client.client import DEFAULT_TARGET, SAMPLING_FIELDS, SPECULATION_MODES, VerispecClient
+from verispec_client.client import (
+    DEFAULT_TARGET,
+    SAMPLING_FIELDS,
+    SPECULATION_MODES,
+    VerispecClient,
+    channel_credentials,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verispec-client", description="Call a verispec server.")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
     parser.add_argument("--timeout", type=float, default=None, help="deadline per call in seconds")
+    parser.add_argument(
+        "--token", default=os.environ.get("VERISPEC_TOKEN"), help="bearer token (default: $VERISPEC_TOKEN)"
+    )
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA to verify the server: use TLS")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser(
@@ -116,7 +130,8 @@ def _summary(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with VerispecClient(args.target, timeout=args.timeout) as client:
+    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    with VerispecClient(args.target, timeout=args.timeout, token=args.token, credentials=credentials) as client:
         try:
             if args.command == "generate":
                 _generate(client, args)

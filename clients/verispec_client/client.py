@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -73,6 +74,23 @@ def build_request(
     )
 
 
+def channel_credentials(
+    tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (a client certificate for mTLS); None for plaintext."""
+    if tls_ca is None and tls_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=tls_ca.read_bytes() if tls_ca else None,
+        private_key=tls_key.read_bytes() if tls_key else None,
+        certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+    )
+
+
+def _metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    return (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
+
+
 def as_stream_request(request: pb.GenerateRequest) -> pb.StreamGenerateRequest:
     """The same request for StreamGenerate (the two messages share their field numbers)."""
     return pb.StreamGenerateRequest.FromString(request.SerializeToString())
@@ -87,12 +105,16 @@ class VerispecClient:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
-        channel: grpc.Channel | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, credentials)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = _metadata(metadata, token)
 
     def generate(
         self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
@@ -108,11 +130,15 @@ class VerispecClient:
         yield from self._stub.StreamGenerate(request, timeout=self.timeout, metadata=self.metadata)
 
     def health(self) -> pb.HealthResponse:
-        response: pb.HealthResponse = self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+        response: pb.HealthResponse = self._stub.Health(
+            pb.HealthRequest(), timeout=self.timeout, metadata=self.metadata
+        )
         return response
 
     def info(self) -> pb.ModelInfoResponse:
-        response: pb.ModelInfoResponse = self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        response: pb.ModelInfoResponse = self._stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata
+        )
         return response
 
     def tokenize(
@@ -123,7 +149,7 @@ class VerispecClient:
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
             return_tokens=return_tokens,
         )
-        response: pb.TokenizeResponse = self._stub.Tokenize(request, timeout=self.timeout)
+        response: pb.TokenizeResponse = self._stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
         return response
 
     def close(self) -> None:
@@ -147,11 +173,16 @@ class AsyncVerispecClient:
         *,
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = _metadata(metadata, token)
 
     async def generate(
         self, prompt: str = "", messages: Sequence[tuple[str, str]] = (), **options: Any
@@ -169,11 +200,15 @@ class AsyncVerispecClient:
             yield message
 
     async def health(self) -> pb.HealthResponse:
-        response: pb.HealthResponse = await self._stub.Health(pb.HealthRequest(), timeout=self.timeout)
+        response: pb.HealthResponse = await self._stub.Health(
+            pb.HealthRequest(), timeout=self.timeout, metadata=self.metadata
+        )
         return response
 
     async def info(self) -> pb.ModelInfoResponse:
-        response: pb.ModelInfoResponse = await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
+        response: pb.ModelInfoResponse = await self._stub.ModelInfo(
+            pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata
+        )
         return response
 
     async def close(self) -> None:

@@ -32,6 +32,12 @@ class ServerConfig:
     port: int = 50051
     grace_period_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+    auth_tokens: str = ""  # comma-separated; prefer the file (environment is visible to ps -e)
+    auth_protect_health: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,24 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "seconds in-flight requests may finish after SIGTERM",
     ),
     ("max-message-bytes", "server", "max_message_bytes", int, "largest gRPC message accepted"),
+    ("tls-cert", "server", "tls_cert", Path, "PEM certificate chain: serve TLS (with --tls-key)"),
+    ("tls-key", "server", "tls_key", Path, "PEM private key of --tls-cert"),
+    ("tls-client-ca", "server", "tls_client_ca", Path, "PEM CA bundle: require client certificates (mTLS)"),
+    (
+        "auth-tokens-file",
+        "server",
+        "auth_tokens_file",
+        Path,
+        "file of bearer tokens, one a line: calls must send 'authorization: Bearer <token>'",
+    ),
+    ("auth-tokens", "server", "auth_tokens", str, "comma-separated bearer tokens (the file is safer)"),
+    (
+        "auth-protect-health",
+        "server",
+        "auth_protect_health",
+        bool,
+        "require a token for grpc.health.v1 and reflection too",
+    ),
     (
         "model",
         "model",

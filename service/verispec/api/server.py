@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from verispec import telemetry
+from verispec.api.auth import OPEN_SERVICES, BearerTokenInterceptor, load_tokens, server_credentials
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.config import Config
 from verispec.errors import EngineDeadError
@@ -42,13 +43,20 @@ class Server:
 
         The grpc.aio objects are made here, inside the loop that will run them.
         """
+        settings = self.config.server
         self.health = health.aio.HealthServicer()
-        max_bytes = self.config.server.max_message_bytes
+        tokens = load_tokens(settings.auth_tokens_file, settings.auth_tokens)
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        interceptors = []
+        if tokens:
+            open_services = () if settings.auth_protect_health else OPEN_SERVICES
+            interceptors.append(BearerTokenInterceptor(tokens, open_services))
         self.grpc = grpc.aio.server(
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", max_bytes),
-                ("grpc.max_send_message_length", max_bytes),
-            ]
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
         )
         step_spans = telemetry.StepSpans(self.config.telemetry.step_spans)
         servicer = GenerationServicer(self.state, step_spans, self.metrics)
@@ -57,10 +65,19 @@ class Server:
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), self.grpc)
         address = f"{self.config.server.host}:{self.config.server.port}"
-        self.port = self.grpc.add_insecure_port(address)
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
-        log.info("server.listening", address=f"{self.config.server.host}:{self.port}")
+        log.info(
+            "server.listening",
+            address=f"{settings.host}:{self.port}",
+            tls=credentials is not None,
+            mtls=settings.tls_client_ca is not None,
+            auth=bool(tokens),  # how many tokens or which: never logged
+        )
         if self.config.telemetry.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.telemetry.metrics_port, self.config.server.host)
             log.info("metrics.listening", port=self.metrics_port)
