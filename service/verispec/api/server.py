@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from verispec import telemetry
 from verispec.api.auth import OPEN_SERVICES, BearerTokenInterceptor, load_tokens, server_credentials
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
+from verispec.api.wire import MalformedRequestInterceptor
 from verispec.config import Config
 from verispec.errors import EngineDeadError
 from verispec.loader import LoadedModels
@@ -47,10 +48,11 @@ class Server:
         self.health = health.aio.HealthServicer()
         tokens = load_tokens(settings.auth_tokens_file, settings.auth_tokens)
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if tokens:
             open_services = () if settings.auth_protect_health else OPEN_SERVICES
             interceptors.append(BearerTokenInterceptor(tokens, open_services))
+        interceptors.append(MalformedRequestInterceptor())  # after auth: strangers learn nothing
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
