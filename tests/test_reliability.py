@@ -176,3 +176,22 @@ def test_fatal_device_error_turns_health_off_and_exits_nonzero(tmp_path: Path) -
         assert '"event": "server.engine_failed"' in serve.log_path.read_text()
     finally:
         serve.stop()
+
+
+def test_unmeetable_deadline_is_refused_early(make_server: ServerFactory) -> None:
+    """With the slot busy for about a request length, a deadline shorter than that wait is refused at once."""
+    busy = make_server("--max-active-requests", "1", "--max-queued-requests", "4")
+    request = pb.GenerateRequest(prompt="Count slowly.", max_new_tokens=30, min_new_tokens=30)
+    busy.stub.Generate(request, timeout=60)  # teaches the engine how long a request takes
+    blocker = busy.stub.Generate.future(request, timeout=60)
+    deadline = time.monotonic() + 10
+    while busy.stub.Health(pb.HealthRequest()).active_requests == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        busy.stub.Generate(request, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert "deadline cannot be met" in info.value.details()
+    assert time.monotonic() - start < 0.25, "refused before its deadline, not timed out at it"
+    assert blocker.result().usage.completion_tokens == 30
+    assert busy.stub.Generate(request, timeout=60).usage.completion_tokens == 30, "a patient caller is served"

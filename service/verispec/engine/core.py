@@ -66,6 +66,7 @@ class _Sequence:
     stats: SpecStats = field(default_factory=SpecStats)
     records: list[StepRecord] = field(default_factory=list)
     started: bool = False
+    admitted: float = 0.0
     sampler_state: Sampler | None = None
 
     @property
@@ -107,6 +108,7 @@ class EngineCore:
         self._aborted: set[str] = set()
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
         self._last_step: float | None = None
+        self._request_seconds: float | None = None  # mean time in the engine of completed requests
         self._stopping = False
         self._failure: BaseException | None = None
         self.observer: StepObserver | None = None
@@ -143,10 +145,26 @@ class EngineCore:
             if len(self._waiting) - max(free_slots, 0) >= self.config.max_queued_requests:
                 raise OverloadedError(
                     f"{len(self._active)} requests active and {len(self._waiting)} queued "
-                    f"(limits {self.config.max_active_requests} and {self.config.max_queued_requests})"
+                    f"(limits {self.config.max_active_requests} and {self.config.max_queued_requests})",
+                    retry_after_s=max(self._request_seconds or 1.0, 0.1),
+                )
+            wait = self._expected_wait_locked(free_slots)
+            if request.deadline is not None and time.monotonic() + wait > request.deadline:
+                raise OverloadedError(
+                    f"the deadline cannot be met: about {wait:.1f}s until a slot frees up "
+                    f"({len(self._active)} active, {len(self._waiting)} queued)",
+                    retry_after_s=wait,
                 )
             self._waiting.append(seq)
             self._cond.notify()
+
+    def _expected_wait_locked(self, free_slots: int) -> float:
+        """Seconds until a request submitted now starts: slots free up one mean request length apart."""
+        ahead = len(self._waiting) - max(free_slots, 0)
+        if ahead < 0 or self._request_seconds is None:
+            return 0.0
+        rounds = ahead // self.config.max_active_requests + 1
+        return rounds * self._request_seconds
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Runs `fn` on the engine thread between steps (benchmarks measure the backend there)."""
@@ -241,6 +259,7 @@ class EngineCore:
     def _admit_locked(self) -> None:
         while self._waiting and len(self._active) < self.config.max_active_requests:
             seq = self._waiting.popleft()
+            seq.admitted = time.monotonic()
             self._active[seq.request.request_id] = seq
         for seq in [s for s in self._waiting if s.request.request_id in self._aborted]:
             self._waiting.remove(seq)
@@ -441,6 +460,15 @@ class EngineCore:
 
     def _finish(self, seq: _Sequence, out: StepOutput) -> None:
         self._release(seq)
+        if out.finish_reason in (
+            FinishReason.LENGTH,
+            FinishReason.EOS,
+            FinishReason.STOP_SEQUENCE,
+            FinishReason.STOP_TOKEN,
+        ):
+            seconds = time.monotonic() - seq.admitted
+            old = self._request_seconds
+            self._request_seconds = seconds if old is None else old + 0.2 * (seconds - old)
         seq.sink(out)
 
     def _release(self, seq: _Sequence) -> None:
