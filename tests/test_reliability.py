@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.conftest import RunningServer, ServerFactory, spawn_serve
+from tests.conftest import BIN, RunningServer, ServerFactory, spawn_serve
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -195,3 +197,21 @@ def test_unmeetable_deadline_is_refused_early(make_server: ServerFactory) -> Non
     assert time.monotonic() - start < 0.25, "refused before its deadline, not timed out at it"
     assert blocker.result().usage.completion_tokens == 30
     assert busy.stub.Generate(request, timeout=60).usage.completion_tokens == 30, "a patient caller is served"
+
+
+def test_soak_command_leaks_nothing(tmp_path: Path) -> None:
+    """A short run of the soak benchmark: every status expected, no slot left behind."""
+    output = tmp_path / "soak.json"
+    result = subprocess.run(
+        [str(BIN / "verispec"), "bench", "soak", "--requests", "48", "--concurrency", "8", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["requests"] == 48
+    assert report["unexpected_status_codes"] == 0, report["unexpected_examples"]
+    assert report["leaked_slots"] == 0
+    assert report["status_codes"].get("OK", 0) > 0 and report["status_codes"].get("INVALID_ARGUMENT", 0) > 0

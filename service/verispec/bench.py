@@ -30,6 +30,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     overhead.add_argument("--repeats", type=int, default=3, help="runs of each path, interleaved")
     overhead.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     add_spec_arguments(kinds)
+    from verispec.soak import add_soak_arguments
+
+    add_soak_arguments(kinds)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -41,6 +44,10 @@ def run_bench(args: argparse.Namespace) -> int:
         result = asyncio.run(_overhead(args))
     elif args.bench == "spec":
         result = _spec(args)
+    elif args.bench == "soak":
+        from verispec.soak import run_soak
+
+        result = run_soak(args, _progress)
     else:  # pragma: no cover - argparse only accepts the kinds above
         raise SystemExit(f"unknown benchmark {args.bench}")
     text = json.dumps(result, indent=2)

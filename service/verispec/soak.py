@@ -1,0 +1,243 @@
+"""`verispec bench soak`: bounded concurrent load with cancels, short deadlines and bad requests.
+
+Everything stays on loopback: the server runs in this process on its own thread and event loop, the
+clients on another loop, so the server loop's lag and the health check's latency are measured apart
+from the load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from verispec.v1 import generation_pb2 as pb
+from verispec.v1 import generation_pb2_grpc as pb_grpc
+
+PROMPTS = ("Tell me about the sea.", "List some fruits.", "Write a haiku about rain.", "Explain gravity briefly.")
+
+
+def add_soak_arguments(kinds: Any) -> None:
+    soak = kinds.add_parser(
+        "soak",
+        help="bounded load on loopback: cancels, deadlines, bad requests",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    soak.add_argument("--requests", type=int, default=1000, help="requests in all")
+    soak.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    soak.add_argument("--cancel-fraction", type=float, default=0.3, help="streams cancelled mid-way")
+    soak.add_argument("--deadline-fraction", type=float, default=0.1, help="calls with a 50-300 ms deadline")
+    soak.add_argument("--bad-fraction", type=float, default=0.1, help="calls with an invalid field")
+    soak.add_argument("--max-new-tokens", type=int, default=12, help="upper bound per request")
+    soak.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops itself")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    soak.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _ServerThread:
+    """The server on its own loop and thread, with a task sampling that loop's lag."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.lags: list[float] = []
+        self.running = True
+        threading.Thread(target=self.loop.run_forever, name="soak-server-loop", daemon=True).start()
+
+    def run(self, coro: Any, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def sample_lag(self, interval: float = 0.01) -> None:
+        while self.running:
+            start = time.perf_counter()
+            await asyncio.sleep(interval)
+            self.lags.append(time.perf_counter() - start - interval)
+
+
+def run_soak(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
+    from verispec.api.server import Server
+    from verispec.config import config_from_argv
+    from verispec.loader import load
+
+    config = config_from_argv(
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--step-spans",
+            "off",
+            "--max-active-requests",
+            "8",
+            "--max-queued-requests",
+            "64",
+        ]
+    )
+    progress("loading the model")
+    models = load(config)
+    server_thread = _ServerThread()
+    server = Server(config)
+    port = server_thread.run(server.start())
+    server_thread.run(server.load(lambda _: models))
+    lag_task = asyncio.run_coroutine_threadsafe(server_thread.sample_lag(), server_thread.loop)
+    rss_before = _rss_mib()
+    result = asyncio.run(_drive(f"127.0.0.1:{port}", args, progress))
+    server_thread.running = False
+    lag_task.result(5)
+    stats = models.engine.stats()
+    leaked = stats.active_requests + stats.queue_depth
+    server_thread.run(server.stop(5))
+    lags_ms = [lag * 1000 for lag in server_thread.lags]
+    result.update(
+        {
+            "leaked_slots": leaked,
+            "event_loop_lag_ms": {
+                "p50": _round(_percentile(lags_ms, 0.5)),
+                "p99": _round(_percentile(lags_ms, 0.99)),
+                "max": _round(max(lags_ms, default=0.0)),
+            },
+            "rss_mib": {"before": round(rss_before, 1), "after": round(_rss_mib(), 1)},
+        }
+    )
+    return result
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+_EXPECTED = {
+    "normal": {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED},
+    "bad": {grpc.StatusCode.INVALID_ARGUMENT},
+    "short_deadline": {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED},
+    "cancelled": {grpc.StatusCode.CANCELLED, grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED},
+}
+
+
+@dataclass
+class _Tally:
+    """What the load generator saw."""
+
+    codes: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)
+    ttft: list[float] = field(default_factory=list)
+    health_ms: list[float] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def _plan(
+    rng: random.Random, index: int, args: argparse.Namespace
+) -> tuple[str, pb.StreamGenerateRequest, float, int | None]:
+    """(kind, request, timeout, cancel after n tokens) of request `index`."""
+    roll = rng.random()
+    n = rng.randint(2, args.max_new_tokens)
+    request = pb.StreamGenerateRequest(
+        prompt=rng.choice(PROMPTS), max_new_tokens=n, sampling=pb.SamplingParams(temperature=0.8, seed=index)
+    )
+    if roll < args.bad_fraction:
+        request.sampling.top_p = rng.choice([0.0, 1.5, float("nan")])
+        return "bad", request, 120.0, None
+    if roll < args.bad_fraction + args.deadline_fraction:
+        return "short_deadline", request, rng.uniform(0.05, 0.3), None
+    if roll < args.bad_fraction + args.deadline_fraction + args.cancel_fraction:
+        return "cancelled", request, 120.0, rng.randint(1, max(1, n - 1))
+    return "normal", request, 120.0, None
+
+
+async def _one(stub: Any, plan: tuple[str, pb.StreamGenerateRequest, float, int | None], tally: _Tally) -> None:
+    kind, request, timeout, cancel_after = plan
+    tally.kinds[kind] += 1
+    start = time.perf_counter()
+    call = stub.StreamGenerate(request, timeout=timeout)
+    received = 0
+    try:
+        async for message in call:
+            if received == 0 and message.token_ids:
+                tally.ttft.append(time.perf_counter() - start)
+            received += len(message.token_ids)
+            if cancel_after is not None and received >= cancel_after:
+                call.cancel()
+                break
+        cancelled = cancel_after is not None and call.cancelled()
+        code = grpc.StatusCode.CANCELLED if cancelled else await call.code()
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+    tally.codes[code.name] += 1
+    if code not in _EXPECTED[kind]:
+        tally.unexpected.append(f"{kind}: {code.name}")
+
+
+async def _probe_health(health: Any, tally: _Tally, done: asyncio.Event) -> None:
+    while not done.is_set():
+        start = time.perf_counter()
+        await health.Check(health_pb2.HealthCheckRequest(service="verispec.v1.GenerationService"))
+        tally.health_ms.append((time.perf_counter() - start) * 1000)
+        await asyncio.sleep(0.1)
+
+
+async def _drive(address: str, args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    tally = _Tally()
+    stop_at = time.monotonic() + args.time_limit
+    started = time.monotonic()
+    finished = 0
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        done = asyncio.Event()
+        probe = asyncio.create_task(_probe_health(health_pb2_grpc.HealthStub(channel), tally, done))
+        semaphore = asyncio.Semaphore(args.concurrency)
+
+        async def guarded(index: int) -> None:
+            nonlocal finished
+            async with semaphore:
+                if time.monotonic() < stop_at:  # bounded in time as well as in count
+                    await _one(stub, _plan(rng, index, args), tally)
+            finished += 1
+            if finished % 100 == 0:
+                progress(f"{finished}/{args.requests} requests")
+
+        await asyncio.gather(*(guarded(i) for i in range(args.requests)))
+        done.set()
+        await probe
+    return {
+        "benchmark": "soak",
+        "requests": sum(tally.kinds.values()),
+        "concurrency": args.concurrency,
+        "seconds": round(time.monotonic() - started, 1),
+        "requests_by_kind": dict(tally.kinds),
+        "status_codes": dict(tally.codes),
+        "unexpected_status_codes": len(tally.unexpected),
+        "unexpected_examples": tally.unexpected[:10],
+        "ttft_ms": {
+            "p50": _round(_percentile([t * 1000 for t in tally.ttft], 0.5)),
+            "p99": _round(_percentile([t * 1000 for t in tally.ttft], 0.99)),
+        },
+        "health_check_ms": {
+            "p50": _round(_percentile(tally.health_ms, 0.5)),
+            "p99": _round(_percentile(tally.health_ms, 0.99)),
+            "count": len(tally.health_ms),
+        },
+    }
