@@ -215,3 +215,22 @@ def test_soak_command_leaks_nothing(tmp_path: Path) -> None:
     assert report["unexpected_status_codes"] == 0, report["unexpected_examples"]
     assert report["leaked_slots"] == 0
     assert report["status_codes"].get("OK", 0) > 0 and report["status_codes"].get("INVALID_ARGUMENT", 0) > 0
+
+
+def test_dead_device_turns_both_healths_off(make_server: ServerFactory) -> None:
+    failing = make_server("--fault-injection", "fatal:2")
+    with pytest.raises(grpc.RpcError) as info:
+        failing.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=8), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline:
+        status = failing.health.Check(health_pb2.HealthCheckRequest(service="")).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.05)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert failing.stub.Health(pb.HealthRequest()).status == pb.SERVING_STATUS_FAILED
+    with pytest.raises(grpc.RpcError) as refused:
+        failing.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=2), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

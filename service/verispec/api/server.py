@@ -115,6 +115,7 @@ class Server:
         log.error("server.engine_failed", error=str(exc))
         self.state.phase = pb.SERVING_STATUS_FAILED
         self.failure = exc
+        self._health_update = asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         self.failed.set()
 
     async def stop(self, grace: float | None = None) -> None:
