@@ -87,6 +87,13 @@ def channel_credentials(
     )
 
 
+def _open(flavour: Any, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+    """A channel from `grpc` or `grpc.aio`: TLS when credentials are given, plaintext otherwise."""
+    if credentials is None:
+        return flavour.insecure_channel(target)
+    return flavour.secure_channel(target, credentials)
+
+
 def _metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
     return (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
 
@@ -108,10 +115,7 @@ class VerispecClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target)
-        else:
-            self._channel = grpc.secure_channel(target, credentials)
+        self._channel = _open(grpc, target, credentials)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _metadata(metadata, token)
@@ -176,10 +180,7 @@ class AsyncVerispecClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials)
+        self._channel = _open(grpc.aio, target, credentials)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _metadata(metadata, token)
