@@ -32,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
         "OTEL_EXPORTER_OTLP_ENDPOINT).",
     )
     add_serve_arguments(serve)
+    synth = commands.add_parser(
+        "synth",
+        help="write a random-weight EXL2 checkpoint of a real model's shape",
+        description="Write a random-weight checkpoint (EXL2, uniform groups of 128) of a real model's shape, with "
+        "a tokenizer of its vocabulary size: qualifies hardware for speed and memory without real weights.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from verispec.synth import add_synth_arguments
+
+    add_synth_arguments(synth)
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     from verispec.bench import add_bench_arguments
 
@@ -46,6 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"verispec: invalid setting {exc}", file=sys.stderr)
         return 2
+    if args.command == "synth":
+        import json
+
+        from verispec.synth import synth as write_checkpoint
+
+        print(json.dumps(write_checkpoint(args.shape, args.out, args.bits, args.seed, args.device), indent=2))
+        return 0
     if args.command == "bench":
         from verispec.bench import run_bench
 

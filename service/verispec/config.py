@@ -50,6 +50,9 @@ class ModelConfig:
     dtype: str = "auto"
     max_context_length: int = 0  # 0: the model's own
     cache_dir: Path = field(default_factory=default_cache_dir)
+    gpu_split: tuple[float, ...] = ()  # exl2: GB of weights per GPU; empty: autosplit
+    reserve_gb: float = 1.0  # exl2 autosplit: GB left free on each GPU
+    cache_mode: str = "fp16"  # exl2 KV cache: fp16, q8, q6, q4
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class SpecConfig:
     """Speculative decoding defaults; requests may override mode and k within max_num_draft_tokens."""
 
     draft_model: str = ""
+    draft_gpu_split: tuple[float, ...] = ()  # exl2: the draft's own placement; empty: autosplit
     default_mode: str = "auto"
     default_num_draft_tokens: int = 4
     max_num_draft_tokens: int = 8
@@ -138,7 +142,10 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         str,
         f"target model: '{DEFAULT_MODEL}' (embedded default) or a model directory",
     ),
-    ("backend", "model", "backend", str, "runtime for the target: torch_ref"),
+    ("backend", "model", "backend", str, "runtime of target and draft: torch_ref or exl2 (CUDA)"),
+    ("gpu-split", "model", "gpu_split", tuple, "exl2: GB of target weights per GPU, e.g. 21,23 (empty: autosplit)"),
+    ("reserve-gb", "model", "reserve_gb", float, "exl2 autosplit: GB kept free on each GPU"),
+    ("cache-mode", "model", "cache_mode", str, "exl2 KV cache: fp16, q8, q6 or q4"),
     ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),
     ("dtype", "model", "dtype", str, "activation dtype: auto, float32, float16, bfloat16"),
     (
@@ -157,6 +164,7 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "draft model directory for speculative decoding (default: none, n-gram drafter)",
     ),
     ("speculation", "spec", "default_mode", str, "default speculation mode: auto, off, draft_model, ngram"),
+    ("draft-gpu-split", "spec", "draft_gpu_split", tuple, "exl2: GB of draft weights per GPU (empty: autosplit)"),
     ("num-draft-tokens", "spec", "default_num_draft_tokens", int, "default k, drafts per step"),
     ("max-num-draft-tokens", "spec", "max_num_draft_tokens", int, "largest k a request may ask for"),
     ("ngram-min", "spec", "ngram_min", int, "shortest n-gram the prompt-lookup drafter matches"),
@@ -285,6 +293,8 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
     try:
         if kind is bool:
             return _parse_bool(raw)
+        if kind is tuple:
+            return tuple(float(part) for part in raw.split(",") if part.strip())
         return kind(raw)
     except ValueError as exc:
         raise ConfigError(name, f"cannot read {raw!r}: {exc}") from None
@@ -301,8 +311,11 @@ def validate(config: Config) -> None:
     _require(0 <= s.port <= 65535, "--port", f"{s.port} is not a TCP port")
     _require(s.grace_period_s >= 0, "--grace-period", "must be >= 0")
     _require(s.max_message_bytes >= 1024, "--max-message-bytes", "must be >= 1024")
-    _require(m.backend in ("torch_ref",), "--backend", f"unknown backend {m.backend!r}")
+    _require(m.backend in ("torch_ref", "exl2"), "--backend", f"unknown backend {m.backend!r}")
     _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
+    _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
+    _require(all(gb > 0 for gb in m.gpu_split + sp.draft_gpu_split), "--gpu-split", "every share must be > 0 GB")
+    _require(m.reserve_gb >= 0, "--reserve-gb", "must be >= 0")
     _require(m.max_context_length >= 0, "--max-context-length", "must be >= 0")
     _require(
         sp.default_mode in ("auto", "off", "draft_model", "ngram"),

@@ -34,8 +34,10 @@ class LoadedModels:
     auto_drafter: str
 
 
-def load_backend(model: ModelConfig, spec: str) -> tuple[Backend, Tokenizer]:
-    """Loads one model (target or draft) and its tokenizer."""
+def load_backend(
+    model: ModelConfig, spec: str, gpu_split: tuple[float, ...] | None = None
+) -> tuple[Backend, Tokenizer]:
+    """Loads one model (target or draft) and its tokenizer; `gpu_split` overrides the target's split."""
     model_dir = resolve_model(spec, model.cache_dir)
     tokenizer = Tokenizer(model_dir)
     if model.backend == "torch_ref":
@@ -44,6 +46,12 @@ def load_backend(model: ModelConfig, spec: str) -> tuple[Backend, Tokenizer]:
         backend = TorchRefBackend(model_dir, spec, model.device, model.dtype, model.max_context_length)
         tokenizer.add_eos_token_ids(backend.generation_eos)
         return backend, tokenizer
+    if model.backend == "exl2":
+        from verispec.backends.exl2 import Exl2Backend
+
+        split = model.gpu_split if gpu_split is None else gpu_split
+        exl2 = Exl2Backend(model_dir, spec, split, model.reserve_gb, model.cache_mode, model.max_context_length)
+        return exl2, tokenizer
     raise ConfigError("--backend", f"backend {model.backend!r} is not available in this build")
 
 
@@ -72,7 +80,7 @@ def _load(config: Config) -> LoadedModels:
     target, tokenizer = load_backend(config.model, config.model.model)
     draft = None
     if config.spec.draft_model:
-        draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model)
+        draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model, config.spec.draft_gpu_split)
         check_same_vocabulary(tokenizer, draft_tokenizer, config.spec.draft_model)
     models = build_engine(config, target, tokenizer, draft)
     log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=models.auto_drafter)

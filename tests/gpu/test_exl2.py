@@ -1,0 +1,144 @@
+"""The ExLlamaV2 backend on a GPU: logits against the torch reference, rollback, lossless speculation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from tests.conftest import spawn_serve
+from verispec.config import EngineConfig
+from verispec.engine.core import EngineCore, run_to_completion
+from verispec.request import (
+    Request,
+    ResponseOptions,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationParams,
+    StoppingCriteria,
+)
+from verispec.spec.drafters import ModelDrafter, NgramDrafter
+from verispec.v1 import generation_pb2 as pb
+from verispec.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.gpu
+
+# fp16 activations and kernels against an fp32 reference on the same (dequantized) weights:
+# logits agree to within 2% of their range, and the argmax agrees nearly everywhere.
+RELATIVE_TOLERANCE = 0.02
+
+PROMPT = list(range(300, 340))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max |difference| / max |expected|, share of rows whose argmax agrees)."""
+    expected = expected.to(actual.device)
+    relative = float((actual - expected).abs().max() / expected.abs().max())
+    agree = float((actual.argmax(-1) == expected.argmax(-1)).float().mean())
+    return relative, agree
+
+
+def test_prefill_and_verify_logits_match_the_reference(exl2: Any, reference: Any) -> None:
+    a, b = exl2.new_cache(), reference.new_cache()
+    relative, agree = _close(exl2.forward(a, PROMPT, 1), reference.forward(b, PROMPT, 1))
+    print(f"prefill: relative {relative:.5f}, argmax agreement {agree:.3f}")
+    assert relative < RELATIVE_TOLERANCE and agree == 1.0
+    drafts = [401, 402, 403, 404, 405]  # a k+1 = 5 verify pass
+    relative, agree = _close(exl2.forward(a, drafts, 5), reference.forward(b, drafts, 5))
+    print(f"verify k+1=5: relative {relative:.5f}, argmax agreement {agree:.3f}")
+    assert relative < RELATIVE_TOLERANCE and agree >= 0.8
+
+
+def test_rollback_equals_fresh_prefill(exl2: Any) -> None:
+    rolled, fresh = exl2.new_cache(), exl2.new_cache()
+    exl2.forward(rolled, [*PROMPT, 1, 2, 3, 4, 5, 6], 1)
+    exl2.rollback(rolled, len(PROMPT) + 2)
+    exl2.forward(fresh, [*PROMPT, 1, 2], 1)
+    assert rolled.length == fresh.length
+    relative, agree = _close(exl2.forward(rolled, [77], 1), exl2.forward(fresh, [77], 1))
+    assert relative < 1e-3 and agree == 1.0
+
+
+def _request(mode: SpeculationMode, k: int, request_id: str) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=tuple(PROMPT),
+        sampling=SamplingParams(),
+        stopping=StoppingCriteria(max_new_tokens=48),
+        response=ResponseOptions(),
+        speculation=SpeculationParams(mode=mode, num_draft_tokens=k),
+    )
+
+
+@pytest.mark.parametrize("drafter", ["self", "random", "ngram"])
+def test_greedy_speculative_equals_greedy_plain_on_gpu(exl2: Any, tiny_draft_dir: Path, drafter: str) -> None:
+    from verispec.backends.exl2 import Exl2Backend
+    from verispec.tokenizer import Tokenizer
+
+    if drafter == "ngram":
+        drafters: dict[SpeculationMode, Any] = {SpeculationMode.NGRAM: NgramDrafter(1, 3)}
+        mode = SpeculationMode.NGRAM
+    else:
+        draft = exl2 if drafter == "self" else Exl2Backend(tiny_draft_dir, "tiny-draft")
+        drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft)}
+        mode = SpeculationMode.DRAFT_MODEL
+    core = EngineCore(exl2, Tokenizer(tiny_draft_dir), drafters, EngineConfig())
+    core.start()
+    try:
+        plain = [t for o in run_to_completion(core, _request(SpeculationMode.OFF, 0, "plain")) for t in o.token_ids]
+        outputs = run_to_completion(core, _request(mode, 4, "spec"))
+    finally:
+        core.stop(10)
+    assert [t for o in outputs for t in o.token_ids] == plain
+    stats = outputs[-1].spec
+    assert stats is not None
+    print(f"{drafter}: {stats.num_accepted_tokens}/{stats.num_draft_tokens} accepted in {stats.num_steps} steps")
+    if drafter == "self":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+
+
+def test_two_gpu_split_matches_one_gpu(exl2: Any, tiny_dir: Path) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    from verispec.backends.exl2 import Exl2Backend
+
+    split = Exl2Backend(tiny_dir, "tiny-split", gpu_split=(0.02, 1.0))
+    assert len(split.info.devices) == 2
+    relative, agree = _close(split.forward(split.new_cache(), PROMPT, 1), exl2.forward(exl2.new_cache(), PROMPT, 1))
+    assert relative < 1e-3 and agree == 1.0
+
+
+def test_server_streams_with_the_exl2_backend(tiny_dir: Path, tiny_draft_dir: Path, tmp_path: Path) -> None:
+    serve = spawn_serve(
+        tmp_path / "serve.log",
+        "--backend",
+        "exl2",
+        "--model",
+        str(tiny_dir),
+        "--draft-model",
+        str(tiny_draft_dir),
+        "--cache-mode",
+        "q4",
+    )
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.StreamGenerateRequest(
+                prompt="Hello world",
+                max_new_tokens=16,
+                min_new_tokens=16,
+                speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_DRAFT_MODEL),
+            )
+            messages = list(stub.StreamGenerate(request, timeout=120))
+            assert sum(len(m.token_ids) for m in messages) == 16
+            assert messages[-1].speculation.num_draft_tokens > 0
+            info = stub.ModelInfo(pb.ModelInfoRequest())
+            assert info.backend == "exl2" and info.cache_mode == "q4" and info.quantization == "exl2"
+            health = stub.Health(pb.HealthRequest())
+            assert health.devices and health.devices[0].device.startswith("cuda:")
+            assert health.devices[0].used_bytes > 0
+    finally:
+        serve.stop()

@@ -1,0 +1,50 @@
+"""The exl2 backend's CPU-side parts: split planning and the synthetic checkpoint writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from verispec.backends.exl2 import GIB, checkpoint_sizes, plan_split
+from verispec.errors import ConfigError
+from verispec.synth import SHAPES, layer_bytes, linear_bytes, synth
+
+
+def _fixed(shape_name: str) -> int:
+    shape = SHAPES[shape_name]
+    return shape.vocab * shape.hidden * 2 + linear_bytes(shape.hidden, shape.vocab, 4) + shape.hidden * 2
+
+
+def test_70b_at_4_bits_is_refused_on_two_24gb_cards_with_the_shortfall() -> None:
+    layers = layer_bytes(SHAPES["llama-70b"], 4)
+    total_gb = (sum(layers) + _fixed("llama-70b")) / GIB
+    assert 34 < total_gb < 36, "a 4.0 bpw 70B is about 35 GB of weights"
+    with pytest.raises(ConfigError) as info:
+        plan_split(layers, _fixed("llama-70b"), [16, 16])
+    assert info.value.setting == "--gpu-split"
+    assert "GB short" in str(info.value) and "GPU 1 overflows" in str(info.value)
+
+
+def test_70b_split_fits_two_24gb_cards() -> None:
+    layers = layer_bytes(SHAPES["llama-70b"], 4)
+    placement = plan_split(layers, _fixed("llama-70b"), [17.5, 19])
+    assert placement[0] == 0 and placement[-1] == 1
+    assert placement == sorted(placement), "layers fill GPU 0, then GPU 1"
+
+
+def test_synth_tiny_checkpoint(tmp_path: Path) -> None:
+    """The tiny shape is written with EXL2 tensors whose sizes match the planner's arithmetic."""
+    summary = synth("tiny", tmp_path, bits=4, seed=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "exl2"
+    layers, fixed = checkpoint_sizes(tmp_path)
+    assert layers == layer_bytes(SHAPES["tiny"], 4)
+    assert sum(layers) + fixed == summary["bytes"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == SHAPES["tiny"].vocab
+    ids = tokenizer("Hello, world!")["input_ids"]
+    assert tokenizer.decode(ids) == "Hello, world!"
