@@ -156,7 +156,7 @@ def spawn_serve(log_path: Path, *flags: str, env: dict[str, str] | None = None) 
     environment = dict(os.environ, VERISPEC_PORT=str(port), VERISPEC_HOST="127.0.0.1", **(env or {}))
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(BIN / "verispec"), "serve", *flags], env=environment, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "verispec", "serve", *flags], env=environment, stdout=log, stderr=subprocess.STDOUT
         )
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
