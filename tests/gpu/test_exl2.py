@@ -27,6 +27,7 @@ from verispec.v1 import generation_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.gpu
 
 # fp16 activations and kernels against an fp32 reference on the same (dequantized) weights:
+# (two fp16 runs of different shapes, e.g. rolled-back vs fresh caches, agree to within 0.5%)
 # logits agree to within 2% of their range, and the argmax agrees nearly everywhere.
 RELATIVE_TOLERANCE = 0.02
 
@@ -59,7 +60,7 @@ def test_rollback_equals_fresh_prefill(exl2: Any) -> None:
     exl2.forward(fresh, [*PROMPT, 1, 2], 1)
     assert rolled.length == fresh.length
     relative, agree = _close(exl2.forward(rolled, [77], 1), exl2.forward(fresh, [77], 1))
-    assert relative < 1e-3 and agree == 1.0
+    assert relative < 5e-3 and agree == 1.0
 
 
 def _request(mode: SpeculationMode, k: int, request_id: str) -> Request:
@@ -108,7 +109,7 @@ def test_two_gpu_split_matches_one_gpu(exl2: Any, tiny_dir: Path) -> None:
     split = Exl2Backend(tiny_dir, "tiny-split", gpu_split=(0.02, 1.0))
     assert len(split.info.devices) == 2
     relative, agree = _close(split.forward(split.new_cache(), PROMPT, 1), exl2.forward(exl2.new_cache(), PROMPT, 1))
-    assert relative < 1e-3 and agree == 1.0
+    assert relative < 5e-3 and agree == 1.0
 
 
 def test_server_streams_with_the_exl2_backend(tiny_dir: Path, tiny_draft_dir: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,10 @@ class TorchRefBackend:
         native = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         context = min(max_context_length, native) if max_context_length else native
         self.generation_eos = _generation_eos(self.model)
+        # transformers >= 5.24 names the KV-cache argument `cache`; older releases, `past_key_values`
+        # (and silently ignore an unknown keyword, which would leave the cache empty).
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         self.info = BackendInfo(
             model_id=model_id,
             backend="torch_ref",
@@ -100,7 +105,9 @@ class TorchRefBackend:
         if cache.past is None:
             cache.past = DynamicCache(config=self.model.config)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, cache=cache.past, use_cache=True, logits_to_keep=num_logits)
+        out = self.model(
+            input_ids=input_ids, use_cache=True, logits_to_keep=num_logits, **{self._cache_kwarg: cache.past}
+        )
         logits: torch.Tensor = out.logits[0, -num_logits:, :]
         return logits.float()
 
