@@ -48,3 +48,14 @@ def test_synth_tiny_checkpoint(tmp_path: Path) -> None:
     assert len(tokenizer) == SHAPES["tiny"].vocab
     ids = tokenizer("Hello, world!")["input_ids"]
     assert tokenizer.decode(ids) == "Hello, world!"
+
+
+def test_synthetic_tokenizer_reaches_llama3_vocabulary(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from verispec.synth import write_tokenizer
+
+    write_tokenizer(tmp_path, 128256)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tokenizer) == 128256
+    assert tokenizer.decode(tokenizer("The quick brown fox")["input_ids"]) == "The quick brown fox"

@@ -230,9 +230,16 @@ def test_controller_adapts_and_probes() -> None:
     controller = KController(k_max=4, adapt=True, prior=0.5)
     for _ in range(30):
         controller.update(4, 0)
-    ks = [controller.choose(costs, "draft_model") for _ in range(40)]
-    assert ks.count(0) >= 34, "rejected drafts turn speculation off"
-    assert 1 in ks, "but a cheap probe keeps measuring"
+    ks = []
+    for _ in range(200):
+        k = controller.choose(costs, "draft_model")
+        ks.append(k)
+        controller.update(k, 0)
+    probes = [i for i, k in enumerate(ks) if k == 1]
+    assert ks.count(0) >= 190, "rejected drafts turn speculation off"
+    assert len(probes) >= 3, "but probes keep measuring"
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0], "each rejected probe waits longer for the next"
     for _ in range(30):
         controller.update(4, 4)
     assert controller.choose(costs, "draft_model") == 4

@@ -33,6 +33,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from verispec.soak import add_soak_arguments
 
     add_soak_arguments(kinds)
+    from verispec.bench_exl2 import add_exl2_arguments
+
+    add_exl2_arguments(kinds)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -44,6 +47,10 @@ def run_bench(args: argparse.Namespace) -> int:
         result = asyncio.run(_overhead(args))
     elif args.bench == "spec":
         result = _spec(args)
+    elif args.bench == "exl2":
+        from verispec.bench_exl2 import run_exl2
+
+        result = run_exl2(args)
     elif args.bench == "soak":
         from verispec.soak import run_soak
 

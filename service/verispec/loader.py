@@ -112,9 +112,28 @@ def build_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: B
         drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft)
     costs = CostModel()
     calibrate(target, costs, config.spec.max_num_draft_tokens + 1)
+    if draft is not None:
+        calibrate_draft(draft, costs)
     core = EngineCore(target, tokenizer, drafters, config.engine, costs)
     auto = "draft_model" if draft is not None else "ngram"
     return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
+
+
+def calibrate_draft(draft: Backend, costs: CostModel, repeats: int = 5) -> None:
+    """Measures one draft step so AUTO prices draft-model speculation before its first request."""
+    cache = draft.new_cache()
+    try:
+        draft.forward(cache, list(range(16)), 1)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            draft.forward(cache, [16], 1)
+            best = min(best, time.perf_counter() - start)
+            draft.rollback(cache, 16)
+        costs.record_draft("draft_model", 1, best)
+    finally:
+        draft.free(cache)
+    log.info("engine.calibrated_draft", step_ms=round(best * 1000, 2))
 
 
 def calibrate(backend: Backend, costs: CostModel, max_tokens: int, repeats: int = 3) -> None:

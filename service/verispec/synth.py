@@ -172,14 +172,18 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
         vocab[char] = len(vocab)
     merges: list[tuple[str, str]] = []
     letters = sorted(byte_chars)
-    a = 0
-    while len(vocab) < vocab_size:  # pairs of byte symbols, so encoding real text uses merges
-        left, right = letters[a // len(letters) % len(letters)], letters[a % len(letters)]
-        a += 1
-        if left + right in vocab:
-            continue
-        vocab[left + right] = len(vocab)
-        merges.append((left, right))
+    tokens = list(letters)  # grows as merges add longer symbols
+    left_index = 0
+    while len(vocab) < vocab_size:  # merge each symbol with each byte, shortest symbols first
+        left = tokens[left_index]
+        left_index += 1
+        for right in letters:
+            if len(vocab) >= vocab_size:
+                break
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append((left, right))
+                tokens.append(left + right)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new measurement
-_PROBE_EVERY = 8  # steps at k = 0 before one cheap k = 1 probe re-measures acceptance
+_PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
+_PROBE_MAX = 256  # ... doubling after each rejected probe, up to this many steps
 _DECAY = 0.9  # per step, of a request's acceptance evidence
 
 
@@ -89,6 +90,8 @@ class KController:
     reached: list[float] = field(default_factory=list)  # decayed count of drafts evaluated per position
     accepted: list[float] = field(default_factory=list)  # decayed count of those accepted
     _steps_at_zero: int = 0
+    _probe_every: int = _PROBE_EVERY
+    _probing: bool = False
 
     def __post_init__(self) -> None:
         self.reached = [0.0] * max(self.k_max, 1)
@@ -103,10 +106,12 @@ class KController:
         if not self.adapt or self.k_max == 0:
             return self.k_max
         k = best_k(self.chain, self.k_max, costs, drafter)
+        self._probing = False
         if k == 0:
             self._steps_at_zero += 1
-            if self._steps_at_zero >= _PROBE_EVERY:
+            if self._steps_at_zero >= self._probe_every:
                 self._steps_at_zero = 0
+                self._probing = True
                 return 1
         else:
             self._steps_at_zero = 0
@@ -116,6 +121,8 @@ class KController:
         """Draft i+1 was evaluated iff drafts 1..i were accepted; decay so old text weighs less."""
         if num_draft_tokens <= 0:
             return
+        if self._probing:  # a rejected probe waits twice as long next time; an accepted one resets
+            self._probe_every = _PROBE_EVERY if num_accepted else min(2 * self._probe_every, _PROBE_MAX)
         for i in range(len(self.reached)):
             self.reached[i] *= _DECAY
             self.accepted[i] *= _DECAY

@@ -1,0 +1,259 @@
+"""`verispec bench exl2`: the ExLlamaV2 backend on a GPU, measured against ExLlamaV2's own generator.
+
+For a target (e.g. a synthetic Llama-70B-shape EXL2) and a draft (e.g. Llama-1B shape) it prints JSON
+with VRAM and load time per model, decode tokens/s driven directly and through the engine, the same
+for ExLlamaV2DynamicGenerator (unpaged) with and without the draft, the cost of one target pass over
+1..9 tokens, the draft step cost, and speculative speedups at synthetic acceptance rates (a replay
+drafter proposes the target's own recorded greedy continuation with injected misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROMPT_TOKENS = [1, *range(1000, 1063)]  # 64 tokens
+
+
+def add_exl2_arguments(kinds: Any) -> None:
+    exl2 = kinds.add_parser(
+        "exl2",
+        help="ExLlamaV2 backend on a GPU vs ExLlamaV2DynamicGenerator (JSON)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exl2.add_argument("--model", type=Path, required=True, help="target checkpoint (EXL2/GPTQ)")
+    exl2.add_argument("--draft-model", type=Path, required=True, help="draft checkpoint (EXL2/GPTQ)")
+    exl2.add_argument("--max-new-tokens", type=int, default=128, help="tokens per measured request")
+    exl2.add_argument("--num-draft-tokens", type=int, default=4, help="k for the fixed-k runs")
+    exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+
+
+def _progress(message: str) -> None:
+    print(f"[bench exl2] {message}", file=sys.stderr, flush=True)
+
+
+def _used_gib() -> float:
+    torch.cuda.synchronize()
+    return (
+        sum(torch.cuda.mem_get_info(i)[1] - torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        / 2**30
+    )
+
+
+class ReplayDrafter:
+    """Proposes the target's recorded greedy continuation, each token replaced by a miss with
+    probability 1 - acceptance: synthetic acceptance, for pricing speculation on random weights."""
+
+    name = "replay"
+
+    def __init__(self, reference: Sequence[int], acceptance: float, vocab_size: int, seed: int = 0) -> None:
+        self.reference = list(reference)
+        self.acceptance = acceptance
+        self.vocab_size = vocab_size
+        self.rng = random.Random(seed)
+
+    def start(self) -> object:
+        return None
+
+    def propose(self, state: object, context: Sequence[int], k: int, sampler: Any) -> Any:
+        from verispec.spec.verify import Proposal
+
+        drafts = []
+        for token in self.reference[len(context) : len(context) + k]:
+            miss = self.rng.random() >= self.acceptance
+            drafts.append((token + 1) % self.vocab_size if miss else token)
+        return Proposal(drafts)
+
+    def accept(self, state: object, valid_length: int) -> None:
+        return None
+
+    def free(self, state: object) -> None:
+        return None
+
+
+def _request(mode: str, k: int, n: int, request_id: str) -> Any:
+    from verispec.request import (
+        Request,
+        ResponseOptions,
+        SamplingParams,
+        SpeculationMode,
+        SpeculationParams,
+        StoppingCriteria,
+    )
+
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=tuple(PROMPT_TOKENS),
+        sampling=SamplingParams(),
+        stopping=StoppingCriteria(max_new_tokens=n, min_new_tokens=n),
+        response=ResponseOptions(),
+        speculation=SpeculationParams(SpeculationMode(mode), k),
+    )
+
+
+def _engine_run(core: Any, mode: str, k: int, n: int, label: str) -> tuple[float, list[int], Any]:
+    from verispec.engine.core import run_to_completion
+
+    start = time.perf_counter()
+    outputs = run_to_completion(core, _request(mode, k, n, label))
+    seconds = time.perf_counter() - start
+    return n / seconds, [t for o in outputs for t in o.token_ids], outputs[-1].spec
+
+
+def _direct(backend: Any, n: int) -> float:
+    cache = backend.new_cache()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    logits = backend.forward(cache, PROMPT_TOKENS, 1)
+    for _ in range(n - 1):
+        logits = backend.forward(cache, [int(logits[0].argmax())], 1)
+    torch.cuda.synchronize()
+    backend.free(cache)
+    return n / (time.perf_counter() - start)
+
+
+def _pass_cost(backend: Any, tokens: int, repeats: int = 20) -> float:
+    cache = backend.new_cache()
+    backend.forward(cache, PROMPT_TOKENS, 1)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        backend.forward(cache, list(range(2000, 2000 + tokens)), tokens)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        backend.rollback(cache, len(PROMPT_TOKENS))
+    backend.free(cache)
+    return statistics.median(times)
+
+
+def _dynamic_generator(target: Any, draft: Any | None, k: int, n: int) -> float:
+    from exllamav2 import ExLlamaV2Cache, ExLlamaV2Tokenizer
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2Sampler
+
+    model = target.model
+    cache = ExLlamaV2Cache(model, max_seq_len=1024)
+    extra: dict[str, Any] = {}
+    if draft is not None:
+        extra = {
+            "draft_model": draft.model,
+            "draft_cache": ExLlamaV2Cache(draft.model, max_seq_len=1024),
+            "num_draft_tokens": k,
+        }
+    generator = ExLlamaV2DynamicGenerator(
+        model=model, cache=cache, tokenizer=ExLlamaV2Tokenizer(target.config), paged=False, max_batch_size=1, **extra
+    )
+    prompt = "The lighthouse keeper " * 16  # the generator takes text; about 64 tokens either way
+    settings = ExLlamaV2Sampler.Settings.greedy()
+    generator.generate(prompt=prompt, max_new_tokens=8, gen_settings=settings, stop_conditions=[])  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    generator.generate(prompt=prompt, max_new_tokens=n, gen_settings=settings, stop_conditions=[])
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
+    from verispec.backends.exl2 import Exl2Backend
+    from verispec.config import EngineConfig
+    from verispec.engine.core import EngineCore
+    from verispec.loader import calibrate, calibrate_draft
+    from verispec.request import SpeculationMode
+    from verispec.spec.adaptive import CostModel
+    from verispec.spec.drafters import ModelDrafter
+    from verispec.tokenizer import Tokenizer
+
+    n, k = args.max_new_tokens, args.num_draft_tokens
+    result: dict[str, Any] = {
+        "benchmark": "exl2",
+        "device": torch.cuda.get_device_name(0),
+        "gpus": torch.cuda.device_count(),
+        "max_new_tokens": n,
+    }
+    base = _used_gib()
+    for role, path in (("target", args.model), ("draft", args.draft_model)):
+        _progress(f"loading the {role} {path}")
+        start = time.perf_counter()
+        backend = Exl2Backend(path, path.name)
+        result[f"{role}_load_s"] = round(time.perf_counter() - start, 1)
+        result[f"{role}_vram_gib"] = round(_used_gib() - base, 2)
+        base = _used_gib()
+        if role == "target":
+            target = backend
+        else:
+            draft = backend
+    _progress("direct decode and pass costs")
+    _direct(target, 8)
+    result["direct_tokens_per_s"] = round(_direct(target, n), 2)
+    one = _pass_cost(target, 1)
+    result["verify_pass_ms"] = {str(t): round(1000 * _pass_cost(target, t), 2) for t in range(1, 10)}
+    result["verify_pass_relative"] = {t: round(ms / (1000 * one), 2) for t, ms in result["verify_pass_ms"].items()}
+    result["draft_step_ms"] = round(1000 * _pass_cost(draft, 1), 2)
+
+    tokenizer = Tokenizer(args.model)
+    costs = CostModel()
+    calibrate(target, costs, 9)
+    calibrate_draft(draft, costs)
+    drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft)}
+    core = EngineCore(target, tokenizer, drafters, EngineConfig(), costs)
+    core.start()
+    try:
+        result.update(_engine_measurements(core, target.info.vocab_size, n, k, result["direct_tokens_per_s"]))
+    finally:
+        core.stop(10)
+    _progress("ExLlamaV2DynamicGenerator, unpaged, without and with the draft")
+    try:
+        result["exllamav2_dynamic_generator_tokens_per_s"] = round(_dynamic_generator(target, None, k, n), 2)
+        with_draft = _dynamic_generator(target, draft, k, n)
+        result[f"exllamav2_dynamic_generator_with_draft_k{k}_tokens_per_s"] = round(with_draft, 2)
+        generator_tps = result["exllamav2_dynamic_generator_tokens_per_s"]
+        result["engine_off_vs_exllamav2_generator"] = round(result["engine_off_tokens_per_s"] / generator_tps, 3)
+    except Exception as exc:  # keep the engine's figures even if the comparison run fails
+        result["exllamav2_dynamic_generator_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, direct_tps: float) -> dict[str, Any]:
+    """Engine OFF vs direct, AUTO and fixed k with the random draft, and replayed synthetic acceptance."""
+    from verispec.request import SpeculationMode
+
+    result: dict[str, Any] = {}
+    _progress("engine: OFF, then AUTO and fixed k with the random draft")
+    _engine_run(core, "off", 0, 8, "warm")
+    off_tps, reference, _ = _engine_run(core, "off", 0, n, "off")
+    auto_tps, _, auto_spec = _engine_run(core, "auto", 8, n, "auto")
+    fixed_tps, _, fixed_spec = _engine_run(core, "draft_model", k, n, "fixed")
+    result["engine_off_tokens_per_s"] = round(off_tps, 2)
+    result["service_vs_direct"] = round(off_tps / direct_tps, 3)
+    result["random_draft"] = {
+        "auto_tokens_per_s": round(auto_tps, 2),
+        "auto_vs_off": round(auto_tps / off_tps, 3),
+        "auto_draft_tokens": auto_spec.num_draft_tokens,
+        "auto_accepted": auto_spec.num_accepted_tokens,
+        f"fixed_k{k}_tokens_per_s": round(fixed_tps, 2),
+        f"fixed_k{k}_acceptance": round(fixed_spec.num_accepted_tokens / max(fixed_spec.num_draft_tokens, 1), 3),
+    }
+    full = PROMPT_TOKENS + reference
+    synthetic = {}
+    for acceptance in (0.6, 0.8, 1.0):
+        core.drafters = {SpeculationMode.DRAFT_MODEL: ReplayDrafter(full, acceptance, vocab_size)}
+        _progress(f"replay drafter, synthetic acceptance {acceptance}")
+        fixed, tokens, spec = _engine_run(core, "draft_model", k, n, f"replay-{acceptance}")
+        auto, auto_tokens, auto_spec = _engine_run(core, "auto", 8, n, f"replay-auto-{acceptance}")
+        synthetic[str(acceptance)] = {
+            f"fixed_k{k}_speedup": round(fixed / off_tps, 3),
+            "auto_speedup": round(auto / off_tps, 3),
+            "measured_acceptance": round(spec.num_accepted_tokens / max(spec.num_draft_tokens, 1), 3),
+            "auto_tokens_per_step": round(auto_spec.num_emitted_tokens / max(auto_spec.num_steps, 1), 2),
+            "outputs_equal_greedy": tokens == reference and auto_tokens == reference,
+        }
+    result["synthetic_acceptance"] = synthetic
+    return result
