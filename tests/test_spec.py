@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from collections.abc import Iterator, Sequence
@@ -238,7 +239,7 @@ def test_controller_adapts_and_probes() -> None:
     probes = [i for i, k in enumerate(ks) if k == 1]
     assert ks.count(0) >= 190, "rejected drafts turn speculation off"
     assert len(probes) >= 3, "but probes keep measuring"
-    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0], "each rejected probe waits longer for the next"
     for _ in range(30):
         controller.update(4, 4)

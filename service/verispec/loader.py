@@ -15,9 +15,11 @@ from verispec.engine.async_engine import AsyncEngine
 from verispec.engine.core import EngineCore
 from verispec.errors import ConfigError, ModelLoadError
 from verispec.models import resolve_model
-from verispec.request import SpeculationMode
+from verispec.request import SamplingParams, SpeculationMode
+from verispec.sampling import Sampler
 from verispec.spec.adaptive import CostModel
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
+from verispec.spec.verify import Proposal, verify
 from verispec.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -127,7 +129,7 @@ def calibrate_draft(draft: Backend, costs: CostModel, repeats: int = 5) -> None:
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            draft.forward(cache, [16], 1)
+            int(draft.forward(cache, [16], 1)[0].argmax())  # a draft step ends with its token on the host
             best = min(best, time.perf_counter() - start)
             draft.rollback(cache, 16)
         costs.record_draft("draft_model", 1, best)
@@ -137,15 +139,21 @@ def calibrate_draft(draft: Backend, costs: CostModel, repeats: int = 5) -> None:
 
 
 def calibrate(backend: Backend, costs: CostModel, max_tokens: int, repeats: int = 3) -> None:
-    """Measures one target pass over 1..max_tokens tokens so AUTO can price k from the first request."""
+    """Measures a verify step over 1..max_tokens tokens so AUTO can price k from the first request.
+
+    It times what a live step times (the forward pass and verification, which also waits for the
+    device), so calibrated and live figures mix in one average without bias.
+    """
     cache = backend.new_cache()
+    sampler = Sampler(SamplingParams(), backend.info.vocab_size, [])
     try:
         backend.forward(cache, list(range(16)), 1)  # a 16-token context; also warms the kernels
         for n in range(1, max_tokens + 1):
             best = float("inf")
             for _ in range(repeats):
                 start = time.perf_counter()
-                backend.forward(cache, list(range(n)), n)
+                logits = backend.forward(cache, list(range(n)), n)
+                verify(sampler, logits, Proposal(list(range(1, n))), 0)
                 best = min(best, time.perf_counter() - start)
                 backend.rollback(cache, 16)
             costs.record_verify(n, best)

@@ -116,6 +116,7 @@ class EngineCore:
         self.faults = FaultInjector.parse(config.fault_injection)
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._done = threading.Event()
+        self._thread: threading.Thread | None = None
         self._started = False
 
     # -- called from other threads -------------------------------------------------------------
@@ -132,6 +133,11 @@ class EngineCore:
             self._cond.notify()
         if self._started:
             self._done.wait(timeout)
+        # Join the thread itself: a process that exits while it is still unwinding torch's thread
+        # state can abort ("terminate called without an active exception").
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def submit(self, request: Request, sink: Sink) -> None:
         """Queues `request`; its outputs go to `sink` on the engine thread. Raises at once when full."""
@@ -228,6 +234,7 @@ class EngineCore:
         decode speed on a 2-core machine.
         """
         self._started = True
+        self._thread = threading.current_thread()
         try:
             while True:
                 with self._cond:
