@@ -124,6 +124,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if last is not None and last.finish_reason is FinishReason.ERROR:
                 span.set_status(trace.StatusCode.ERROR, last.error)
                 await _abort(context, internal(f"generation failed: {last.error}"))
+            if last is not None and last.finish_reason is FinishReason.CANCELLED and _past(request.deadline):
+                # The engine stopped at the caller's deadline: say so, rather than send a late OK.
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {last.num_generated_tokens} tokens"
+                )
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError
@@ -284,6 +289,10 @@ class _Timing:
         else:
             self.metrics.itl.observe((now - self.previous) / len(out.token_ids))
         self.previous = now
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _tokenize(
