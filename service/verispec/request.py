@@ -119,12 +119,6 @@ class SpecStats:
         """Tokens emitted per target pass, the bonus/recovered token included."""
         return self.num_emitted_tokens / self.num_steps if self.num_steps else 0.0
 
-    @property
-    def acceptance_rate(self) -> float | None:
-        if not self.num_draft_tokens:
-            return None
-        return self.num_accepted_tokens / self.num_draft_tokens
-
 
 @dataclass(frozen=True)
 class StepOutput:

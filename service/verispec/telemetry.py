@@ -57,7 +57,6 @@ ATTR_STEP_NUM_EMITTED = "verispec.spec.num_emitted"
 ATTR_STEP_BONUS = "verispec.spec.bonus"
 ATTR_STEP_RECOVERED = "verispec.spec.recovered"
 ATTR_STEP_POSITION = "verispec.spec.position"
-ATTR_PROMPT_TOKENS = "verispec.prompt_tokens"
 
 _SPAN_NAMES = {"queue": SPAN_QUEUE, "prefill": SPAN_PREFILL, "draft": SPAN_DRAFT, "verify": SPAN_VERIFY}
 

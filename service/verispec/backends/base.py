@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -22,7 +22,6 @@ class BackendInfo:
     bits_per_weight: float = 0.0
     cache_mode: str = ""
     gpu_split_gb: tuple[float, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class SequenceCache(Protocol):

@@ -83,7 +83,6 @@ class EngineStats:
     active_requests: int
     last_step_age_s: float | None
     recent_acceptance: float | None
-    running: bool
 
 
 class EngineCore:
@@ -194,7 +193,6 @@ class EngineCore:
             active_requests=len(self._active),
             last_step_age_s=None if self._last_step is None else time.monotonic() - self._last_step,
             recent_acceptance=accepted / drafted if drafted else None,
-            running=self._started and not self._done.is_set() and self._failure is None,
         )
 
     def _new_sequence(self, request: Request, sink: Sink) -> _Sequence:
