@@ -325,6 +325,37 @@ def cores(target: Target, random_draft: TorchRefBackend) -> Iterator[dict[str, E
         core.stop(10)
 
 
+def test_a_failing_drafter_is_probed_rarely_from_the_next_requests_start(
+    target: Target, random_draft: TorchRefBackend
+) -> None:
+    """AUTO remembers, per drafter, how far its probe interval backed off; a new request starts there."""
+    core = EngineCore(
+        target.backend, target.tokenizer, {SpeculationMode.DRAFT_MODEL: ModelDrafter(random_draft)}, EngineConfig()
+    )
+    core.start()
+    try:
+        ids = target.tokenizer.encode_chat([("user", FREE_PROMPT)])
+        plain = generated(run_to_completion(core, _request(ids, SpeculationMode.OFF, 0, 48, SamplingParams(), "p")))
+        runs = [
+            run_to_completion(core, _request(ids, SpeculationMode.AUTO, 4, 48, SamplingParams(), f"a{i}"))
+            for i in range(2)
+        ]
+    finally:
+        core.stop(10)
+    first, second = (run[-1].spec for run in runs)
+    assert first is not None and second is not None
+    assert all(generated(run) == plain for run in runs)
+    assert first.num_draft_tokens > 0 and first.num_accepted_tokens == 0
+    assert second.num_draft_tokens < first.num_draft_tokens, (first, second)
+
+
+def test_controller_starts_from_a_carried_probe_interval() -> None:
+    costs = _costs([20, 22, 24, 26, 28], draft_ms=1.0)
+    controller = KController(k_max=4, adapt=True, prior=0.0, probe_every=32)
+    ks = [controller.choose(costs, "draft_model") for _ in range(32)]
+    assert ks == [0] * 31 + [1]
+
+
 @pytest.mark.parametrize(
     ("drafter", "mode"),
     [

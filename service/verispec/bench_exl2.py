@@ -33,19 +33,31 @@ def add_exl2_arguments(kinds: Any) -> None:
     exl2.add_argument("--draft-model", type=Path, required=True, help="draft checkpoint (EXL2/GPTQ)")
     exl2.add_argument("--max-new-tokens", type=int, default=128, help="tokens per measured request")
     exl2.add_argument("--num-draft-tokens", type=int, default=4, help="k for the fixed-k runs")
+    exl2.add_argument("--repeats", type=int, default=3, help="alternating OFF/AUTO runs; medians are reported")
+    exl2.add_argument("--gpu-split", default="", help="target GB per GPU, e.g. 20,22 (empty: autosplit)")
+    exl2.add_argument("--draft-gpu-split", default="", help="draft GB per GPU (empty: autosplit)")
+    exl2.add_argument("--cache-mode", default="fp16", help="KV cache mode of both models: fp16, q8, q6 or q4")
     exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+
+
+def _split(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
 
 
 def _progress(message: str) -> None:
     print(f"[bench exl2] {message}", file=sys.stderr, flush=True)
 
 
-def _used_gib() -> float:
+def _used_gib_per_gpu() -> list[float]:
+    """Device memory in use on each GPU (all processes, CUDA context included), GiB."""
     torch.cuda.synchronize()
-    return (
-        sum(torch.cuda.mem_get_info(i)[1] - torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-        / 2**30
-    )
+    return [
+        (total - free) / 2**30 for free, total in (torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count()))
+    ]
+
+
+def _used_gib() -> float:
+    return sum(_used_gib_per_gpu())
 
 
 class ReplayDrafter:
@@ -161,8 +173,28 @@ def _dynamic_generator(target: Any, draft: Any | None, k: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
+def _load_models(args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any, Any]:
+    """Loads target and draft with their splits, recording devices, load time and VRAM of each."""
     from verispec.backends.exl2 import Exl2Backend
+
+    splits = {"target": _split(args.gpu_split), "draft": _split(args.draft_gpu_split)}
+    result["gpu_split"] = {role: list(split) for role, split in splits.items() if split}
+    result["cache_mode"] = args.cache_mode
+    backends = []
+    base = _used_gib()
+    for role, path in (("target", args.model), ("draft", args.draft_model)):
+        _progress(f"loading the {role} {path}")
+        start = time.perf_counter()
+        backend = Exl2Backend(path, path.name, gpu_split=splits[role], cache_mode=args.cache_mode)
+        result[f"{role}_devices"] = list(backend.info.devices)
+        result[f"{role}_load_s"] = round(time.perf_counter() - start, 1)
+        result[f"{role}_vram_gib"] = round(_used_gib() - base, 2)
+        base = _used_gib()
+        backends.append(backend)
+    return backends[0], backends[1]
+
+
+def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     from verispec.config import EngineConfig
     from verispec.engine.core import EngineCore
     from verispec.loader import calibrate, calibrate_draft
@@ -178,20 +210,9 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": torch.cuda.device_count(),
         "max_new_tokens": n,
     }
-    base = _used_gib()
-    for role, path in (("target", args.model), ("draft", args.draft_model)):
-        _progress(f"loading the {role} {path}")
-        start = time.perf_counter()
-        backend = Exl2Backend(path, path.name)
-        result[f"{role}_load_s"] = round(time.perf_counter() - start, 1)
-        result[f"{role}_vram_gib"] = round(_used_gib() - base, 2)
-        base = _used_gib()
-        if role == "target":
-            target = backend
-        else:
-            draft = backend
+    target, draft = _load_models(args, result)
     _progress("direct decode and pass costs")
-    _direct(target, 8)
+    _direct(target, n)  # warm-up
     result["direct_tokens_per_s"] = round(_direct(target, n), 2)
     one = _pass_cost(target, 1)
     result["verify_pass_ms"] = {str(t): round(1000 * _pass_cost(target, t), 2) for t in range(1, 10)}
@@ -206,9 +227,12 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     core = EngineCore(target, tokenizer, drafters, EngineConfig(), costs)
     core.start()
     try:
-        result.update(_engine_measurements(core, target.info.vocab_size, n, k, result["direct_tokens_per_s"]))
+        measurements = _engine_measurements(core, target.info.vocab_size, n, k, args.repeats)
+        result.update(measurements)
+        result["service_vs_direct"] = round(result["engine_off_tokens_per_s"] / result["direct_tokens_per_s"], 3)
     finally:
         core.stop(10)
+    result["used_gib_per_gpu_after_engine_runs"] = [round(gib, 2) for gib in _used_gib_per_gpu()]
     _progress("ExLlamaV2DynamicGenerator, unpaged, without and with the draft")
     try:
         result["exllamav2_dynamic_generator_tokens_per_s"] = round(_dynamic_generator(target, None, k, n), 2)
@@ -221,23 +245,36 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, direct_tps: float) -> dict[str, Any]:
-    """Engine OFF vs direct, AUTO and fixed k with the random draft, and replayed synthetic acceptance."""
+def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: int) -> dict[str, Any]:
+    """Engine OFF vs AUTO with the random draft (alternating, medians), fixed k, replayed acceptance."""
     from verispec.request import SpeculationMode
 
     result: dict[str, Any] = {}
-    _progress("engine: OFF, then AUTO and fixed k with the random draft")
-    _engine_run(core, "off", 0, 8, "warm")
-    off_tps, reference, _ = _engine_run(core, "off", 0, n, "off")
-    auto_tps, _, auto_spec = _engine_run(core, "auto", 8, n, "auto")
+    _progress(f"engine: OFF and AUTO with the random draft in ABBA order, {2 * repeats} each; then fixed k={k}")
+    for mode in ("off", "auto"):  # warm both paths over a whole request first
+        _engine_run(core, mode, 8 if mode == "auto" else 0, n, f"warm-{mode}")
+    runs: dict[str, list[float]] = {"off": [], "auto": []}
+    auto_draft_tokens = auto_accepted = 0
+    for repeat in range(repeats):  # ABBA cancels the machine's drift between the two modes
+        for mode in ("off", "auto", "auto", "off"):
+            tps, tokens, spec = _engine_run(core, mode, 8 if mode == "auto" else 0, n, f"{mode}-{repeat}")
+            runs[mode].append(tps)
+            if mode == "off":
+                reference = tokens
+            else:
+                auto_draft_tokens += spec.num_draft_tokens
+                auto_accepted += spec.num_accepted_tokens
+    off_runs, auto_runs = runs["off"], runs["auto"]
+    off_tps, auto_tps = statistics.median(off_runs), statistics.median(auto_runs)
     fixed_tps, _, fixed_spec = _engine_run(core, "draft_model", k, n, "fixed")
     result["engine_off_tokens_per_s"] = round(off_tps, 2)
-    result["service_vs_direct"] = round(off_tps / direct_tps, 3)
+    result["engine_off_runs"] = [round(t, 2) for t in off_runs]
     result["random_draft"] = {
         "auto_tokens_per_s": round(auto_tps, 2),
+        "auto_runs": [round(t, 2) for t in auto_runs],
         "auto_vs_off": round(auto_tps / off_tps, 3),
-        "auto_draft_tokens": auto_spec.num_draft_tokens,
-        "auto_accepted": auto_spec.num_accepted_tokens,
+        "auto_draft_tokens_all_runs": auto_draft_tokens,
+        "auto_accepted_all_runs": auto_accepted,
         f"fixed_k{k}_tokens_per_s": round(fixed_tps, 2),
         f"fixed_k{k}_acceptance": round(fixed_spec.num_accepted_tokens / max(fixed_spec.num_draft_tokens, 1), 3),
     }

@@ -19,24 +19,25 @@ def _need_gpu() -> None:
     pytest.importorskip("exllamav2")
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _synth_tiny(factory: pytest.TempPathFactory, name: str, seed: int) -> Path:
     _need_gpu()
     from verispec.synth import synth
 
-    path = tmp_path_factory.mktemp("tiny-exl2")
-    synth("tiny", path, bits=4, seed=1, device="cuda")
+    path = factory.mktemp(name)
+    synth("tiny", path, bits=4, seed=seed, device="cuda")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The target: a tiny Llama, 4-bit EXL2, random weights."""
+    return _synth_tiny(tmp_path_factory, "tiny-exl2", seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    _need_gpu()
-    from verispec.synth import synth
-
-    path = tmp_path_factory.mktemp("tiny-draft-exl2")
-    synth("tiny", path, bits=4, seed=2, device="cuda")
-    return path
+    """A draft of the same shape and vocabulary with other random weights: almost no draft is accepted."""
+    return _synth_tiny(tmp_path_factory, "tiny-draft-exl2", seed=2)
 
 
 @pytest.fixture(scope="session")

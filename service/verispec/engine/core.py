@@ -29,7 +29,7 @@ from verispec.request import (
     TokenLogprob,
 )
 from verispec.sampling import Sampler, logprobs
-from verispec.spec.adaptive import CostModel, KController
+from verispec.spec.adaptive import PROBE_CARRY_MAX, PROBE_EVERY, CostModel, KController
 from verispec.spec.drafters import Drafter
 from verispec.spec.verify import Proposal, Verdict, verify
 from verispec.tokenizer import Tokenizer
@@ -106,6 +106,7 @@ class EngineCore:
         self._active: dict[str, _Sequence] = {}
         self._aborted: set[str] = set()
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
+        self._probe_every: dict[str, int] = {}  # per drafter: the probe interval last reached
         self._last_step: float | None = None
         self._request_seconds: float | None = None  # mean time in the engine of completed requests
         self._stopping = False
@@ -208,7 +209,10 @@ class EngineCore:
             submitted=time.monotonic(),
             drafter=drafter,
             controller=KController(
-                k_max=k_max, adapt=spec.mode is SpeculationMode.AUTO, prior=0.5 if recent is None else recent
+                k_max=k_max,
+                adapt=spec.mode is SpeculationMode.AUTO,
+                prior=0.5 if recent is None else recent,
+                probe_every=self._probe_every.get(drafter.name, PROBE_EVERY) if drafter is not None else PROBE_EVERY,
             ),
             text=TextStream(self.tokenizer.decode, stopping.stop_sequences, stopping.include_stop_sequence),
             context=list(request.prompt_token_ids),
@@ -364,6 +368,8 @@ class EngineCore:
             assert seq.drafter is not None
             self.costs.record_draft(seq.drafter.name, num_draft, (t1 - t0) / 1e9)
             seq.controller.update(num_draft, verdict.num_accepted)
+            # A drafter that keeps failing its probes is probed rarely from the start of the next request too.
+            self._probe_every[seq.drafter.name] = min(seq.controller.probe_every, PROBE_CARRY_MAX)
             self._recent.append((num_draft, verdict.num_accepted))
         if seq.request.record_steps:
             draft = StepRecord(

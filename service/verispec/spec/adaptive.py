@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new measurement
-_PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
+PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
 _PROBE_MAX = 256  # ... doubling after each rejected probe, up to this many steps
+PROBE_CARRY_MAX = 64  # a new request starts from the interval its drafter last reached, up to this
 _DECAY = 0.9  # per step, of a request's acceptance evidence
 
 
@@ -89,8 +90,8 @@ class KController:
     prior: float = 0.5
     reached: list[float] = field(default_factory=list)  # decayed count of drafts evaluated per position
     accepted: list[float] = field(default_factory=list)  # decayed count of those accepted
+    probe_every: int = PROBE_EVERY
     _steps_at_zero: int = 0
-    _probe_every: int = _PROBE_EVERY
     _probing: bool = False
 
     def __post_init__(self) -> None:
@@ -109,7 +110,7 @@ class KController:
         self._probing = False
         if k == 0:
             self._steps_at_zero += 1
-            if self._steps_at_zero >= self._probe_every:
+            if self._steps_at_zero >= self.probe_every:
                 self._steps_at_zero = 0
                 self._probing = True
                 return 1
@@ -122,7 +123,7 @@ class KController:
         if num_draft_tokens <= 0:
             return
         if self._probing:  # a rejected probe waits twice as long next time; an accepted one resets
-            self._probe_every = _PROBE_EVERY if num_accepted else min(2 * self._probe_every, _PROBE_MAX)
+            self.probe_every = PROBE_EVERY if num_accepted else min(2 * self.probe_every, _PROBE_MAX)
         for i in range(len(self.reached)):
             self.reached[i] *= _DECAY
             self.accepted[i] *= _DECAY
