@@ -5,15 +5,17 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/verispec/v1/*.proto)
+NODE_DIR := clients/typescript
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) \
 	--mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO_FILES)
 
-.PHONY: serve test lint typecheck proto-check buf-check protos unit bench clean
+.PHONY: serve test lint typecheck proto-check buf-check protos node-client unit bench clean
 
 serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
-test: $(STAMP) lint typecheck proto-check buf-check
+test: $(STAMP) lint typecheck proto-check buf-check node-client
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
 $(STAMP): pyproject.toml
@@ -31,12 +33,22 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-protos: $(STAMP)
-	$(call PROTOC,service)
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	touch $(NODE_STAMP)
 
-proto-check: $(STAMP)
-	@tmp=$$(mktemp -d) && $(call PROTOC,$$tmp) && \
-	  diff -r -x __init__.py -x __pycache__ $$tmp/verispec/v1 service/verispec/v1 \
+# Python stubs through grpcio-tools; other languages through buf.gen.yaml (local plugins).
+protos: $(STAMP) $(NODE_STAMP)
+	$(call PROTOC,service)
+	$(BIN)/buf generate
+
+node-client: $(NODE_STAMP)
+	$(NODE_DIR)/node_modules/.bin/tsc -p $(NODE_DIR)
+
+proto-check: $(STAMP) $(NODE_STAMP)
+	@tmp=$$(mktemp -d) && $(call PROTOC,$$tmp) && $(BIN)/buf generate -o $$tmp && \
+	  diff -r -x __init__.py -x __pycache__ $$tmp/verispec/v1 service/verispec/v1 && \
+	  diff -r $$tmp/$(NODE_DIR)/src/gen $(NODE_DIR)/src/gen \
 	  && echo "generated code is fresh" \
 	  || { echo "generated code is stale: run 'make protos' and commit"; exit 1; }
 
@@ -52,4 +64,4 @@ bench: $(STAMP)
 	$(BIN)/verispec bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist

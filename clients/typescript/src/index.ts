@@ -1,0 +1,91 @@
+/**
+ * A typed Node client for verispec.v1: promise and async-iterator wrappers over the generated
+ * @grpc/grpc-js stubs, with bearer-token and TLS options.
+ */
+import { type CallOptions, type ChannelCredentials, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+
+import {
+  type DeepPartial,
+  GenerateRequest,
+  type GenerateResponse,
+  GenerationServiceClient,
+  HealthRequest,
+  type HealthResponse,
+  ModelInfoRequest,
+  type ModelInfoResponse,
+  StreamGenerateRequest,
+  type StreamGenerateResponse,
+} from "./gen/verispec/v1/generation";
+
+export * from "./gen/verispec/v1/generation";
+
+/** How to reach a server: plaintext by default, TLS credentials and a bearer token when it asks for them. */
+export interface ConnectOptions {
+  credentials?: ChannelCredentials;
+  token?: string;
+  /** Deadline of each call, in milliseconds (default 120 s). */
+  timeoutMs?: number;
+}
+
+type Callback<T> = (error: ServiceError | null, response: T) => void;
+
+export class VerispecClient {
+  readonly stub: GenerationServiceClient;
+  private readonly token?: string;
+  private readonly timeoutMs: number;
+
+  constructor(address: string, options: ConnectOptions = {}) {
+    this.stub = new GenerationServiceClient(address, options.credentials ?? credentials.createInsecure());
+    this.token = options.token;
+    this.timeoutMs = options.timeoutMs ?? 120_000;
+  }
+
+  /** One request, one answer. Rejects with the server's ServiceError (code, details) on failure. */
+  generate(request: DeepPartial<GenerateRequest>): Promise<GenerateResponse> {
+    return this.unary((...args: CallArgs<GenerateResponse>) =>
+      this.stub.generate(GenerateRequest.fromPartial(request), ...args),
+    );
+  }
+
+  /** One message per engine step; the last one carries finishReason, usage and speculation stats. */
+  async *streamGenerate(request: DeepPartial<StreamGenerateRequest>): AsyncGenerator<StreamGenerateResponse> {
+    const call = this.stub.streamGenerate(StreamGenerateRequest.fromPartial(request), this.metadata(), this.options());
+    for await (const message of call) {
+      yield message as StreamGenerateResponse;
+    }
+  }
+
+  health(): Promise<HealthResponse> {
+    return this.unary((...args: CallArgs<HealthResponse>) => this.stub.health(HealthRequest.fromPartial({}), ...args));
+  }
+
+  modelInfo(): Promise<ModelInfoResponse> {
+    return this.unary((...args: CallArgs<ModelInfoResponse>) =>
+      this.stub.modelInfo(ModelInfoRequest.fromPartial({}), ...args),
+    );
+  }
+
+  close(): void {
+    this.stub.close();
+  }
+
+  private unary<T>(call: (...args: CallArgs<T>) => unknown): Promise<T> {
+    return new Promise((resolve, reject) => {
+      call(this.metadata(), this.options(), (error, response) => (error ? reject(error) : resolve(response)));
+    });
+  }
+
+  private metadata(): Metadata {
+    const metadata = new Metadata();
+    if (this.token) {
+      metadata.set("authorization", `Bearer ${this.token}`);
+    }
+    return metadata;
+  }
+
+  private options(): CallOptions {
+    return { deadline: new Date(Date.now() + this.timeoutMs) };
+  }
+}
+
+type CallArgs<T> = [Metadata, CallOptions, Callback<T>];
