@@ -7,15 +7,17 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/verispec/v1/*.proto)
 NODE_DIR := clients/typescript
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) \
 	--mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO_FILES)
 
-.PHONY: serve test lint typecheck proto-check buf-check protos node-client unit bench clean
+.PHONY: serve test tools lint typecheck proto-check buf-check protos node-client unit bench clean
 
 serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
-test: $(STAMP) lint typecheck proto-check buf-check node-client
+test: $(STAMP) tools lint typecheck proto-check buf-check node-client
 	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
 $(STAMP): pyproject.toml
@@ -25,6 +27,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Programs the tests run for real: Debian's Prometheus server and promtool, Node.js for the TypeScript stubs.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(APT_INSTALL) prometheus; }
+	@command -v node >/dev/null && command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check service clients tests

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from verispec.config import Config, config_from_argv, step_span_ratio
+from verispec.config import Config, config_from_argv, step_span_ratio, unknown_variables
 from verispec.errors import ConfigError
 
 
@@ -80,3 +80,8 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.server.port = 1  # type: ignore[misc]
+
+
+def test_misspelt_variables_are_found() -> None:
+    environ = {"VERISPEC_GRACE_PERIOD": "5", "VERISPEC_GRACE_PERIODS": "5", "VERISPEC_TOKEN": "t", "HOME": "/"}
+    assert unknown_variables(environ) == ["VERISPEC_GRACE_PERIODS"]

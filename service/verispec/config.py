@@ -383,6 +383,15 @@ def step_span_ratio(setting: str) -> float | None:
     return ratio if 0.0 < ratio <= 1.0 else None
 
 
+_CLIENT_VARIABLES = {ENV_PREFIX + "TOKEN"}  # read by verispec-client, not by the server
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """VERISPEC_* variables that name no setting: most likely misspelt (the server warns at start)."""
+    known = {ENV_PREFIX + flag.upper().replace("-", "_") for flag, *_ in _OPTIONS} | _CLIENT_VARIABLES
+    return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
+
+
 def config_from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
     """Builds a Config from `serve` flags alone (tests and embedding)."""
     parser = argparse.ArgumentParser()

@@ -1,0 +1,136 @@
+"""deploy/: the Containerfiles lint clean, every overlay renders and validates strictly against the
+Kubernetes schemas, its settings are settings verispec accepts, and the probes, drain and Prometheus
+files agree with the server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from verispec.api.servicer import SERVICE_NAME
+from verispec.config import config_from_argv, unknown_variables
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "k8s" / "base"
+OVERLAYS = ["cpu", "gpu-70b"]
+BIN = Path(sys.executable).parent
+
+
+def _run(*command: str | Path, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        [str(c) for c in command], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(map(str, command))}:\n{result.stdout}{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: `make test` installs Debian's prometheus package"
+    return path
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    rendered = tmp_path_factory.mktemp("kustomize") / f"{request.param}.yaml"
+    rendered.write_text(_run(BIN / "kubectl", "kustomize", DEPLOY / "k8s" / "overlays" / request.param))
+    return request.param, rendered
+
+
+def _objects(rendered: Path) -> dict[str, dict[str, Any]]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in yaml.safe_load_all(rendered.read_text()) if o}
+
+
+def _settings(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
+    [config] = [o for key, o in objects.items() if key.startswith("ConfigMap/verispec-config-")]
+    data: dict[str, str] = config["data"]
+    return data
+
+
+def _container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    [container] = objects["Deployment/verispec"]["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
+    return container
+
+
+def test_overlay_validates_strictly(overlay: tuple[str, Path]) -> None:
+    _, rendered = overlay
+    output = _run(BIN / "kubernetes-validate", "--strict", rendered)
+    assert "did not validate" not in output
+    kinds = {key.split("/")[0] for key in _objects(rendered)}
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"} <= kinds
+
+
+def test_overlay_settings_are_accepted_by_verispec(overlay: tuple[str, Path]) -> None:
+    """Every VERISPEC_* variable names a setting, and together they pass verispec's own validation."""
+    name, rendered = overlay
+    settings = _settings(_objects(rendered))
+    assert unknown_variables(settings) == []
+    config = config_from_argv([], environ=settings)
+    assert config.server.port == 50051 and config.telemetry.metrics_port == 9464
+    assert config.server.auth_tokens_file is not None, "production overlays require bearer tokens"
+    if name == "gpu-70b":
+        assert config.model.backend == "exl2" and config.model.cache_mode == "q4"
+        assert config.model.gpu_split == (17.5, 19.0), "the README's two-card split"
+        assert config.spec.draft_model is not None
+
+
+def test_probes_and_drain_match_the_server(overlay: tuple[str, Path]) -> None:
+    name, rendered = overlay
+    objects = _objects(rendered)
+    container = _container(objects)
+    pod = objects["Deployment/verispec"]["spec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAME}
+    assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"]}
+    startup = container["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget >= (600 if name == "gpu-70b" else 300), "model loading needs its time"
+    grace = float(_settings(objects)["VERISPEC_GRACE_PERIOD"])
+    assert pod["terminationGracePeriodSeconds"] == grace + 10, "the drain fits in the termination grace"
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace, "no restart mid-drain"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service = objects["Service/verispec"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    if name == "gpu-70b":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+        [models] = [m for m in container["volumeMounts"] if m["name"] == "models"]
+        assert models["readOnly"] is True
+
+
+def test_containerfiles_lint_clean() -> None:
+    files = sorted(DEPLOY.glob("Containerfile.*"))
+    assert [f.name for f in files] == ["Containerfile.cpu", "Containerfile.gpu"]
+    _run(BIN / "hadolint", "--config", DEPLOY / ".hadolint.yaml", *files)
+    for path in files:
+        text = path.read_text()
+        assert 'ENTRYPOINT ["verispec", "serve"]' in text and "USER 10001" in text
+        assert "EXPOSE 50051 9464" in text
+
+
+def test_prometheus_config_and_alert_rules() -> None:
+    _run(promtool(), "check", "config", BASE / "prometheus" / "prometheus.yml")
+    _run(promtool(), "test", "rules", BASE / "prometheus" / "alerts.test.yaml")
+    rules = yaml.safe_load((BASE / "prometheus" / "alerts.yaml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    tests = yaml.safe_load((BASE / "prometheus" / "alerts.test.yaml").read_text())
+    tested = {check["alertname"] for test in tests["tests"] for check in test["alert_rule_test"]}
+    assert alerts == tested, "every alert has a unit test"
+
+
+def test_collector_pipeline_uses_only_defined_components() -> None:
+    config = yaml.safe_load((BASE / "otel" / "config.yaml").read_text())
+    for pipeline in config["service"]["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            assert set(pipeline.get(kind, [])) <= set(config[kind]), kind
+    assert set(config["service"]["extensions"]) <= set(config["extensions"])
+    assert "4317" in config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]

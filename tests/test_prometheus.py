@@ -1,0 +1,138 @@
+"""Metrics as Prometheus sees them: Debian's Prometheus server scrapes a live verispec, evaluates the
+deploy/ alert rules against it, and answers a speculation query through its HTTP API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningServer, ServerFactory, free_port
+from tests.test_deploy import BASE, promtool
+from tests.test_telemetry import COPY_PROMPT
+from verispec.v1 import generation_pb2 as pb
+
+
+@dataclass
+class Scraped:
+    """A verispec server, its metrics port, and a Prometheus scraping it every second."""
+
+    server: RunningServer
+    metrics_port: int
+    api: str
+
+    def query(self, expression: str) -> list[dict[str, Any]]:
+        url = f"{self.api}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            body = json.load(answer)
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def wait_for_value(self, expression: str, expected: float, timeout: float = 30) -> None:
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            last = self.query(expression)
+            if last and float(last[0]["value"][1]) == expected:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{expression} never became {expected}; last answer {last}")
+
+
+@pytest.fixture(scope="module")
+def scraped(make_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: `make test` installs Debian's prometheus package"
+    metrics_port, web_port = free_port(), free_port()
+    server = make_server("--metrics-port", str(metrics_port))
+    directory = tmp_path_factory.mktemp("prometheus")
+    shutil.copy(BASE / "prometheus" / "alerts.yaml", directory / "alerts.yaml")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["alerts.yaml"],
+        "scrape_configs": [{"job_name": "verispec", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+    }
+    (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = (directory / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{web_port}"
+    try:
+        _wait_ready(api, process, directory / "prometheus.log")
+        yield Scraped(server, metrics_port, api)
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+def _wait_ready(api: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"prometheus exited:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"{api}/-/ready", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"prometheus not ready:\n{log.read_text()}")
+
+
+def test_prometheus_reads_speculation_counts_back(scraped: Scraped) -> None:
+    """The counts Prometheus stores are exactly those the response reported."""
+    scraped.wait_for_value('up{job="verispec"}', 1)
+    request = pb.GenerateRequest(
+        prompt=COPY_PROMPT,
+        max_new_tokens=24,
+        speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_NGRAM, num_draft_tokens=4),
+    )
+    stats = scraped.server.stub.Generate(request, timeout=120).speculation
+    assert stats.num_accepted_tokens > 0
+    scraped.wait_for_value('sum(verispec_spec_draft_tokens_total{drafter="ngram"})', stats.num_draft_tokens)
+    scraped.wait_for_value('sum(verispec_spec_accepted_tokens_total{drafter="ngram"})', stats.num_accepted_tokens)
+    scraped.wait_for_value('sum(verispec_requests_total{finish_reason=~"length|eos"})', 1)
+    [ttft] = scraped.query("verispec_time_to_first_token_seconds_count")
+    assert float(ttft["value"][1]) == 1
+
+
+def test_alert_rules_evaluate_on_live_metrics(scraped: Scraped) -> None:
+    """deploy/'s rules load, evaluate without error against the real series, and none fire on a healthy server."""
+    deadline = time.monotonic() + 30
+    while True:
+        with urllib.request.urlopen(f"{scraped.api}/api/v1/rules", timeout=10) as answer:
+            groups = json.load(answer)["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        if (rules and all(rule["lastEvaluation"] > "2000" for rule in rules)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(rules) == 6
+    assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
+    assert [rule["name"] for rule in rules if rule["state"] != "inactive"] == []
+
+
+def test_metrics_page_passes_promtool(scraped: Scraped) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{scraped.metrics_port}/metrics", timeout=10) as answer:
+        page = answer.read().decode()
+    assert "verispec_spec_draft_tokens_total" in page
+    result = subprocess.run(
+        [promtool(), "check", "metrics"], input=page, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
