@@ -7,18 +7,25 @@ STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/verispec/v1/*.proto)
 NODE_DIR := clients/typescript
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+# Arize Phoenix, a real tracing backend for tests/test_phoenix.py, in its own environment.
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) \
 	--mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO_FILES)
 
-.PHONY: serve test tools lint typecheck proto-check buf-check protos node-client unit bench clean
+.PHONY: serve test test-tracing tools lint typecheck proto-check buf-check protos node-client unit bench clean
 
 serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
-test: $(STAMP) tools lint typecheck proto-check buf-check node-client
-	$(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-client
+	VERISPEC_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+
+# The tracing-backend test alone: Phoenix shows a request's draft and verify spans.
+test-tracing: $(STAMP) $(PHOENIX_STAMP)
+	VERISPEC_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m tracing_backend -s tests/test_phoenix.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +39,11 @@ $(STAMP): pyproject.toml
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(APT_INSTALL) prometheus; }
 	@command -v node >/dev/null && command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
+
+$(PHOENIX_STAMP):
+	test -d $(PHOENIX_VENV) || $(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install --quiet arize-phoenix==20.26.1
+	touch $(PHOENIX_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check service clients tests
@@ -71,4 +83,4 @@ bench: $(STAMP)
 	$(BIN)/verispec bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist
+	rm -rf $(VENV) $(PHOENIX_VENV) .mypy_cache .ruff_cache .pytest_cache $(NODE_DIR)/node_modules $(NODE_DIR)/dist

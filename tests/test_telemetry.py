@@ -32,13 +32,17 @@ class Traced:
         self.metrics_port = metrics_port
 
     def generate(self, request: pb.GenerateRequest) -> tuple[pb.GenerateResponse, str, str]:
-        """Calls Generate as a traced caller would; returns the response and the caller's ids."""
-        trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
-        with grpc.insecure_channel(self.serve.address) as channel:
-            response = pb_grpc.GenerationServiceStub(channel).Generate(
-                request, metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")], timeout=120
-            )
-        return response, trace_id, parent_id
+        return traced_generate(self.serve.address, request)
+
+
+def traced_generate(address: str, request: pb.GenerateRequest) -> tuple[pb.GenerateResponse, str, str]:
+    """Calls Generate as a traced caller would; returns the response and the caller's trace and span ids."""
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.GenerationServiceStub(channel).Generate(
+            request, metadata=[("traceparent", f"00-{trace_id}-{parent_id}-01")], timeout=120
+        )
+    return response, trace_id, parent_id
 
 
 @pytest.fixture(scope="module", params=["grpc", "http/protobuf"])
@@ -57,7 +61,7 @@ def traced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     receiver.close()
 
 
-def _spec_request() -> pb.GenerateRequest:
+def spec_request() -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=COPY_PROMPT,
         max_new_tokens=24,
@@ -66,7 +70,7 @@ def _spec_request() -> pb.GenerateRequest:
 
 
 def test_spans_follow_the_callers_trace_one_draft_and_verify_per_step(traced: Traced) -> None:
-    response, trace_id, parent_id = traced.generate(_spec_request())
+    response, trace_id, parent_id = traced.generate(spec_request())
     spans = traced.receiver.wait_for(trace_id, "verispec.v1.GenerationService/Generate")
     [root] = [s for s in spans if s.name == "verispec.v1.GenerationService/Generate"]
     assert root.parent_span_id == parent_id, "the server span continues the caller's traceparent"
@@ -97,7 +101,7 @@ def test_spans_follow_the_callers_trace_one_draft_and_verify_per_step(traced: Tr
 
 
 def test_log_lines_carry_trace_span_and_request_ids(traced: Traced) -> None:
-    response, trace_id, _ = traced.generate(_spec_request())
+    response, trace_id, _ = traced.generate(spec_request())
     traced.receiver.wait_for(trace_id, "verispec.v1.GenerationService/Generate")
     events = [json.loads(line) for line in traced.serve.log_lines() if line.startswith("{")]
     mine = [e for e in events if e.get("request_id") == response.request_id]
@@ -109,7 +113,7 @@ def test_log_lines_carry_trace_span_and_request_ids(traced: Traced) -> None:
 
 
 def test_metrics_scrape_parses_and_counts_speculation(traced: Traced) -> None:
-    traced.generate(_spec_request())
+    traced.generate(spec_request())
     with urllib.request.urlopen(f"http://127.0.0.1:{traced.metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     samples = {
