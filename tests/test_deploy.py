@@ -88,23 +88,32 @@ def test_probes_and_drain_match_the_server(overlay: tuple[str, Path]) -> None:
     container = _container(objects)
     pod = objects["Deployment/verispec"]["spec"]["template"]["spec"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAME}
-    assert container["livenessProbe"]["grpc"] == {"port": ports["grpc"]}
+    settings = _settings(objects)
+    assert ports["health"] == int(settings["VERISPEC_HEALTH_PORT"]), "probes use the plaintext health port"
+    assert container["readinessProbe"]["grpc"] == {"port": ports["health"], "service": SERVICE_NAME}
+    assert container["livenessProbe"]["grpc"] == {"port": ports["health"]}
+    assert container["startupProbe"]["grpc"] == {"port": ports["health"]}
     startup = container["startupProbe"]
     budget = startup["periodSeconds"] * startup["failureThreshold"]
     assert budget >= (600 if name == "gpu-70b" else 300), "model loading needs its time"
-    grace = float(_settings(objects)["VERISPEC_GRACE_PERIOD"])
+    grace = float(settings["VERISPEC_GRACE_PERIOD"])
     assert pod["terminationGracePeriodSeconds"] == grace + 10, "the drain fits in the termination grace"
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace, "no restart mid-drain"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
     service = objects["Service/verispec"]
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9464}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    secrets = {v["name"] for v in pod["volumes"] if "secret" in v}
+    for variable in ("VERISPEC_AUTH_TOKENS_FILE", "VERISPEC_TLS_CERT", "VERISPEC_TLS_KEY"):
+        if variable in settings:
+            assert mounts.get(str(Path(settings[variable]).parent)) in secrets, f"{variable} is in a Secret"
     if name == "gpu-70b":
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
         [models] = [m for m in container["volumeMounts"] if m["name"] == "models"]
         assert models["readOnly"] is True
+        assert "VERISPEC_TLS_CERT" in settings, "the GPU overlay serves TLS"
 
 
 def test_containerfiles_lint_clean() -> None:

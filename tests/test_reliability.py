@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.conftest import BIN, RunningServer, ServerFactory, spawn_serve
+from tests.conftest import BIN, RunningServer, ServerFactory, free_port, spawn_serve
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -117,29 +117,32 @@ def test_health_answers_fast_while_the_engine_is_busy(server: RunningServer) -> 
 
 
 def test_sigterm_drains_in_flight_refuses_new_and_exits_zero(tmp_path: Path) -> None:
-    """SIGTERM: health NOT_SERVING, new calls UNAVAILABLE, the in-flight stream completes, exit 0."""
-    serve = spawn_serve(tmp_path / "serve.log", "--grace-period", "60")
+    """SIGTERM: health NOT_SERVING (on the probe port too), new calls UNAVAILABLE, the in-flight stream
+    completes, exit 0."""
+    health_port = free_port()
+    serve = spawn_serve(tmp_path / "serve.log", "--grace-period", "60", "--health-port", str(health_port))
     try:
-        with grpc.insecure_channel(serve.address) as channel:
+        with (
+            grpc.insecure_channel(serve.address) as channel,
+            grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe_channel,
+        ):
             stub = pb_grpc.GenerationServiceStub(channel)
             request = pb.GenerateRequest(prompt="Tell a story.", max_new_tokens=60, min_new_tokens=60)
             stream = stub.StreamGenerate(_stream(request), timeout=120)
             first = next(stream)
             serve.process.send_signal(signal.SIGTERM)
-            health = health_pb2_grpc.HealthStub(channel)
+            probe = health_pb2_grpc.HealthStub(probe_channel)
+            ready = health_pb2.HealthCheckRequest(service="verispec.v1.GenerationService")
             deadline = time.monotonic() + 10
-            status = None
-            while time.monotonic() < deadline:
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                except grpc.RpcError:
-                    break  # the server already refuses new calls
-                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
+            while probe.Check(ready, timeout=1).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline, "readiness never turned NOT_SERVING"
                 time.sleep(0.02)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Generate(pb.GenerateRequest(prompt="hi", max_new_tokens=2), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert probe.Check(ready, timeout=1).status == health_pb2.HealthCheckResponse.NOT_SERVING, (
+                "the probe port answers through the drain"
+            )
             rest = list(stream)
         tokens = len(first.token_ids) + sum(len(m.token_ids) for m in rest)
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and tokens == 60, "in-flight work finished"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import BIN, ServerFactory, spawn_serve
+from tests.conftest import BIN, ServerFactory, free_port, spawn_serve
 from verispec.api.auth import BearerTokenInterceptor
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
@@ -153,6 +153,29 @@ def test_mutual_tls(make_server: ServerFactory, pki: Pki) -> None:
     with grpc.secure_channel(running.address, channel_credentials(pki.ca)) as no_cert:
         stub = pb_grpc.GenerationServiceStub(no_cert)
         assert _code(lambda: stub.Generate(REQUEST, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_port_serves_plaintext_probes_beside_mtls_and_tokens(
+    make_server: ServerFactory, pki: Pki, token_file: Path
+) -> None:
+    """Kubelet gRPC probes speak neither TLS nor tokens: --health-port gives them grpc.health.v1 alone."""
+    health_port = free_port()
+    running = make_server(
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca)),
+        *("--auth-tokens-file", str(token_file), "--health-port", str(health_port)),
+        credentials=channel_credentials(pki.ca, pki.client_cert, pki.client_key),
+    )
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
+        ready = health_pb2.HealthCheckRequest(service="verispec.v1.GenerationService")
+        assert health.Check(ready, timeout=5).status == serving
+        stub = pb_grpc.GenerationServiceStub(probe)
+        assert _code(lambda: stub.Generate(REQUEST, timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(running.address) as plaintext:  # the main port stays TLS-only
+        main = health_pb2_grpc.HealthStub(plaintext)
+        assert _code(lambda: main.Check(health_pb2.HealthCheckRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_client_cli_with_tls_and_token(make_server: ServerFactory, pki: Pki, token_file: Path) -> None:

@@ -75,8 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(write_checkpoint(args.shape, args.out, args.bits, args.seed, args.device), indent=2))
         return 0
     if args.command == "fetch":
+        from verispec import telemetry
+        from verispec.config import TelemetryConfig
         from verispec.models import SMOLLM2, ensure_embedded
 
+        telemetry.configure_logging(TelemetryConfig(log_format="console"))  # progress on stderr; the path on stdout
         try:
             print(ensure_embedded(SMOLLM2, args.cache_dir))
         except ModelLoadError as exc:

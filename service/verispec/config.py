@@ -30,6 +30,7 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = 50051
+    health_port: int = 0  # 0: grpc.health.v1 only on the main port
     grace_period_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
     tls_cert: Path | None = None
@@ -109,6 +110,14 @@ class Config:
 _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("host", "server", "host", str, "address to listen on"),
     ("port", "server", "port", int, "gRPC port (0 picks a free one)"),
+    (
+        "health-port",
+        "server",
+        "health_port",
+        int,
+        "also serve grpc.health.v1 alone, in plaintext and without auth, on this port: for kubelet gRPC "
+        "probes, which speak neither TLS nor tokens (0: off)",
+    ),
     (
         "grace-period",
         "server",
@@ -309,6 +318,8 @@ def validate(config: Config) -> None:
     """Raises ConfigError naming the first bad setting."""
     s, m, sp, e, t = config.server, config.model, config.spec, config.engine, config.telemetry
     _require(0 <= s.port <= 65535, "--port", f"{s.port} is not a TCP port")
+    _require(0 <= s.health_port <= 65535, "--health-port", f"{s.health_port} is not a TCP port")
+    _require(s.health_port == 0 or s.health_port != s.port, "--health-port", "must differ from --port")
     _require(s.grace_period_s >= 0, "--grace-period", "must be >= 0")
     _require(s.max_message_bytes >= 1024, "--max-message-bytes", "must be >= 1024")
     _require(m.backend in ("torch_ref", "exl2"), "--backend", f"unknown backend {m.backend!r}")

@@ -38,7 +38,9 @@ class Server:
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
+        self.health_grpc: grpc.aio.Server | None = None
 
     async def start(self) -> int:
         """Binds and starts serving (health NOT_SERVING until the model is loaded); returns the port.
@@ -84,10 +86,21 @@ class Server:
             mtls=settings.tls_client_ca is not None,
             auth=bool(tokens),  # how many tokens or which: never logged
         )
+        if settings.health_port:
+            await self._start_health_port(settings.host, settings.health_port)
         if self.config.telemetry.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.telemetry.metrics_port, self.config.server.host)
             log.info("metrics.listening", port=self.metrics_port)
         return self.port
+
+    async def _start_health_port(self, host: str, port: int) -> None:
+        """grpc.health.v1 alone, plaintext and open, sharing the main server's statuses: what kubelet
+        gRPC probes can reach when the main port wants TLS or tokens."""
+        self.health_grpc = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+        self.health_port = self.health_grpc.add_insecure_port(f"{host}:{port}")
+        await self.health_grpc.start()
+        log.info("health.listening", port=self.health_port)
 
     async def load(self, loader: Callable[[Config], LoadedModels]) -> None:
         """Loads the models on a worker thread; health turns SERVING when done."""
@@ -124,6 +137,8 @@ class Server:
             self.state.phase = pb.SERVING_STATUS_DRAINING
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_period_s if grace is None else grace)
+        if self.health_grpc is not None:  # answered NOT_SERVING through the whole drain
+            await self.health_grpc.stop(0)
         if self.state.models is not None:
             await asyncio.to_thread(self.state.models.engine.core.stop, 10.0)
         log.info("server.stopped")
