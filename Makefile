@@ -21,11 +21,11 @@ serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
 test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-client
-	VERISPEC_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+	TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
 
 # The tracing-backend test alone: Phoenix shows a request's draft and verify spans.
 test-tracing: $(STAMP) $(PHOENIX_STAMP)
-	VERISPEC_PHOENIX=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m tracing_backend -s tests/test_phoenix.py
+	TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m tracing_backend -s tests/test_phoenix.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)

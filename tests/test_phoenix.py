@@ -2,7 +2,7 @@
 request's trace with the draft and verify spans under the caller's trace id.
 
 Opt-in (Phoenix is large and lives in its own environment): `make test-tracing`, which sets
-VERISPEC_PHOENIX to that environment's `phoenix` executable.
+TEST_PHOENIX_EXECUTABLE to that environment's `phoenix` executable.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ class Phoenix:
 
 @pytest.fixture(scope="module")
 def phoenix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Phoenix]:
-    executable = os.environ.get("VERISPEC_PHOENIX")
+    executable = os.environ.get("TEST_PHOENIX_EXECUTABLE")
     if not executable:
-        pytest.skip("set VERISPEC_PHOENIX to a phoenix executable (make test-tracing does)")
+        pytest.skip("set TEST_PHOENIX_EXECUTABLE to a phoenix executable (make test-tracing does)")
     backend = Phoenix(executable, tmp_path_factory.mktemp("phoenix"))
     try:
         backend.wait_ready()

@@ -33,7 +33,7 @@ def add_exl2_arguments(kinds: Any) -> None:
     exl2.add_argument("--draft-model", type=Path, required=True, help="draft checkpoint (EXL2/GPTQ)")
     exl2.add_argument("--max-new-tokens", type=int, default=128, help="tokens per measured request")
     exl2.add_argument("--num-draft-tokens", type=int, default=4, help="k for the fixed-k runs")
-    exl2.add_argument("--repeats", type=int, default=3, help="alternating OFF/AUTO runs; medians are reported")
+    exl2.add_argument("--repeats", type=int, default=3, help="rounds of OFF, AUTO, AUTO, OFF; medians are reported")
     exl2.add_argument("--gpu-split", default="", help="target GB per GPU, e.g. 20,22 (empty: autosplit)")
     exl2.add_argument("--draft-gpu-split", default="", help="draft GB per GPU (empty: autosplit)")
     exl2.add_argument("--cache-mode", default="fp16", help="KV cache mode of both models: fp16, q8, q6 or q4")
