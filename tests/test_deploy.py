@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,22 @@ def test_containerfiles_lint_clean() -> None:
     for path in files:
         text = path.read_text()
         assert 'ENTRYPOINT ["verispec", "serve"]' in text and "USER 10001" in text
-        assert "EXPOSE 50051 9464" in text
+        assert "EXPOSE 50051 50052 9464" in text and "VERISPEC_HEALTH_PORT=50052" in text
+
+
+def test_the_wheel_the_images_install_is_complete(tmp_path: Path) -> None:
+    """Containerfiles `pip install .` (not editable): the wheel must carry the stubs, types and commands."""
+    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT)
+    [wheel] = tmp_path.glob("verispec-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for module in ("generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py", "generation_pb2_grpc.pyi"):
+        assert f"verispec/v1/{module}" in names
+    assert {"verispec/py.typed", "verispec_client/py.typed", "verispec/cli.py", "verispec_client/cli.py"} <= names
+    assert "verispec = verispec.cli:main" in entry_points
+    assert "verispec-client = verispec_client.cli:main" in entry_points
+    assert not [n for n in names if n.startswith(("tests/", "clients/", "typescript/"))]
 
 
 def test_prometheus_config_and_alert_rules() -> None:
