@@ -336,17 +336,19 @@ def test_a_failing_drafter_is_probed_rarely_from_the_next_requests_start(
     try:
         ids = target.tokenizer.encode_chat([("user", FREE_PROMPT)])
         plain = generated(run_to_completion(core, _request(ids, SpeculationMode.OFF, 0, 48, SamplingParams(), "p")))
-        runs = [
-            run_to_completion(core, _request(ids, SpeculationMode.AUTO, 4, 48, SamplingParams(), f"a{i}"))
-            for i in range(2)
-        ]
+        auto = [_request(ids, SpeculationMode.AUTO, 4, 48, SamplingParams(), f"a{i}") for i in range(3)]
+        fixed = _request(ids, SpeculationMode.DRAFT_MODEL, 2, 8, SamplingParams(), "fixed")
+        runs = [run_to_completion(core, auto[0]), run_to_completion(core, auto[1])]
+        run_to_completion(core, fixed)  # a fixed-k request in between leaves the learnt interval alone
+        runs.append(run_to_completion(core, auto[2]))
     finally:
         core.stop(10)
-    first, second = (run[-1].spec for run in runs)
-    assert first is not None and second is not None
+    first, second, third = (run[-1].spec for run in runs)
+    assert first is not None and second is not None and third is not None
     assert all(generated(run) == plain for run in runs)
     assert first.num_draft_tokens > 0 and first.num_accepted_tokens == 0
     assert second.num_draft_tokens < first.num_draft_tokens, (first, second)
+    assert third.num_draft_tokens <= second.num_draft_tokens, (second, third)
 
 
 def test_controller_starts_from_a_carried_probe_interval() -> None:

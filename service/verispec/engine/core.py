@@ -368,8 +368,8 @@ class EngineCore:
             assert seq.drafter is not None
             self.costs.record_draft(seq.drafter.name, num_draft, (t1 - t0) / 1e9)
             seq.controller.update(num_draft, verdict.num_accepted)
-            # A drafter that keeps failing its probes is probed rarely from the start of the next request too.
-            self._probe_every[seq.drafter.name] = min(seq.controller.probe_every, PROBE_CARRY_MAX)
+            if seq.controller.adapt:  # a drafter failing its probes is probed rarely from the next request on
+                self._probe_every[seq.drafter.name] = min(seq.controller.probe_every, PROBE_CARRY_MAX)
             self._recent.append((num_draft, verdict.num_accepted))
         if seq.request.record_steps:
             draft = StepRecord(
