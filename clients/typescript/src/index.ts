@@ -15,6 +15,8 @@ import {
   type ModelInfoResponse,
   StreamGenerateRequest,
   type StreamGenerateResponse,
+  TokenizeRequest,
+  type TokenizeResponse,
 } from "./gen/verispec/v1/generation";
 
 export * from "./gen/verispec/v1/generation";
@@ -53,6 +55,13 @@ export class VerispecClient {
     for await (const message of call) {
       yield message as StreamGenerateResponse;
     }
+  }
+
+  /** Token ids (and, with returnTokens, their text) of a prompt or chat, as the model sees it. */
+  tokenize(request: DeepPartial<TokenizeRequest>): Promise<TokenizeResponse> {
+    return this.unary((...args: CallArgs<TokenizeResponse>) =>
+      this.stub.tokenize(TokenizeRequest.fromPartial(request), ...args),
+    );
   }
 
   health(): Promise<HealthResponse> {

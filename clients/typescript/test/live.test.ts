@@ -62,6 +62,13 @@ test("StreamGenerate's deltas add up to Generate's greedy text, with one final m
   assert.ok(finals[0].speculation!.numSteps > 0);
 });
 
+test("Tokenize counts the tokens Generate reports as the prompt", async () => {
+  const tokenized = await client.tokenize({ messages: request.messages, returnTokens: true });
+  const response = await client.generate(request);
+  assert.equal(tokenized.count, response.usage!.promptTokens);
+  assert.equal(tokenized.tokens.length, tokenized.tokenIds.length);
+});
+
 test("Health and ModelInfo describe the server", async () => {
   const health = await client.health();
   assert.equal(health.status, ServingStatus.SERVING_STATUS_SERVING);
