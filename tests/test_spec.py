@@ -351,6 +351,14 @@ def test_a_failing_drafter_is_probed_rarely_from_the_next_requests_start(
     assert third.num_draft_tokens <= second.num_draft_tokens, (second, third)
 
 
+def test_ngram_misses_do_not_carry_over(target: Target, cores: dict[str, EngineCore]) -> None:
+    """n-gram matches depend on each request's own text, so its back-off starts afresh every request."""
+    for prompt in (FREE_PROMPT, COPY_PROMPT):
+        ids = target.tokenizer.encode_chat([("user", prompt)])
+        run_to_completion(cores["ngram"], _request(ids, SpeculationMode.AUTO, 4, 24, SamplingParams(), "auto"))
+    assert "ngram" not in cores["ngram"]._probe_every
+
+
 def test_controller_starts_from_a_carried_probe_interval() -> None:
     costs = _costs([20, 22, 24, 26, 28], draft_ms=1.0)
     controller = KController(k_max=4, adapt=True, prior=0.0, probe_every=32)

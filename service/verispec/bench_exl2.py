@@ -65,6 +65,7 @@ class ReplayDrafter:
     probability 1 - acceptance: synthetic acceptance, for pricing speculation on random weights."""
 
     name = "replay"
+    misses_carry_over = True  # stands in for a draft model
 
     def __init__(self, reference: Sequence[int], acceptance: float, vocab_size: int, seed: int = 0) -> None:
         self.reference = list(reference)

@@ -368,7 +368,8 @@ class EngineCore:
             assert seq.drafter is not None
             self.costs.record_draft(seq.drafter.name, num_draft, (t1 - t0) / 1e9)
             seq.controller.update(num_draft, verdict.num_accepted)
-            if seq.controller.adapt:  # a drafter failing its probes is probed rarely from the next request on
+            if seq.controller.adapt and seq.drafter.misses_carry_over:
+                # A draft model failing its probes is probed rarely from the next request's start too.
                 self._probe_every[seq.drafter.name] = min(seq.controller.probe_every, PROBE_CARRY_MAX)
             self._recent.append((num_draft, verdict.num_accepted))
         if seq.request.record_steps:

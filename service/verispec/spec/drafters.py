@@ -16,6 +16,10 @@ class Drafter(Protocol):
     """Proposes up to k tokens that continue a request's context."""
 
     name: str
+    # Whether its rejected probes in one request predict rejections in the next: true for a draft model
+    # (how well it fits the target is a property of the pair), false for n-gram lookup (whose matches
+    # depend on each request's own text). AUTO carries the probe back-off across requests only if true.
+    misses_carry_over: bool
 
     def start(self) -> object:
         """Per-request drafting state (a cache, or nothing)."""
@@ -38,6 +42,7 @@ class NgramDrafter:
     """Prompt lookup: find the latest earlier match of the context's last n tokens, propose what followed."""
 
     name = "ngram"
+    misses_carry_over = False
 
     def __init__(self, ngram_min: int = 1, ngram_max: int = 3) -> None:
         self.ngram_min = ngram_min
@@ -81,6 +86,7 @@ class ModelDrafter:
     """Drafts autoregressively with a small model sharing the target's tokenizer."""
 
     name = "draft_model"
+    misses_carry_over = True
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
