@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -167,3 +169,17 @@ def spawn_serve(log_path: Path, *flags: str, env: dict[str, str] | None = None) 
             process.kill()
             raise AssertionError(f"server did not start:\n{log_path.read_text()}") from None
     return ServeProcess(process, address, log_path)
+
+
+def wait_http_ok(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    """Polls `url` until it answers 2xx; fails early, with the log's tail, if `process` exits."""
+    name = Path(str(process.args[0])).name if isinstance(process.args, list) else "process"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{name} exited:\n{log_path.read_text()[-4000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:  # refused while starting; HTTPError (non-2xx) is an OSError too
+            time.sleep(0.3)
+    raise AssertionError(f"{name} not ready at {url}:\n{log_path.read_text()[-4000:]}")

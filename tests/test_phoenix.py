@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, spawn_serve
+from tests.conftest import free_port, spawn_serve, wait_http_ok
 from tests.test_telemetry import spec_request, traced_generate
 
 pytestmark = pytest.mark.tracing_backend
@@ -47,15 +47,7 @@ class Phoenix:
         self.api = f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"phoenix exited:\n{self.log_path.read_text()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"{self.api}/healthz", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"phoenix not ready:\n{self.log_path.read_text()[-4000:]}")
+        wait_http_ok(f"{self.api}/healthz", self.process, self.log_path, timeout)
 
     def spans(self, trace_id: str) -> list[dict[str, Any]]:
         """The trace's spans, read through Phoenix's REST API (GET /v1/projects/{project}/spans)."""

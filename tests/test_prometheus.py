@@ -11,12 +11,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer, ServerFactory, free_port
+from tests.conftest import RunningServer, ServerFactory, free_port, wait_http_ok
 from tests.test_deploy import BASE, promtool
 from tests.test_telemetry import COPY_PROMPT
 from verispec.v1 import generation_pb2 as pb
@@ -75,25 +74,12 @@ def scraped(make_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
     )
     api = f"http://127.0.0.1:{web_port}"
     try:
-        _wait_ready(api, process, directory / "prometheus.log")
+        wait_http_ok(f"{api}/-/ready", process, directory / "prometheus.log", timeout=60)
         yield Scraped(server, metrics_port, api)
     finally:
         process.terminate()
         process.wait(30)
         log.close()
-
-
-def _wait_ready(api: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"prometheus exited:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(f"{api}/-/ready", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"prometheus not ready:\n{log.read_text()}")
 
 
 def test_prometheus_reads_speculation_counts_back(scraped: Scraped) -> None:
