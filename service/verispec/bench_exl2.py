@@ -40,10 +40,6 @@ def add_exl2_arguments(kinds: Any) -> None:
     exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
-def _split(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
-
-
 def _progress(message: str) -> None:
     print(f"[bench exl2] {message}", file=sys.stderr, flush=True)
 
@@ -177,8 +173,12 @@ def _dynamic_generator(target: Any, draft: Any | None, k: int, n: int) -> float:
 def _load_models(args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any, Any]:
     """Loads target and draft with their splits, recording devices, load time and VRAM of each."""
     from verispec.backends.exl2 import Exl2Backend
+    from verispec.config import parse_split
 
-    splits = {"target": _split(args.gpu_split), "draft": _split(args.draft_gpu_split)}
+    splits = {
+        "target": parse_split("--gpu-split", args.gpu_split),
+        "draft": parse_split("--draft-gpu-split", args.draft_gpu_split),
+    }
     result["gpu_split"] = {role: list(split) for role, split in splits.items() if split}
     result["cache_mode"] = args.cache_mode
     backends = []

@@ -17,7 +17,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def default_cache_dir() -> Path:
     """Where fetched and converted models live: $VERISPEC_CACHE_DIR, else $XDG_CACHE_HOME/verispec."""
-    explicit = os.environ.get(ENV_PREFIX + "CACHE_DIR")
+    explicit = os.environ.get(env_variable("cache-dir"))
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -230,12 +230,25 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def env_variable(flag: str) -> str:
+    """The VERISPEC_* variable of a `serve` flag: --gpu-split -> VERISPEC_GPU_SPLIT."""
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+def parse_split(setting: str, text: str) -> tuple[float, ...]:
+    """GB per GPU from "17.5,19" (empty: autosplit); a ConfigError names `setting` if unreadable."""
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(setting, f"cannot read {text!r}: {exc}") from None
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per setting; defaults come from the dataclasses."""
     defaults = Config()
     for flag, section, attr, kind, help_text in _OPTIONS:
         default = getattr(getattr(defaults, section), attr)
-        env = ENV_PREFIX + flag.upper().replace("-", "_")
+        env = env_variable(flag)
         parser.add_argument(
             f"--{flag}",
             dest=f"{section}.{attr}",
@@ -256,7 +269,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         raw = getattr(args, f"{section}.{attr}", None)
         name = f"--{flag}"
         if raw is None:
-            env_name = ENV_PREFIX + flag.upper().replace("-", "_")
+            env_name = env_variable(flag)
             raw = env.get(env_name)
             name = env_name
         if raw is None:
@@ -303,7 +316,7 @@ def _convert(name: str, raw: str, kind: Any) -> Any:
         if kind is bool:
             return _parse_bool(raw)
         if kind is tuple:
-            return tuple(float(part) for part in raw.split(",") if part.strip())
+            return parse_split(name, raw)
         return kind(raw)
     except ValueError as exc:
         raise ConfigError(name, f"cannot read {raw!r}: {exc}") from None
@@ -399,7 +412,7 @@ _CLIENT_VARIABLES = {ENV_PREFIX + "TOKEN"}  # read by verispec-client, not by th
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """VERISPEC_* variables that name no setting: most likely misspelt (the server warns at start)."""
-    known = {ENV_PREFIX + flag.upper().replace("-", "_") for flag, *_ in _OPTIONS} | _CLIENT_VARIABLES
+    known = {env_variable(flag) for flag, *_ in _OPTIONS} | _CLIENT_VARIABLES
     return sorted(name for name in environ if name.startswith(ENV_PREFIX) and name not in known)
 
 
