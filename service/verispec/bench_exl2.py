@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 PROMPT_TOKENS = [1, *range(1000, 1063)]  # 64 tokens
+K_MAX = {"off": 0, "auto": 8}  # num_draft_tokens per mode: AUTO chooses k in 0..8
 
 
 def add_exl2_arguments(kinds: Any) -> None:
@@ -253,12 +254,12 @@ def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: in
     result: dict[str, Any] = {}
     _progress(f"engine: OFF and AUTO with the random draft in ABBA order, {2 * repeats} each; then fixed k={k}")
     for mode in ("off", "auto"):  # warm both paths over a whole request first
-        _engine_run(core, mode, 8 if mode == "auto" else 0, n, f"warm-{mode}")
+        _engine_run(core, mode, K_MAX[mode], n, f"warm-{mode}")
     runs: dict[str, list[float]] = {"off": [], "auto": []}
     auto_draft_tokens = auto_accepted = 0
     for repeat in range(repeats):  # ABBA cancels the machine's drift between the two modes
         for mode in ("off", "auto", "auto", "off"):
-            tps, tokens, spec = _engine_run(core, mode, 8 if mode == "auto" else 0, n, f"{mode}-{repeat}")
+            tps, tokens, spec = _engine_run(core, mode, K_MAX[mode], n, f"{mode}-{repeat}")
             runs[mode].append(tps)
             if mode == "off":
                 reference = tokens
@@ -285,7 +286,7 @@ def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: in
         core.drafters = {SpeculationMode.DRAFT_MODEL: ReplayDrafter(full, acceptance, vocab_size)}
         _progress(f"replay drafter, synthetic acceptance {acceptance}")
         fixed, tokens, spec = _engine_run(core, "draft_model", k, n, f"replay-{acceptance}")
-        auto, auto_tokens, auto_spec = _engine_run(core, "auto", 8, n, f"replay-auto-{acceptance}")
+        auto, auto_tokens, auto_spec = _engine_run(core, "auto", K_MAX["auto"], n, f"replay-auto-{acceptance}")
         synthetic[str(acceptance)] = {
             f"fixed_k{k}_speedup": round(fixed / off_tps, 3),
             "auto_speedup": round(auto / off_tps, 3),
