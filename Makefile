@@ -10,6 +10,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # Arize Phoenix, a real tracing backend for tests/test_phoenix.py, in its own environment.
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
+PYTEST := TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) \
@@ -21,11 +22,11 @@ serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
 test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-client
-	TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu" $(PYTEST_ARGS)
 
 # The tracing-backend test alone: Phoenix shows a request's draft and verify spans.
 test-tracing: $(STAMP) $(PHOENIX_STAMP)
-	TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest -m tracing_backend -s tests/test_phoenix.py
+	$(PYTEST) -m tracing_backend -s tests/test_phoenix.py
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)

@@ -12,7 +12,13 @@ from pathlib import Path
 import structlog
 
 from verispec import __version__
-from verispec.config import add_serve_arguments, build_config, default_cache_dir, unknown_variables
+from verispec.config import (
+    TelemetryConfig,
+    add_serve_arguments,
+    build_config,
+    default_cache_dir,
+    unknown_variables,
+)
 from verispec.errors import ConfigError, EngineDeadError, ModelLoadError
 
 log = structlog.get_logger(__name__)
@@ -76,7 +82,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "fetch":
         from verispec import telemetry
-        from verispec.config import TelemetryConfig
         from verispec.models import SMOLLM2, ensure_embedded
 
         telemetry.configure_logging(TelemetryConfig(log_format="console"))  # progress on stderr; the path on stdout
