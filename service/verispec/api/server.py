@@ -38,8 +38,6 @@ class Server:
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.port = 0
-        self.health_port = 0
-        self.metrics_port = 0
         self.health_grpc: grpc.aio.Server | None = None
 
     async def start(self) -> int:
@@ -89,8 +87,8 @@ class Server:
         if settings.health_port:
             await self._start_health_port(settings.host, settings.health_port)
         if self.config.telemetry.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.telemetry.metrics_port, self.config.server.host)
-            log.info("metrics.listening", port=self.metrics_port)
+            metrics_port = self.metrics.serve(self.config.telemetry.metrics_port, self.config.server.host)
+            log.info("metrics.listening", port=metrics_port)
         return self.port
 
     async def _start_health_port(self, host: str, port: int) -> None:
@@ -98,9 +96,9 @@ class Server:
         gRPC probes can reach when the main port wants TLS or tokens."""
         self.health_grpc = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
-        self.health_port = self.health_grpc.add_insecure_port(f"{host}:{port}")
+        bound = self.health_grpc.add_insecure_port(f"{host}:{port}")
         await self.health_grpc.start()
-        log.info("health.listening", port=self.health_port)
+        log.info("health.listening", port=bound)
 
     async def load(self, loader: Callable[[Config], LoadedModels]) -> None:
         """Loads the models on a worker thread; health turns SERVING when done."""
