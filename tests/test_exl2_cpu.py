@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.conftest import BIN
 from verispec.backends.exl2 import GIB, checkpoint_sizes, plan_split
 from verispec.errors import ConfigError
 from verispec.synth import SHAPES, layer_bytes, linear_bytes, synth
@@ -59,3 +62,14 @@ def test_synthetic_tokenizer_reaches_llama3_vocabulary(tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
     assert len(tokenizer) == 128256
     assert tokenizer.decode(tokenizer("The quick brown fox")["input_ids"]) == "The quick brown fox"
+
+
+def test_bench_exl2_refuses_bad_input_before_gpu_work(tmp_path: Path) -> None:
+    """A bad split names its flag (exit 2); no CUDA device is said plainly (exit 1), not a torch traceback."""
+    bench = [str(BIN / "verispec"), "bench", "exl2", "--model", str(tmp_path), "--draft-model", str(tmp_path)]
+    bad = subprocess.run([*bench, "--gpu-split", "2,x"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "--gpu-split: cannot read '2,x'" in bad.stderr, bad.stderr
+    if torch.cuda.is_available():
+        return
+    no_gpu = subprocess.run(bench, capture_output=True, text=True, timeout=120, check=False)
+    assert no_gpu.returncode == 1 and "needs a CUDA device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr

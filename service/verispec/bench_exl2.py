@@ -171,15 +171,12 @@ def _dynamic_generator(target: Any, draft: Any | None, k: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _load_models(args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any, Any]:
+def _load_models(
+    args: argparse.Namespace, splits: dict[str, tuple[float, ...]], result: dict[str, Any]
+) -> tuple[Any, Any]:
     """Loads target and draft with their splits, recording devices, load time and VRAM of each."""
     from verispec.backends.exl2 import Exl2Backend
-    from verispec.config import parse_split
 
-    splits = {
-        "target": parse_split("--gpu-split", args.gpu_split),
-        "draft": parse_split("--draft-gpu-split", args.draft_gpu_split),
-    }
     result["gpu_split"] = {role: list(split) for role, split in splits.items() if split}
     result["cache_mode"] = args.cache_mode
     backends = []
@@ -197,14 +194,21 @@ def _load_models(args: argparse.Namespace, result: dict[str, Any]) -> tuple[Any,
 
 
 def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
-    from verispec.config import EngineConfig
+    from verispec.config import EngineConfig, parse_split
     from verispec.engine.core import EngineCore
+    from verispec.errors import ModelLoadError
     from verispec.loader import calibrate, calibrate_draft
     from verispec.request import SpeculationMode
     from verispec.spec.adaptive import CostModel
     from verispec.spec.drafters import ModelDrafter
     from verispec.tokenizer import Tokenizer
 
+    splits = {  # bad input fails here, before any GPU work
+        "target": parse_split("--gpu-split", args.gpu_split),
+        "draft": parse_split("--draft-gpu-split", args.draft_gpu_split),
+    }
+    if not torch.cuda.is_available():
+        raise ModelLoadError("bench exl2 needs a CUDA device, and none is visible")
     n, k = args.max_new_tokens, args.num_draft_tokens
     result: dict[str, Any] = {
         "benchmark": "exl2",
@@ -212,7 +216,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": torch.cuda.device_count(),
         "max_new_tokens": n,
     }
-    target, draft = _load_models(args, result)
+    target, draft = _load_models(args, splits, result)
     _progress("direct decode and pass costs")
     _direct(target, n)  # warm-up
     result["direct_tokens_per_s"] = round(_direct(target, n), 2)

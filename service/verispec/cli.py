@@ -94,7 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from verispec.bench import run_bench
 
-        return run_bench(args)
+        try:
+            return run_bench(args)
+        except ConfigError as exc:  # e.g. bench exl2 --gpu-split 2,x
+            print(f"verispec: invalid setting {exc}", file=sys.stderr)
+            return 2
+        except ModelLoadError as exc:  # e.g. bench exl2 without a GPU
+            print(f"verispec: {exc}", file=sys.stderr)
+            return 1
     assert config is not None
     from verispec import telemetry
     from verispec.api.server import serve
