@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +80,56 @@ def test_fetch_prepares_the_embedded_model_for_offline_starts(tmp_path: Path) ->
     again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert {path: path.stat().st_mtime_ns for path in model_dir.iterdir()} == converted, "nothing converted twice"
+
+
+# Run in a fresh interpreter: every parser the CLI builds, then the modules it left loaded.
+_STARTUP_SCRIPT = """
+import json, sys
+from verispec.cli import main
+for argv in {argvs!r}:
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(json.dumps(sorted(sys.modules)))
+"""
+HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "exllamav2", "numpy", "grpc", "grpc_health")
+HEAVY_OURS = ("verispec.v1", "verispec.engine", "verispec.loader", "verispec.backends", "verispec.api")
+
+
+def test_version_and_help_import_nothing_heavy() -> None:
+    """`--version` and every `--help` build the whole parser without torch, transformers or gRPC stubs."""
+    argvs = [["--version"], ["--help"], ["synth", "--help"], ["bench", "--help"]]
+    argvs += [["bench", kind, "--help"] for kind in ("overhead", "spec", "soak", "exl2")]
+    result = subprocess.run(
+        [sys.executable, "-c", _STARTUP_SCRIPT.format(argvs=argvs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("verispec "), result.stdout[:200]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    heavy = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY + HEAVY_OURS)]
+    assert heavy == [], heavy
+    assert "verispec.tools.soak" not in loaded and "verispec.tools.bench_exl2" not in loaded
+
+
+def _listed_commands(*argv: str) -> set[str]:
+    """The subcommands `verispec ... --help` lists, one per line under its positional arguments."""
+    result = subprocess.run(
+        [sys.executable, "-m", "verispec", *argv, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        line.split()[0] for line in result.stdout.splitlines() if line.strip() and len(line) - len(line.lstrip()) == 4
+    }
+
+
+def test_help_lists_the_commands() -> None:
+    assert {"serve", "synth", "fetch", "bench"} <= _listed_commands()
+    assert {"overhead", "spec", "soak", "exl2"} <= _listed_commands("bench")
 
 
 def test_bad_setting_is_refused_with_its_name() -> None:

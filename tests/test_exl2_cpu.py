@@ -12,7 +12,7 @@ import torch
 from tests.conftest import BIN
 from verispec.backends.exl2 import GIB, checkpoint_sizes, plan_split
 from verispec.errors import ConfigError
-from verispec.synth import SHAPES, layer_bytes, linear_bytes, synth
+from verispec.tools.synth import SHAPES, layer_bytes, linear_bytes, synth
 
 
 def _fixed(shape_name: str) -> int:
@@ -56,7 +56,7 @@ def test_synth_tiny_checkpoint(tmp_path: Path) -> None:
 def test_synthetic_tokenizer_reaches_llama3_vocabulary(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from verispec.synth import write_tokenizer
+    from verispec.tools.synth import write_tokenizer
 
     write_tokenizer(tmp_path, 128256)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))

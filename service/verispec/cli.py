@@ -1,4 +1,9 @@
-"""The `verispec` command: `serve` wires config -> models -> engine -> server; `bench` measures."""
+"""The `verispec` command: `serve` wires config -> models -> engine -> server; `bench` measures.
+
+Starting it is cheap: `--version` and `--help` import the config and the tools' argument definitions
+(`verispec.tools.bench`, `verispec.tools.synth`, light at top level), never torch, transformers or the
+generated gRPC stubs; each command imports what it runs once chosen.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         "a tokenizer of its vocabulary size: qualifies hardware for speed and memory without real weights.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from verispec.synth import add_synth_arguments
+    from verispec.tools.synth import add_synth_arguments
 
     add_synth_arguments(synth)
     fetch = commands.add_parser(
@@ -60,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are kept")
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
-    from verispec.bench import add_bench_arguments
+    from verispec.tools.bench import add_bench_arguments
 
     add_bench_arguments(bench)
     return parser
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "synth":
         import json
 
-        from verispec.synth import synth as write_checkpoint
+        from verispec.tools.synth import synth as write_checkpoint
 
         print(json.dumps(write_checkpoint(args.shape, args.out, args.bits, args.seed, args.device), indent=2))
         return 0
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         return 0
     if args.command == "bench":
-        from verispec.bench import run_bench
+        from verispec.tools.bench import run_bench
 
         try:
             return run_bench(args)

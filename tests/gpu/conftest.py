@@ -21,7 +21,7 @@ def _need_gpu() -> None:
 
 def _synth_tiny(factory: pytest.TempPathFactory, name: str, seed: int) -> Path:
     _need_gpu()
-    from verispec.synth import synth
+    from verispec.tools.synth import synth
 
     path = factory.mktemp(name)
     synth("tiny", path, bits=4, seed=seed, device="cuda")

@@ -109,7 +109,7 @@ def test_two_gpu_split_matches_one_gpu(tmp_path_factory: pytest.TempPathFactory)
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
     from verispec.backends.exl2 import Exl2Backend
-    from verispec.synth import synth
+    from verispec.tools.synth import synth
 
     path = tmp_path_factory.mktemp("llama-8b-exl2")
     synth("llama-8b", path, bits=4, seed=3, device="cuda")

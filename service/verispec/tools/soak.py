@@ -3,6 +3,8 @@
 Everything stays on loopback: the server runs in this process on its own thread and event loop, the
 clients on another loop, so the server loop's lag and the health check's latency are measured apart
 from the load generator.
+
+Its flags are defined in `verispec.tools.bench`: this module imports grpc and the generated stubs at top level.
 """
 
 from __future__ import annotations
@@ -25,23 +27,6 @@ from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
 
 PROMPTS = ("Tell me about the sea.", "List some fruits.", "Write a haiku about rain.", "Explain gravity briefly.")
-
-
-def add_soak_arguments(kinds: Any) -> None:
-    soak = kinds.add_parser(
-        "soak",
-        help="bounded load on loopback: cancels, deadlines, bad requests",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    soak.add_argument("--requests", type=int, default=1000, help="requests in all")
-    soak.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    soak.add_argument("--cancel-fraction", type=float, default=0.3, help="streams cancelled mid-way")
-    soak.add_argument("--deadline-fraction", type=float, default=0.1, help="calls with a 50-300 ms deadline")
-    soak.add_argument("--bad-fraction", type=float, default=0.1, help="calls with an invalid field")
-    soak.add_argument("--max-new-tokens", type=int, default=12, help="upper bound per request")
-    soak.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops itself")
-    soak.add_argument("--seed", type=int, default=0, help="seed of the request mix")
-    soak.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
 def _rss_mib() -> float:

@@ -1,4 +1,9 @@
-"""`verispec bench`: measurements printed as JSON (service overhead now; more kinds as they land)."""
+"""`verispec bench`: measurements printed as JSON.
+
+This module defines the flags of every kind (overhead, spec, soak, exl2) and imports nothing heavy at top
+level, so that building the CLI's parser stays cheap; each kind imports torch, grpc and the service's parts
+inside the functions that run it (soak and exl2 live in their own modules).
+"""
 
 from __future__ import annotations
 
@@ -30,12 +35,42 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     overhead.add_argument("--repeats", type=int, default=3, help="runs of each path, interleaved")
     overhead.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     add_spec_arguments(kinds)
-    from verispec.soak import add_soak_arguments
-
     add_soak_arguments(kinds)
-    from verispec.bench_exl2 import add_exl2_arguments
-
     add_exl2_arguments(kinds)
+
+
+def add_soak_arguments(kinds: Any) -> None:
+    soak = kinds.add_parser(
+        "soak",
+        help="bounded load on loopback: cancels, deadlines, bad requests",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    soak.add_argument("--requests", type=int, default=1000, help="requests in all")
+    soak.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    soak.add_argument("--cancel-fraction", type=float, default=0.3, help="streams cancelled mid-way")
+    soak.add_argument("--deadline-fraction", type=float, default=0.1, help="calls with a 50-300 ms deadline")
+    soak.add_argument("--bad-fraction", type=float, default=0.1, help="calls with an invalid field")
+    soak.add_argument("--max-new-tokens", type=int, default=12, help="upper bound per request")
+    soak.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops itself")
+    soak.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    soak.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+
+
+def add_exl2_arguments(kinds: Any) -> None:
+    exl2 = kinds.add_parser(
+        "exl2",
+        help="ExLlamaV2 backend on a GPU vs ExLlamaV2DynamicGenerator (JSON)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    exl2.add_argument("--model", type=Path, required=True, help="target checkpoint (EXL2/GPTQ)")
+    exl2.add_argument("--draft-model", type=Path, required=True, help="draft checkpoint (EXL2/GPTQ)")
+    exl2.add_argument("--max-new-tokens", type=int, default=128, help="tokens per measured request")
+    exl2.add_argument("--num-draft-tokens", type=int, default=4, help="k for the fixed-k runs")
+    exl2.add_argument("--repeats", type=int, default=3, help="rounds of OFF, AUTO, AUTO, OFF; medians are reported")
+    exl2.add_argument("--gpu-split", default="", help="target GB per GPU, e.g. 20,22 (empty: autosplit)")
+    exl2.add_argument("--draft-gpu-split", default="", help="draft GB per GPU (empty: autosplit)")
+    exl2.add_argument("--cache-mode", default="fp16", help="KV cache mode of both models: fp16, q8, q6 or q4")
+    exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -48,11 +83,11 @@ def run_bench(args: argparse.Namespace) -> int:
     elif args.bench == "spec":
         result = _spec(args)
     elif args.bench == "exl2":
-        from verispec.bench_exl2 import run_exl2
+        from verispec.tools.bench_exl2 import run_exl2
 
         result = run_exl2(args)
     elif args.bench == "soak":
-        from verispec.soak import run_soak
+        from verispec.tools.soak import run_soak
 
         result = run_soak(args, _progress)
     else:  # pragma: no cover - argparse only accepts the kinds above
@@ -205,17 +240,30 @@ FREE_WRITING = (
 
 
 class _PositionCounts:
-    """A StepObserver that counts drafts and acceptances per draft position."""
+    """A StepObserver that counts drafts and acceptances per draft position while `enabled`.
+
+    The engine is given it at construction; the bench turns it on for AUTO runs and `clear`s it per set.
+    """
 
     def __init__(self) -> None:
+        self.enabled = False
         self.drafted: dict[int, int] = {}
         self.accepted: dict[int, int] = {}
 
+    def clear(self) -> None:
+        self.drafted.clear()
+        self.accepted.clear()
+
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
+        if not self.enabled:
+            return
         for position in range(1, num_draft_tokens + 1):
             self.drafted[position] = self.drafted.get(position, 0) + 1
             if position <= num_accepted:
                 self.accepted[position] = self.accepted.get(position, 0) + 1
+
+    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
+        """Batch sizes are not this bench's concern."""
 
     def rates(self) -> dict[str, float]:
         return {str(p): round(self.accepted.get(p, 0) / n, 4) for p, n in sorted(self.drafted.items())}
@@ -251,8 +299,9 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--model", args.model or DEFAULT_MODEL, "--max-num-draft-tokens", str(args.num_draft_tokens)]
     if args.draft_model:
         flags += ["--draft-model", args.draft_model]
+    counts = _PositionCounts()
     _progress("loading the model")
-    models = load(config_from_argv(flags))
+    models = load(config_from_argv(flags), observer=counts)
     core, tokenizer, target = models.engine.core, models.tokenizer, models.engine.core.backend
     result: dict[str, Any] = {
         "benchmark": "spec",
@@ -264,7 +313,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "sets": {},
     }
     for name, prompts in (("copy_heavy", COPY_HEAVY), ("free_writing", FREE_WRITING)):
-        counts = _PositionCounts()
+        counts.clear()
         seconds = {"off": 0.0, "auto": 0.0}
         tokens = {"off": 0, "auto": 0}
         drafted = accepted = steps = 0
@@ -274,7 +323,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
             outputs = {}
             for mode in ("off", "auto"):
                 _progress(f"{name} {i + 1}/{len(prompts)}: speculation {mode}")
-                core.observer = counts if mode == "auto" else None
+                counts.enabled = mode == "auto"
                 request = Request(
                     request_id=f"{name}-{i}-{mode}",
                     prompt_token_ids=tuple(ids),

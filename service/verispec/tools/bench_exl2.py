@@ -5,6 +5,8 @@ with VRAM and load time per model, decode tokens/s driven directly and through t
 for ExLlamaV2DynamicGenerator (unpaged) with and without the draft, the cost of one target pass over
 1..9 tokens, the draft step cost, and speculative speedups at synthetic acceptance rates (a replay
 drafter proposes the target's own recorded greedy continuation with injected misses).
+
+Its flags are defined in `verispec.tools.bench`: this module imports torch at top level.
 """
 
 from __future__ import annotations
@@ -15,30 +17,12 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 PROMPT_TOKENS = [1, *range(1000, 1063)]  # 64 tokens
 K_MAX = {"off": 0, "auto": 8}  # num_draft_tokens per mode: AUTO chooses k in 0..8
-
-
-def add_exl2_arguments(kinds: Any) -> None:
-    exl2 = kinds.add_parser(
-        "exl2",
-        help="ExLlamaV2 backend on a GPU vs ExLlamaV2DynamicGenerator (JSON)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    exl2.add_argument("--model", type=Path, required=True, help="target checkpoint (EXL2/GPTQ)")
-    exl2.add_argument("--draft-model", type=Path, required=True, help="draft checkpoint (EXL2/GPTQ)")
-    exl2.add_argument("--max-new-tokens", type=int, default=128, help="tokens per measured request")
-    exl2.add_argument("--num-draft-tokens", type=int, default=4, help="k for the fixed-k runs")
-    exl2.add_argument("--repeats", type=int, default=3, help="rounds of OFF, AUTO, AUTO, OFF; medians are reported")
-    exl2.add_argument("--gpu-split", default="", help="target GB per GPU, e.g. 20,22 (empty: autosplit)")
-    exl2.add_argument("--draft-gpu-split", default="", help="draft GB per GPU (empty: autosplit)")
-    exl2.add_argument("--cache-mode", default="fp16", help="KV cache mode of both models: fp16, q8, q6 or q4")
-    exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
 def _progress(message: str) -> None:
