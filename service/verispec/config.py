@@ -73,8 +73,12 @@ class SpecConfig:
 class EngineConfig:
     """Admission limits and per-request bounds."""
 
-    max_active_requests: int = 8
+    max_active_requests: int = 32  # a cap: KV pages decide how many actually run
     max_queued_requests: int = 64
+    max_batch_tokens: int = 256  # tokens per forward pass: decodes, drafts and prefill chunks
+    kv_cache_memory: float = 0.0  # share of memory free after loading (<= 1) or GiB (> 1); 0: auto
+    kv_page_size: int = 16  # token positions per KV page
+    scheduling: str = "batched"  # batched | round_robin (the comparison point of bench batch)
     max_new_tokens_limit: int = 2048
     default_max_new_tokens: int = 256
     max_stop_sequences: int = 16
@@ -178,7 +182,37 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("max-num-draft-tokens", "spec", "max_num_draft_tokens", int, "largest k a request may ask for"),
     ("ngram-min", "spec", "ngram_min", int, "shortest n-gram the prompt-lookup drafter matches"),
     ("ngram-max", "spec", "ngram_max", int, "longest n-gram the prompt-lookup drafter matches"),
-    ("max-active-requests", "engine", "max_active_requests", int, "requests generated concurrently"),
+    (
+        "max-active-requests",
+        "engine",
+        "max_active_requests",
+        int,
+        "most requests generated concurrently (a cap; free KV pages decide how many run)",
+    ),
+    (
+        "max-batch-tokens",
+        "engine",
+        "max_batch_tokens",
+        int,
+        "token budget of one forward pass: every running request's next token and drafts, then prefill "
+        "chunks of waiting prompts (smaller: steadier inter-token latency; larger: faster long prefills)",
+    ),
+    (
+        "kv-cache-memory",
+        "engine",
+        "kv_cache_memory",
+        float,
+        "paged KV cache size: a share of the memory free after loading (0 < x <= 1) or GiB (x > 1); "
+        "0: auto (0.9 of a GPU's free memory, 0.1 of the host's available memory on CPU)",
+    ),
+    ("kv-page-size", "engine", "kv_page_size", int, "token positions per KV cache page"),
+    (
+        "scheduling",
+        "engine",
+        "scheduling",
+        str,
+        "batched (continuous batching) or round_robin (one request per forward pass; for comparison)",
+    ),
     (
         "max-queued-requests",
         "engine",
@@ -360,6 +394,15 @@ def validate(config: Config) -> None:
     _require(1 <= sp.ngram_min <= sp.ngram_max <= 16, "--ngram-min", "need 1 <= --ngram-min <= --ngram-max <= 16")
     _require(e.max_active_requests >= 1, "--max-active-requests", "must be >= 1")
     _require(e.max_queued_requests >= 0, "--max-queued-requests", "must be >= 0")
+    _require(e.max_batch_tokens >= 1, "--max-batch-tokens", "must be >= 1")
+    _require(
+        e.max_batch_tokens > sp.max_num_draft_tokens,
+        "--max-batch-tokens",
+        f"must exceed --max-num-draft-tokens={sp.max_num_draft_tokens} (one token plus its drafts)",
+    )
+    _require(e.kv_cache_memory >= 0, "--kv-cache-memory", "must be >= 0 (0: auto)")
+    _require(1 <= e.kv_page_size <= 1024, "--kv-page-size", "must be in [1, 1024]")
+    _require(e.scheduling in ("batched", "round_robin"), "--scheduling", f"unknown policy {e.scheduling!r}")
     _require(e.max_new_tokens_limit >= 1, "--max-new-tokens-limit", "must be >= 1")
     _require(
         1 <= e.default_max_new_tokens <= e.max_new_tokens_limit,

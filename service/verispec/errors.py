@@ -24,6 +24,10 @@ class OverloadedError(VerispecError):
         self.retry_after_s = retry_after_s
 
 
+class CapacityError(VerispecError):
+    """A request that can never be served by this server as configured (it exceeds the KV cache)."""
+
+
 class NotReadyError(VerispecError):
     """The engine is not serving: still loading, draining or stopped."""
 

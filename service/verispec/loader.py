@@ -12,10 +12,13 @@ import structlog
 from verispec.backends.base import Backend, BackendInfo
 from verispec.config import Config, ModelConfig
 from verispec.engine.async_engine import AsyncEngine
-from verispec.engine.core import EngineCore
+from verispec.engine.core import EngineCore, StepObserver
 from verispec.errors import ConfigError, ModelLoadError
+from verispec.kv.pages import PagePool, PageTable
 from verispec.models import resolve_model
 from verispec.request import SamplingParams, SpeculationMode
+from verispec.runner import build_runner
+from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import Sampler
 from verispec.spec.adaptive import CostModel
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
@@ -57,16 +60,17 @@ def load_backend(
     raise ConfigError("--backend", f"backend {model.backend!r} is not available in this build")
 
 
-def load(config: Config) -> LoadedModels:
+def load(config: Config, observer: StepObserver | None = None) -> LoadedModels:
     """Loads target and draft on a new engine thread, which then runs the engine loop.
 
-    One thread does all torch work: loading, calibration and every step.
+    One thread does all torch work: loading, calibration and every step. `observer` (metrics, a
+    benchmark's counters) is told about every step.
     """
     loaded: Future[LoadedModels] = Future()
 
     def engine_thread() -> None:
         try:
-            models = _load(config)
+            models = _load(config, observer)
         except BaseException as exc:
             loaded.set_exception(exc)
             return
@@ -77,14 +81,14 @@ def load(config: Config) -> LoadedModels:
     return loaded.result()
 
 
-def _load(config: Config) -> LoadedModels:
+def _load(config: Config, observer: StepObserver | None) -> LoadedModels:
     started = time.monotonic()
     target, tokenizer = load_backend(config.model, config.model.model)
     draft = None
     if config.spec.draft_model:
         draft, draft_tokenizer = load_backend(config.model, config.spec.draft_model, config.spec.draft_gpu_split)
         check_same_vocabulary(tokenizer, draft_tokenizer, config.spec.draft_model)
-    models = build_engine(config, target, tokenizer, draft)
+    models = build_engine(config, target, tokenizer, draft, observer)
     log.info("engine.ready", seconds=round(time.monotonic() - started, 2), auto_drafter=models.auto_drafter)
     return models
 
@@ -98,65 +102,88 @@ def check_same_vocabulary(target: Tokenizer, draft: Tokenizer, draft_name: str) 
         )
 
 
-def start_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None) -> LoadedModels:
+def start_engine(
+    config: Config,
+    target: Backend,
+    tokenizer: Tokenizer,
+    draft: Backend | None = None,
+    observer: StepObserver | None = None,
+) -> LoadedModels:
     """build_engine, with the loop on a thread of its own (tests)."""
-    models = build_engine(config, target, tokenizer, draft)
+    models = build_engine(config, target, tokenizer, draft, observer)
     models.engine.core.start()
     return models
 
 
-def build_engine(config: Config, target: Backend, tokenizer: Tokenizer, draft: Backend | None = None) -> LoadedModels:
-    """Builds the drafters and the engine over loaded models and calibrates step costs."""
+def build_engine(
+    config: Config,
+    target: Backend,
+    tokenizer: Tokenizer,
+    draft: Backend | None = None,
+    observer: StepObserver | None = None,
+) -> LoadedModels:
+    """Builds runners, drafters and the engine over loaded models and calibrates step costs."""
+    runner = build_runner(target, config.engine)
     drafters: dict[SpeculationMode, Drafter] = {
         SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)
     }
-    if draft is not None:
-        drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft)
     costs = CostModel()
-    calibrate(target, costs, config.spec.max_num_draft_tokens + 1)
+    calibrate(runner, costs, config.spec.max_num_draft_tokens + 1, config.engine.max_batch_tokens)
     if draft is not None:
-        calibrate_draft(draft, costs)
-    core = EngineCore(target, tokenizer, drafters, config.engine, costs)
+        draft_runner = build_runner(draft, config.engine, target.info.max_context_length)
+        drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft_runner)
+        calibrate_draft(draft_runner, costs)
+    core = EngineCore(runner, tokenizer, drafters, config.engine, costs, observer)
     auto = "draft_model" if draft is not None else "ngram"
     return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
 
 
-def calibrate_draft(draft: Backend, costs: CostModel, repeats: int = 5) -> None:
+def _scratch_entry(
+    runner: ModelRunner, pool: PagePool, table: PageTable, tokens: list[int], start: int, num_logits: int
+) -> BatchEntry:
+    """A calibration entry in pages of a scratch pool (the engine that will own them is not running yet)."""
+    pool.reserve(table, start + len(tokens))
+    return BatchEntry(-1, tokens, start, table.pages, num_logits)
+
+
+def calibrate_draft(draft: ModelRunner, costs: CostModel, repeats: int = 5) -> None:
     """Measures one draft step so AUTO prices draft-model speculation before its first request."""
-    cache = draft.new_cache()
+    pool, table = PagePool(draft.kv.num_pages, draft.kv.page_size), PageTable()
     try:
-        draft.forward(cache, list(range(16)), 1)
+        draft.forward([_scratch_entry(draft, pool, table, list(range(16)), 0, 1)])
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            int(draft.forward(cache, [16], 1)[0].argmax())  # a draft step ends with its token on the host
+            # A draft step ends with its token on the host.
+            int(draft.forward([_scratch_entry(draft, pool, table, [16], 16, 1)])[0][0].argmax())
             best = min(best, time.perf_counter() - start)
-            draft.rollback(cache, 16)
         costs.record_draft("draft_model", 1, best)
     finally:
-        draft.free(cache)
+        draft.free(-1)
     log.info("engine.calibrated_draft", step_ms=round(best * 1000, 2))
 
 
-def calibrate(backend: Backend, costs: CostModel, max_tokens: int, repeats: int = 3) -> None:
-    """Measures a verify step over 1..max_tokens tokens so AUTO can price k from the first request.
+def calibrate(runner: ModelRunner, costs: CostModel, max_tokens: int, max_batch_tokens: int, repeats: int = 3) -> None:
+    """Measures a pass over 1..max_tokens tokens (and a few larger, as batches reach) so AUTO can price
+    k from the first request.
 
     It times what a live step times (the forward pass and verification, which also waits for the
     device), so calibrated and live figures mix in one average without bias.
     """
-    cache = backend.new_cache()
-    sampler = Sampler(SamplingParams(), backend.info.vocab_size, [])
+    pool, table = PagePool(runner.kv.num_pages, runner.kv.page_size), PageTable()
+    sampler = Sampler(SamplingParams(), runner.info.vocab_size, [])
+    sizes = [*range(1, max_tokens + 1), *(n for n in (16, 32, 64) if max_tokens < n <= max_batch_tokens)]
+    sizes = [n for n in sizes if 16 + n <= pool.capacity_tokens]  # a tiny test pool measures what fits
     try:
-        backend.forward(cache, list(range(16)), 1)  # a 16-token context; also warms the kernels
-        for n in range(1, max_tokens + 1):
+        runner.forward([_scratch_entry(runner, pool, table, list(range(16)), 0, 1)])  # also warms the kernels
+        for n in sizes:
             best = float("inf")
-            for _ in range(repeats):
+            for _ in range(repeats if n <= max_tokens else 1):
                 start = time.perf_counter()
-                logits = backend.forward(cache, list(range(n)), n)
+                logits = runner.forward([_scratch_entry(runner, pool, table, list(range(n)), 16, n)])[0]
                 verify(sampler, logits, Proposal(list(range(1, n))), 0)
                 best = min(best, time.perf_counter() - start)
-                backend.rollback(cache, 16)
             costs.record_verify(n, best)
     finally:
-        backend.free(cache)
+        runner.free(-1)
     log.info("engine.calibrated", verify_ms={n: round(s * 1000, 2) for n, s in costs.verify_s.items()})

@@ -179,3 +179,5 @@ class StepRecord:
     num_emitted: int = 0
     bonus: bool = False
     position: int = 0
+    batch_size: int = 0  # sequences in the forward pass this phase ended in
+    batch_tokens: int = 0  # tokens in that pass

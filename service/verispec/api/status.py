@@ -8,6 +8,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from verispec.errors import (
+    CapacityError,
     EngineDeadError,
     InvalidRequestError,
     NotReadyError,
@@ -34,6 +35,8 @@ def to_status(exc: VerispecError) -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(exc.retry_after_s * 1000))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    elif isinstance(exc, CapacityError):
+        code = code_pb2.RESOURCE_EXHAUSTED  # no RetryInfo: the same request will never fit
     elif isinstance(exc, NotReadyError | EngineDeadError):
         code = code_pb2.UNAVAILABLE
     else:

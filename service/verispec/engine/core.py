@@ -1,120 +1,127 @@
-"""The engine core: one thread owns the models and steps every active request in turn."""
+"""The engine core: one thread owns the models and runs schedule -> draft -> forward -> verify -> emit.
+
+Every step is one forward pass over all scheduled sequences (continuous batching): each running
+request contributes its last token plus its drafts, prefill chunks fill the rest of the token budget.
+The parts live next door: the scheduler (queues, pages, preemption), the runner (the batched forward),
+the drafters and verification (spec/), the output processor (stop rules, text, logprobs).
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import structlog
 import torch
 
-from verispec.backends.base import Backend, SequenceCache
 from verispec.config import EngineConfig
 from verispec.engine.faults import FaultInjector, is_fatal
+from verispec.engine.output import OutputProcessor, final
+from verispec.engine.scheduler import ScheduledSequence, Scheduler
+from verispec.engine.sequence import Sequence, Sink
 from verispec.engine.text import TextStream
-from verispec.errors import EngineDeadError, NotReadyError, OverloadedError
-from verispec.request import (
-    FinishReason,
-    Request,
-    SpecStats,
-    SpeculationMode,
-    StepOutput,
-    StepRecord,
-    TokenLogprob,
-)
-from verispec.sampling import Sampler, logprobs
+from verispec.errors import CapacityError, EngineDeadError, NotReadyError, OverloadedError
+from verispec.kv.pages import PagePool
+from verispec.request import FinishReason, Request, SpecStats, SpeculationMode, StepOutput, StepRecord
+from verispec.runner.base import BatchEntry, ModelRunner
+from verispec.sampling import Sampler
 from verispec.spec.adaptive import PROBE_CARRY_MAX, PROBE_EVERY, CostModel, KController
-from verispec.spec.drafters import Drafter
+from verispec.spec.drafters import Drafter, DraftTask
 from verispec.spec.verify import Proposal, Verdict, verify
 from verispec.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
-Sink = Callable[[StepOutput], None]
 T = TypeVar("T")
+_MEMORY_EVERY_S = 1.0  # how often the engine thread re-reads device memory for the stats snapshot
 
 
 class StepObserver(Protocol):
-    """Told about every speculative step (metrics); called on the engine thread, must be quick."""
+    """Told about every step (metrics, benchmarks); called on the engine thread, must be quick."""
 
-    def on_step(
-        self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float
-    ) -> None: ...
+    def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
+        """One speculative step of one request."""
+        ...
 
-
-@dataclass
-class _Sequence:
-    """Engine-side state of one admitted request."""
-
-    request: Request
-    sink: Sink
-    submitted_ns: int
-    submitted: float
-    drafter: Drafter | None
-    controller: KController
-    text: TextStream
-    context: list[int]
-    cache: SequenceCache | None = None
-    draft_state: object = None
-    output_ids: list[int] = field(default_factory=list)
-    stats: SpecStats = field(default_factory=SpecStats)
-    records: list[StepRecord] = field(default_factory=list)
-    started: bool = False
-    admitted: float = 0.0
-    sampler_state: Sampler | None = None
-
-    @property
-    def sampler(self) -> Sampler:
-        assert self.sampler_state is not None, "the sampler is made at prefill"
-        return self.sampler_state
+    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
+        """One forward pass over batch_size sequences and batch_tokens tokens."""
+        ...
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot for Health and metrics."""
+    """A snapshot for Health and metrics, published by the engine thread after every step."""
 
-    queue_depth: int
-    active_requests: int
-    last_step_age_s: float | None
-    recent_acceptance: float | None
+    queue_depth: int = 0
+    active_requests: int = 0
+    last_step_age_s: float | None = None
+    recent_acceptance: float | None = None
+    kv_pages_total: int = 0
+    kv_pages_used: int = 0
+    kv_page_size: int = 0
+    kv_bytes_per_token: int = 0
+    batch_size: int = 0  # sequences in the last forward pass
+    batch_tokens: int = 0  # tokens in the last forward pass
+    num_preemptions: int = 0  # since start
+    memory: tuple[tuple[str, int, int], ...] = ()  # (device, used, total), read on the engine thread
+
+
+@dataclass
+class _Step:
+    """Timings and sizes of one engine step, shared by the records of every request in it."""
+
+    t0: int = 0  # drafting starts
+    t1: int = 0  # drafting done, target pass starts
+    t2: int = 0  # target pass and verification done
+    batch_size: int = 0
+    batch_tokens: int = 0
 
 
 class EngineCore:
-    """Admits requests through a bounded queue and runs prefill / speculative steps round-robin."""
+    """Admits requests through a bounded queue and steps every running request in one batched pass."""
 
     def __init__(
         self,
-        backend: Backend,
+        runner: ModelRunner,
         tokenizer: Tokenizer,
         drafters: Mapping[SpeculationMode, Drafter],
         config: EngineConfig,
         costs: CostModel | None = None,
+        observer: StepObserver | None = None,
     ) -> None:
-        self.backend = backend
+        self.runner = runner
         self.tokenizer = tokenizer
         self.drafters = dict(drafters)
         self.config = config
         self.costs = costs or CostModel()
+        self.observer = observer
+        self.info = runner.info
+        self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        self.scheduler = Scheduler(self.pool, config.max_active_requests, config.max_batch_tokens, config.scheduling)
+        self.output = OutputProcessor(set(tokenizer.eos_token_ids), self.info.max_context_length)
+        self.faults = FaultInjector.parse(config.fault_injection)
+        self.on_failure: Callable[[BaseException], None] | None = None  # called on the engine thread
         self._cond = threading.Condition()
-        self._waiting: collections.deque[_Sequence] = collections.deque()
-        self._active: dict[str, _Sequence] = {}
+        self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborted: set[str] = set()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._ids = itertools.count()
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
         self._probe_every: dict[str, int] = {}  # per drafter: the probe interval last reached
-        self._last_step: float | None = None
         self._request_seconds: float | None = None  # mean time in the engine of completed requests
+        self._stats = EngineStats(kv_pages_total=self.pool.num_pages, kv_page_size=self.pool.page_size)
+        self._last_step: float | None = None
+        self._last_batch = (0, 0)  # (sequences, tokens) of the last forward pass
+        self._memory_read = 0.0
         self._stopping = False
         self._failure: BaseException | None = None
-        self.observer: StepObserver | None = None
-        self.on_failure: Callable[[BaseException], None] | None = None  # called on the engine thread
-        self.faults = FaultInjector.parse(config.fault_injection)
-        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = False
@@ -143,37 +150,46 @@ class EngineCore:
         """Queues `request`; its outputs go to `sink` on the engine thread. Raises at once when full."""
         if self._failure is not None:
             raise EngineDeadError(f"engine stopped: {self._failure}")
+        positions = len(request.prompt_token_ids) + request.stopping.max_new_tokens
+        if not self.scheduler.fits_ever(min(positions, self.info.max_context_length)):
+            raise CapacityError(
+                f"the request needs up to {positions} KV positions (prompt {len(request.prompt_token_ids)} + "
+                f"max_new_tokens {request.stopping.max_new_tokens}) but the whole KV cache holds "
+                f"{self.pool.capacity_tokens} ({self.pool.num_pages} pages of {self.pool.page_size}); "
+                "lower max_new_tokens or shorten the prompt, or start the server with more --kv-cache-memory"
+            )
         seq = self._new_sequence(request, sink)
         with self._cond:
             if self._stopping:
                 raise NotReadyError("the engine is shutting down")
-            free_slots = self.config.max_active_requests - len(self._active)
-            if len(self._waiting) - max(free_slots, 0) >= self.config.max_queued_requests:
+            stats = self._stats
+            queued = stats.queue_depth + len(self._inbox)
+            free_slots = self.config.max_active_requests - stats.active_requests
+            if queued - max(free_slots, 0) >= self.config.max_queued_requests:
                 raise OverloadedError(
-                    f"{len(self._active)} requests active and {len(self._waiting)} queued "
+                    f"{stats.active_requests} requests active and {queued} queued "
                     f"(limits {self.config.max_active_requests} and {self.config.max_queued_requests})",
                     retry_after_s=max(self._request_seconds or 1.0, 0.1),
                 )
-            wait = self._expected_wait_locked(free_slots)
+            wait = self._expected_wait(queued - max(free_slots, 0))
             if request.deadline is not None and time.monotonic() + wait > request.deadline:
                 raise OverloadedError(
                     f"the deadline cannot be met: about {wait:.1f}s until a slot frees up "
-                    f"({len(self._active)} active, {len(self._waiting)} queued)",
+                    f"({stats.active_requests} active, {queued} queued)",
                     retry_after_s=wait,
                 )
-            self._waiting.append(seq)
+            self._inbox.append(seq)
             self._cond.notify()
 
-    def _expected_wait_locked(self, free_slots: int) -> float:
+    def _expected_wait(self, ahead: int) -> float:
         """Seconds until a request submitted now starts: slots free up one mean request length apart."""
-        ahead = len(self._waiting) - max(free_slots, 0)
         if ahead < 0 or self._request_seconds is None:
             return 0.0
         rounds = ahead // self.config.max_active_requests + 1
         return rounds * self._request_seconds
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Runs `fn` on the engine thread between steps (benchmarks measure the backend there)."""
+        """Runs `fn` on the engine thread between steps (benchmarks measure the runner there)."""
         future: Future[T] = Future()
         with self._cond:
             self._calls.append((fn, future))
@@ -187,22 +203,21 @@ class EngineCore:
             self._cond.notify()
 
     def stats(self) -> EngineStats:
-        drafted = sum(d for d, _ in self._recent)
-        accepted = sum(a for _, a in self._recent)
-        return EngineStats(
-            queue_depth=len(self._waiting),
-            active_requests=len(self._active),
-            last_step_age_s=None if self._last_step is None else time.monotonic() - self._last_step,
-            recent_acceptance=accepted / drafted if drafted else None,
-        )
+        """The snapshot the engine thread published last (safe from any thread)."""
+        with self._cond:
+            stats = self._stats
+        age = None if self._last_step is None else time.monotonic() - self._last_step
+        return dataclasses.replace(stats, last_step_age_s=age)
 
-    def _new_sequence(self, request: Request, sink: Sink) -> _Sequence:
+    def _new_sequence(self, request: Request, sink: Sink) -> Sequence:
         spec = request.speculation
         drafter = self._drafter_for(spec.mode)
         k_max = spec.num_draft_tokens if drafter is not None else 0
         stopping = request.stopping
-        recent = self.stats().recent_acceptance
-        return _Sequence(
+        recent = self._stats.recent_acceptance
+        probe_every = self._probe_every.get(drafter.name, PROBE_EVERY) if drafter is not None else PROBE_EVERY
+        return Sequence(
+            seq_id=next(self._ids),
             request=request,
             sink=sink,
             submitted_ns=time.time_ns(),
@@ -212,7 +227,7 @@ class EngineCore:
                 k_max=k_max,
                 adapt=spec.mode is SpeculationMode.AUTO,
                 prior=0.5 if recent is None else recent,
-                probe_every=self._probe_every.get(drafter.name, PROBE_EVERY) if drafter is not None else PROBE_EVERY,
+                probe_every=probe_every,
             ),
             text=TextStream(self.tokenizer.decode, stopping.stop_sequences, stopping.include_stop_sequence),
             context=list(request.prompt_token_ids),
@@ -240,11 +255,11 @@ class EngineCore:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self._waiting or self._active or self._calls):
+                    while not (self._stopping or self._inbox or self._calls or self._aborted or self._busy()):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    self._admit_locked()
+                    arrived, self._inbox = self._inbox, collections.deque()
                     aborted, self._aborted = self._aborted, set()
                     calls, self._calls = self._calls, collections.deque()
                 for fn, future in calls:
@@ -253,8 +268,12 @@ class EngineCore:
                             future.set_result(fn())
                         except Exception as exc:
                             future.set_exception(exc)
-                for seq in list(self._active.values()):
-                    self._advance(seq, aborted)
+                for seq in arrived:
+                    self.scheduler.add(seq)
+                self._expire(aborted)
+                if self._busy():
+                    self._step()
+                self._publish()
         except BaseException as exc:  # a dead device or a bug in the loop: fail everything, loudly
             self._failure = exc
             log.exception("engine.crashed", fatal=is_fatal(exc))
@@ -265,108 +284,167 @@ class EngineCore:
             if self._failure is not None and self.on_failure is not None:
                 self.on_failure(self._failure)
 
-    def _admit_locked(self) -> None:
-        while self._waiting and len(self._active) < self.config.max_active_requests:
-            seq = self._waiting.popleft()
-            seq.admitted = time.monotonic()
-            self._active[seq.request.request_id] = seq
-        for seq in [s for s in self._waiting if s.request.request_id in self._aborted]:
-            self._waiting.remove(seq)
-            seq.sink(self._final(seq, FinishReason.CANCELLED))
+    def _busy(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def _advance(self, seq: _Sequence, aborted: set[str]) -> None:
-        request = seq.request
+    def _expire(self, aborted: set[str]) -> None:
+        """Ends cancelled requests and those past their deadline or time limit, running or waiting."""
         now = time.monotonic()
-        reason: FinishReason | None = None
-        if request.request_id in aborted or (request.deadline is not None and now >= request.deadline):
-            reason = FinishReason.CANCELLED
-        elif request.stopping.time_limit_s is not None and now - seq.submitted >= request.stopping.time_limit_s:
-            reason = FinishReason.TIME_LIMIT
-        if reason is not None:
-            self._finish(seq, self._final(seq, reason, seq.text.flush()))
+        for seq in list(self.scheduler.sequences()):
+            request = seq.request
+            reason: FinishReason | None = None
+            if request.request_id in aborted or (request.deadline is not None and now >= request.deadline):
+                reason = FinishReason.CANCELLED
+            elif request.stopping.time_limit_s is not None and now - seq.submitted >= request.stopping.time_limit_s:
+                reason = FinishReason.TIME_LIMIT
+            if reason is not None:
+                self._finish(seq, final(seq, reason, seq.text.flush()))
+
+    def _step(self) -> None:
+        """One engine step: schedule, draft for the decoding sequences, one target pass, verify, emit."""
+        plan = self.scheduler.schedule(self._price_drafts)
+        for seq in plan.preempted:
+            self._forget_cache(seq)
+            log.info("engine.preempted", request_id=seq.request_id, num_preemptions=seq.num_preemptions)
+        scheduled = [s for s in plan.scheduled if self._prepare(s)]
+        if not scheduled:
             return
+        step = _Step(t0=time.time_ns(), batch_size=len(scheduled), batch_tokens=sum(s.num_tokens for s in scheduled))
+        self._last_batch = (step.batch_size, step.batch_tokens)
+        # (1) Drafters propose up to k tokens d_1..d_k for every decoding sequence, batched per drafter.
+        proposals = self._propose(scheduled)
+        step.t1 = time.time_ns()
+        # (2) The target scores each sequence's new tokens (its last token plus drafts: k+1 positions,
+        # or a prefill chunk) in ONE forward pass over the whole batch.
+        entries = [self._entry(s, proposals[i]) for i, s in enumerate(scheduled)]
         try:
-            if self.faults is not None:
-                self.faults.before_step()
-            out = self._step(seq) if seq.started else self._prefill(seq)
+            logits = self.runner.forward(entries)
         except Exception as exc:
             if is_fatal(exc):
                 raise  # the device is gone: the loop fails every request and stops
-            log.exception("engine.step_failed", request_id=request.request_id)
-            self._finish(seq, self._final(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            log.exception("engine.step_failed", batch_size=len(scheduled))
+            for s in scheduled:
+                self._finish(s.seq, final(s.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
             return
+        # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
+        # own; (4) the rejected drafts are forgotten by moving the sequence's length.
+        verdicts = [self._verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
+        step.t2 = time.time_ns()
         self._last_step = time.monotonic()
-        if out.finished:
-            self._finish(seq, out)
-        else:
-            seq.sink(out)
+        self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9)
+        if self.observer is not None:
+            self.observer.on_batch(step.batch_size, step.batch_tokens, (step.t2 - step.t0) / 1e9)
+        for s, proposal, verdict, rows in zip(scheduled, proposals, verdicts, logits, strict=True):
+            if verdict is None:
+                continue  # a prefill chunk that does not reach the end of the context emits nothing
+            self._account(s, proposal, verdict, step)
+            out = self.output.emit(s.seq, verdict.token_ids, rows)
+            if out.finished:
+                self._finish(s.seq, out)
+            else:
+                s.seq.sink(out)
 
-    def _prefill(self, seq: _Sequence) -> StepOutput:
-        """Scores the prompt and emits the first token."""
-        seq.started = True
-        start = time.time_ns()
-        stopping = seq.request.stopping
-        # Made here, not in submit(): every torch op belongs on the engine thread.
-        seq.sampler_state = Sampler(
-            seq.request.sampling,
-            self.backend.info.vocab_size,
-            seq.request.prompt_token_ids,
-            suppress_token_ids=set(self.tokenizer.eos_token_ids) | set(stopping.stop_token_ids),
-            min_new_tokens=stopping.min_new_tokens,
-        )
-        seq.cache = self.backend.new_cache()
-        if seq.drafter is not None:
-            seq.draft_state = seq.drafter.start()
-        prompt = list(seq.request.prompt_token_ids)
-        logits = self.backend.forward(seq.cache, prompt, 1)
-        verdict = verify(seq.sampler, logits, Proposal([]), position=0)
-        if seq.request.record_steps:
-            seq.records.append(StepRecord("queue", seq.submitted_ns, start))
-            seq.records.append(StepRecord("prefill", start, time.time_ns(), num_emitted=1))
-        return self._emit(seq, verdict, logits)
-
-    def _step(self, seq: _Sequence) -> StepOutput:
-        """One speculative step: draft k, verify k+1 positions in one pass, roll back the rest."""
-        assert seq.cache is not None
+    def _price_drafts(self, seq: Sequence, batch_tokens: int, batch_size: int) -> int:
+        """k for a decoding sequence, priced against the batch it joins (AUTO), capped by what is left."""
+        if seq.drafter is None:
+            return 0
         remaining = seq.request.stopping.max_new_tokens - len(seq.output_ids)
-        room = self.backend.info.max_context_length - len(seq.context)
-        k = 0
-        if seq.drafter is not None:
-            k = min(seq.controller.choose(self.costs, seq.drafter.name), remaining - 1, room - 1)
-        context_length = len(seq.context)
-        t0 = time.time_ns()
-        # (1) The drafter proposes up to k tokens d_1..d_k.
-        proposal = Proposal([])
-        if k > 0 and seq.drafter is not None:
-            proposal = seq.drafter.propose(seq.draft_state, seq.context, k, seq.sampler)
-        t1 = time.time_ns()
-        # (2) The target scores the last accepted token plus the drafts in ONE pass: k+1 positions.
-        logits = self.backend.forward(seq.cache, [seq.context[-1], *proposal.token_ids], 1 + len(proposal.token_ids))
-        # (3) Verification keeps a prefix of the drafts and adds one token of the target's own.
+        room = self.info.max_context_length - len(seq.context)
+        k = seq.controller.choose(self.costs, seq.drafter.name, batch_tokens, batch_size)
+        return max(0, min(k, remaining - 1, room - 1))
+
+    def _prepare(self, s: ScheduledSequence) -> bool:
+        """First-schedule set-up and the test-only fault hook; False drops the sequence from the step."""
+        seq = s.seq
+        if seq.sampler_state is None:
+            stopping = seq.request.stopping
+            # Made here, not in submit(): every torch op belongs on the engine thread.
+            seq.sampler_state = Sampler(
+                seq.request.sampling,
+                self.info.vocab_size,
+                seq.request.prompt_token_ids,
+                suppress_token_ids=set(self.tokenizer.eos_token_ids) | set(stopping.stop_token_ids),
+                min_new_tokens=stopping.min_new_tokens,
+            )
+            seq.admitted = time.monotonic()
+        if seq.drafter is not None and seq.draft_state is None:
+            seq.draft_state = seq.drafter.start()
+        if not seq.decoding and not seq.prefill_start_ns:
+            seq.prefill_start_ns = time.time_ns()
+        if self.faults is None:
+            return True
+        try:
+            self.faults.before_step()
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            log.error("engine.step_failed", request_id=seq.request_id, error=str(exc))
+            self._finish(seq, final(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            return False
+        return True
+
+    def _propose(self, scheduled: list[ScheduledSequence]) -> list[Proposal]:
+        proposals = [Proposal([]) for _ in scheduled]
+        by_drafter: dict[str, list[int]] = {}
+        for i, s in enumerate(scheduled):
+            if s.num_draft_tokens and s.seq.drafter is not None:
+                by_drafter.setdefault(s.seq.drafter.name, []).append(i)
+        for indices in by_drafter.values():
+            drafter = scheduled[indices[0]].seq.drafter
+            assert drafter is not None
+            tasks = [
+                DraftTask(
+                    scheduled[i].seq.draft_state,
+                    scheduled[i].seq.context,
+                    scheduled[i].num_draft_tokens,
+                    scheduled[i].seq.sampler,
+                )
+                for i in indices
+            ]
+            start = time.perf_counter()
+            for i, proposal in zip(indices, drafter.propose(tasks), strict=True):
+                proposals[i] = proposal
+            self.costs.record_draft(drafter.name, max(t.k for t in tasks), time.perf_counter() - start)
+        return proposals
+
+    def _entry(self, s: ScheduledSequence, proposal: Proposal) -> BatchEntry:
+        seq = s.seq
+        start = seq.num_computed
+        tokens = [*seq.context[start : start + s.num_new_tokens], *proposal.token_ids]
+        return BatchEntry(seq.seq_id, tokens, start, seq.pages.pages, len(proposal.token_ids) + 1 if s.final else 0)
+
+    def _verify(self, s: ScheduledSequence, proposal: Proposal, logits: torch.Tensor) -> Verdict | None:
+        """Accepts a prefix of the drafts and moves the sequence's length; None for a mid-prompt chunk."""
+        seq = s.seq
+        if not s.final:
+            seq.num_computed += s.num_new_tokens
+            return None
         verdict = verify(seq.sampler, logits, proposal, position=len(seq.output_ids))
-        t2 = time.time_ns()
-        # (4) Both caches forget the rejected drafts: they now hold the context minus its last token.
-        valid = context_length + verdict.num_accepted
-        self.backend.rollback(seq.cache, valid)
+        # The cache now holds the context and the accepted drafts; the emitted token is fed next step.
+        valid = seq.num_computed + s.num_new_tokens + verdict.num_accepted
+        seq.num_computed = valid
+        self.pool.truncate(seq.pages, valid + 1)
         if seq.drafter is not None and proposal.token_ids:
             seq.drafter.accept(seq.draft_state, valid)
-        self._account(seq, proposal, verdict, t0, t1, t2)
-        return self._emit(seq, verdict, logits)
+        return verdict
 
-    def _account(self, seq: _Sequence, proposal: Proposal, verdict: Verdict, t0: int, t1: int, t2: int) -> None:
+    def _account(self, s: ScheduledSequence, proposal: Proposal, verdict: Verdict, step: _Step) -> None:
+        seq = s.seq
+        if not s.decode:
+            self._record_prefill(seq, step)
+            return
         stats, num_draft = seq.stats, len(proposal.token_ids)
+        draft_s, verify_s = (step.t1 - step.t0) / 1e9, (step.t2 - step.t1) / 1e9
         stats.num_steps += 1
         stats.num_draft_tokens += num_draft
         stats.num_accepted_tokens += verdict.num_accepted
         stats.num_emitted_tokens += len(verdict.token_ids)
-        stats.draft_seconds += (t1 - t0) / 1e9
-        stats.verify_seconds += (t2 - t1) / 1e9
-        self.costs.record_verify(1 + num_draft, (t2 - t1) / 1e9)
+        stats.draft_seconds += draft_s if num_draft else 0.0
+        stats.verify_seconds += verify_s
         if self.observer is not None:
-            self.observer.on_step(stats.drafter, num_draft, verdict.num_accepted, (t1 - t0) / 1e9, (t2 - t1) / 1e9)
+            self.observer.on_step(stats.drafter, num_draft, verdict.num_accepted, draft_s, verify_s)
         if num_draft:
             assert seq.drafter is not None
-            self.costs.record_draft(seq.drafter.name, num_draft, (t1 - t0) / 1e9)
             seq.controller.update(num_draft, verdict.num_accepted)
             if seq.controller.adapt and seq.drafter.misses_carry_over:
                 # A draft model failing its probes is probed rarely from the next request's start too.
@@ -375,103 +453,47 @@ class EngineCore:
         if seq.request.record_steps:
             draft = StepRecord(
                 "draft",
-                t0,
-                t1,
+                step.t0,
+                step.t1,
                 step=stats.num_steps,
                 drafter=stats.drafter,
                 num_draft_tokens=num_draft,
                 position=len(seq.output_ids),
+                batch_size=step.batch_size,
+                batch_tokens=step.batch_tokens,
             )
             seq.records.append(draft)
             seq.records.append(
                 dataclasses.replace(
                     draft,
                     kind="verify",
-                    start_ns=t1,
-                    end_ns=t2,
+                    start_ns=step.t1,
+                    end_ns=step.t2,
                     num_accepted=verdict.num_accepted,
                     num_emitted=len(verdict.token_ids),
                     bonus=verdict.bonus,
                 )
             )
 
-    def _emit(self, seq: _Sequence, verdict: Verdict, logits: torch.Tensor) -> StepOutput:
-        """Appends the step's tokens one by one, applying every stop rule, and builds the output."""
-        request, stopping = seq.request, seq.request.stopping
-        emitted: list[int] = []
-        pieces: list[str] = []
-        reason: FinishReason | None = None
-        stop = ""
-        for token_id in verdict.token_ids:
-            emitted.append(token_id)
-            seq.output_ids.append(token_id)
-            seq.context.append(token_id)
-            seq.sampler.observe([token_id])
-            if token_id in self.tokenizer.eos_token_ids:
-                reason = FinishReason.EOS
-            elif token_id in stopping.stop_token_ids:
-                reason = FinishReason.STOP_TOKEN
-            else:
-                piece, stop = seq.text.push(token_id, len(seq.output_ids) > stopping.min_new_tokens)
-                pieces.append(piece)
-                if stop:
-                    reason = FinishReason.STOP_SEQUENCE
-                elif (
-                    len(seq.output_ids) >= stopping.max_new_tokens
-                    or len(seq.context) >= self.backend.info.max_context_length
-                ):
-                    reason = FinishReason.LENGTH
-            if reason is not None:
-                break
-        token_logprobs: tuple[TokenLogprob, ...] = ()
-        if request.response.logprobs or request.response.top_logprobs:
-            token_logprobs = tuple(
-                TokenLogprob(token_id, value, tuple(top))
-                for token_id, (value, top) in zip(
-                    emitted, logprobs(logits, emitted, request.response.top_logprobs), strict=True
+    def _record_prefill(self, seq: Sequence, step: _Step) -> None:
+        if seq.request.record_steps:
+            if not seq.records:
+                seq.records.append(StepRecord("queue", seq.submitted_ns, seq.prefill_start_ns))
+            seq.records.append(
+                StepRecord(
+                    "prefill",
+                    seq.prefill_start_ns,
+                    step.t2,
+                    num_emitted=1,
+                    batch_size=step.batch_size,
+                    batch_tokens=step.batch_tokens,
                 )
             )
-        if reason is not None:
-            pieces.append(seq.text.flush() if reason is not FinishReason.STOP_SEQUENCE else "")
-            return self._final(seq, reason, "".join(pieces), tuple(emitted), token_logprobs, stop)
-        return StepOutput(
-            request_id=request.request_id,
-            token_ids=tuple(emitted),
-            text="".join(pieces),
-            logprobs=token_logprobs,
-            seed=request.sampling.seed,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_generated_tokens=len(seq.output_ids),
-        )
+        seq.prefill_start_ns = 0
 
-    def _final(
-        self,
-        seq: _Sequence,
-        reason: FinishReason,
-        text: str = "",
-        token_ids: tuple[int, ...] = (),
-        token_logprobs: tuple[TokenLogprob, ...] = (),
-        stop: str = "",
-        error: str = "",
-    ) -> StepOutput:
-        request = seq.request
-        return StepOutput(
-            request_id=request.request_id,
-            token_ids=token_ids,
-            text=text,
-            logprobs=token_logprobs,
-            finish_reason=reason,
-            stop_sequence=stop,
-            error=error,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_generated_tokens=len(seq.output_ids),
-            seed=request.sampling.seed,
-            spec=seq.stats,
-            records=tuple(seq.records),
-        )
-
-    def _finish(self, seq: _Sequence, out: StepOutput) -> None:
-        self._release(seq)
+    def _finish(self, seq: Sequence, out: StepOutput) -> None:
+        self.scheduler.remove(seq)
+        self._forget_cache(seq)
         if out.finish_reason in (
             FinishReason.LENGTH,
             FinishReason.EOS,
@@ -483,21 +505,43 @@ class EngineCore:
             self._request_seconds = seconds if old is None else old + 0.2 * (seconds - old)
         seq.sink(out)
 
-    def _release(self, seq: _Sequence) -> None:
-        self._active.pop(seq.request.request_id, None)
-        if seq.cache is not None:
-            self.backend.free(seq.cache)
-            seq.cache = None
+    def _forget_cache(self, seq: Sequence) -> None:
+        """Drops what runner and drafter keep for a sequence (finished, or preempted for recompute)."""
+        self.runner.free(seq.seq_id)
         if seq.drafter is not None and seq.draft_state is not None:
             seq.drafter.free(seq.draft_state)
             seq.draft_state = None
 
+    def _publish(self) -> None:
+        """Publishes the stats snapshot other threads read (engine-thread state never leaves otherwise)."""
+        now = time.monotonic()
+        memory = self._stats.memory
+        if now - self._memory_read >= _MEMORY_EVERY_S:
+            memory, self._memory_read = tuple(self.runner.memory()), now
+        drafted = sum(d for d, _ in self._recent)
+        accepted = sum(a for _, a in self._recent)
+        scheduler = self.scheduler
+        stats = EngineStats(
+            queue_depth=len(scheduler.waiting),
+            active_requests=len(scheduler.running),
+            recent_acceptance=accepted / drafted if drafted else None,
+            kv_pages_total=self.pool.num_pages,
+            kv_pages_used=self.pool.num_used,
+            kv_page_size=self.pool.page_size,
+            kv_bytes_per_token=self.runner.kv.bytes_per_token,
+            batch_size=self._last_batch[0],
+            batch_tokens=self._last_batch[1],
+            num_preemptions=scheduler.num_preemptions,
+            memory=memory,
+        )
+        with self._cond:
+            self._stats = stats
+
     def _fail_all(self, reason: FinishReason, error: str) -> None:
         with self._cond:
-            pending = list(self._waiting) + list(self._active.values())
-            self._waiting.clear()
-        for seq in pending:
-            self._finish(seq, self._final(seq, reason, error=error))
+            arrived, self._inbox = list(self._inbox), collections.deque()
+        for seq in [*self.scheduler.sequences(), *arrived]:
+            self._finish(seq, final(seq, reason, error=error))
 
 
 def run_to_completion(core: EngineCore, request: Request, timeout: float = 600) -> list[StepOutput]:

@@ -70,12 +70,22 @@ def expected_tokens(chain: Sequence[float], k: int) -> float:
     return total
 
 
-def best_k(chain: Sequence[float], k_max: int, costs: CostModel, drafter: str) -> int:
-    """argmax_k expected_tokens(chain, k) / (k * draft + verify(k + 1)), k in [0, k_max]."""
+def best_k(
+    chain: Sequence[float], k_max: int, costs: CostModel, drafter: str, batch_tokens: int = 1, batch_size: int = 1
+) -> int:
+    """The k in [0, k_max] that maximises the batch's expected tokens per second.
+
+    The request joins a pass of batch_tokens tokens (its own next token included) that emits
+    batch_size tokens without drafts. Its k drafts make that pass longer for every request in it:
+    rate(k) = (batch_size - 1 + expected_tokens(chain, k)) / (k * draft + verify(batch_tokens + k)).
+    Alone (1, 1) that is the single-request trade-off; in a large batch on hardware whose pass cost
+    grows with tokens, the extra tokens rarely pay, and speculation turns itself off.
+    """
     draft = costs.draft_cost(drafter)
-    best, best_rate = 0, 1.0 / costs.verify_cost(1)
+    others = batch_size - 1
+    best, best_rate = 0, batch_size / costs.verify_cost(batch_tokens)
     for k in range(1, k_max + 1):
-        rate = expected_tokens(chain, k) / (k * draft + costs.verify_cost(k + 1))
+        rate = (others + expected_tokens(chain, k)) / (k * draft + costs.verify_cost(batch_tokens + k))
         if rate > best_rate * 1.02:  # demand a margin over noise before speculating deeper
             best, best_rate = k, rate
     return best
@@ -103,10 +113,11 @@ class KController:
         # Beta-style estimates: the prior counts as 2 observed drafts at each position.
         return [(a + 2.0 * self.prior) / (r + 2.0) for a, r in zip(self.accepted, self.reached, strict=True)]
 
-    def choose(self, costs: CostModel, drafter: str) -> int:
+    def choose(self, costs: CostModel, drafter: str, batch_tokens: int = 1, batch_size: int = 1) -> int:
+        """k for the next step, in a pass of batch_tokens tokens over batch_size decoding requests."""
         if not self.adapt or self.k_max == 0:
             return self.k_max
-        k = best_k(self.chain, self.k_max, costs, drafter)
+        k = best_k(self.chain, self.k_max, costs, drafter, batch_tokens, batch_size)
         self._probing = False
         if k == 0:
             self._steps_at_zero += 1

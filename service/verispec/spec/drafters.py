@@ -1,19 +1,32 @@
-"""Drafters: a small draft model with its own cache, or n-gram lookup in the context (no model)."""
+"""Drafters: a small draft model batched over requests in its own paged cache, or n-gram lookup (no model)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from verispec.backends.base import Backend, SequenceCache
+from verispec.kv.pages import PagePool, PageTable
+from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import STREAM_DRAFT, Sampler
 from verispec.spec.verify import Proposal
 
 
+@dataclass(frozen=True)
+class DraftTask:
+    """One request's drafting job in a step: up to k tokens after `context`."""
+
+    state: object
+    context: Sequence[int]  # prompt plus accepted output
+    k: int
+    sampler: Sampler
+
+
 class Drafter(Protocol):
-    """Proposes up to k tokens that continue a request's context."""
+    """Proposes up to k tokens that continue each request's context, for a whole batch at once."""
 
     name: str
     # Whether its rejected probes in one request predict rejections in the next: true for a draft model
@@ -25,8 +38,8 @@ class Drafter(Protocol):
         """Per-request drafting state (a cache, or nothing)."""
         ...
 
-    def propose(self, state: object, context: Sequence[int], k: int, sampler: Sampler) -> Proposal:
-        """Up to k drafts after `context` (prompt plus accepted output); fewer when none are worth it."""
+    def propose(self, tasks: Sequence[DraftTask]) -> list[Proposal]:
+        """One proposal per task, in order; fewer than k drafts when none are worth it."""
         ...
 
     def accept(self, state: object, valid_length: int) -> None:
@@ -51,8 +64,8 @@ class NgramDrafter:
     def start(self) -> object:
         return None
 
-    def propose(self, state: object, context: Sequence[int], k: int, sampler: Sampler) -> Proposal:
-        return Proposal(lookup(context, k, self.ngram_min, self.ngram_max))
+    def propose(self, tasks: Sequence[DraftTask]) -> list[Proposal]:
+        return [Proposal(lookup(t.context, t.k, self.ngram_min, self.ngram_max)) for t in tasks]
 
     def accept(self, state: object, valid_length: int) -> None:
         return None
@@ -75,53 +88,91 @@ def lookup(context: Sequence[int], k: int, ngram_min: int, ngram_max: int) -> li
     return []
 
 
+@dataclass
 class _DraftState:
-    """A draft model's cache for one request."""
+    """A draft model's view of one request: its pages and how many context positions they hold."""
 
-    def __init__(self, cache: SequenceCache) -> None:
-        self.cache = cache
+    seq_id: int
+    pages: PageTable = field(default_factory=PageTable)
+    num_computed: int = 0
+
+
+@dataclass
+class _Drafting:
+    """One task while its drafts are being produced."""
+
+    task: DraftTask
+    state: _DraftState
+    pending: list[int]  # tokens the draft model has not seen yet
+    token_ids: list[int] = field(default_factory=list)
+    q_rows: list[torch.Tensor] = field(default_factory=list)
 
 
 class ModelDrafter:
-    """Drafts autoregressively with a small model sharing the target's tokenizer."""
+    """Drafts autoregressively with a small model sharing the target's tokenizer, every request of the
+    step in one batched draft forward per draft position, in a paged cache of its own."""
 
     name = "draft_model"
     misses_carry_over = True
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        self._ids = itertools.count()
 
     def start(self) -> object:
-        return _DraftState(self.backend.new_cache())
+        return _DraftState(next(self._ids))
 
-    def propose(self, state: object, context: Sequence[int], k: int, sampler: Sampler) -> Proposal:
-        assert isinstance(state, _DraftState)
-        if k <= 0:
-            return Proposal([])
-        cache = state.cache
-        # Feed what the draft has not seen yet (at least the last accepted token), then k-1 drafts.
-        pending = list(context[cache.length :]) or [context[-1]]
-        if cache.length >= len(context):
-            self.backend.rollback(cache, len(context) - 1)
-        drafts: list[int] = []
-        q_rows: list[torch.Tensor] = []
-        for i in range(k):
-            logits = self.backend.forward(cache, pending, 1)
-            scores = sampler.scores(logits, ())
-            if sampler.greedy:
-                token = int(scores[0].argmax())
-            else:
-                q = sampler.probs(scores)[0]
-                token = sampler.sample(q, sampler.num_generated + i, STREAM_DRAFT)
-                q_rows.append(q)
-            drafts.append(token)
-            pending = [token]
-        return Proposal(drafts, torch.stack(q_rows) if q_rows else None)
+    def propose(self, tasks: Sequence[DraftTask]) -> list[Proposal]:
+        jobs: list[_Drafting | None] = []
+        for task in tasks:
+            state = task.state
+            assert isinstance(state, _DraftState)
+            # Feed what the draft has not seen yet: at least the last accepted token.
+            state.num_computed = min(state.num_computed, len(task.context) - 1)
+            jobs.append(_Drafting(task, state, list(task.context[state.num_computed :])) if task.k > 0 else None)
+        for _ in range(max((t.k for t in tasks), default=0)):
+            live = [j for j in jobs if j is not None and len(j.token_ids) < j.task.k and self._reserve(j)]
+            if not live:
+                break
+            entries = [
+                BatchEntry(j.state.seq_id, j.pending, j.state.num_computed, j.state.pages.pages, 1) for j in live
+            ]
+            for job, logits in zip(live, self.runner.forward(entries), strict=True):
+                job.state.num_computed += len(job.pending)
+                job.pending = [self._draw(job, logits)]
+                job.token_ids.append(job.pending[0])
+        return [_proposal(j) for j in jobs]
+
+    def _reserve(self, job: _Drafting) -> bool:
+        """Pages for this draft position; a request the pool cannot serve stops drafting this step."""
+        want = job.state.num_computed + len(job.pending)
+        if not self.pool.can_reserve(job.state.pages, want):
+            return False
+        self.pool.reserve(job.state.pages, want)
+        return True
+
+    def _draw(self, job: _Drafting, logits: torch.Tensor) -> int:
+        sampler = job.task.sampler
+        scores = sampler.scores(logits, ())
+        if sampler.greedy:
+            return int(scores[0].argmax())
+        q = sampler.probs(scores)[0]
+        job.q_rows.append(q)
+        return sampler.sample(q, sampler.num_generated + len(job.token_ids), STREAM_DRAFT)
 
     def accept(self, state: object, valid_length: int) -> None:
         assert isinstance(state, _DraftState)
-        self.backend.rollback(state.cache, min(state.cache.length, valid_length))
+        state.num_computed = min(state.num_computed, valid_length)
+        self.pool.truncate(state.pages, state.num_computed)
 
     def free(self, state: object) -> None:
         assert isinstance(state, _DraftState)
-        self.backend.free(state.cache)
+        self.pool.release(state.pages)
+        self.runner.free(state.seq_id)
+
+
+def _proposal(job: _Drafting | None) -> Proposal:
+    if job is None:
+        return Proposal([])
+    return Proposal(job.token_ids, torch.stack(job.q_rows) if job.q_rows else None)

@@ -1,0 +1,177 @@
+"""Which sequences run in the next forward pass: queues, admission against free KV pages, a per-step
+token budget, chunked prefill, preemption (newest first, recomputed later).
+
+Each step, running sequences that are decoding come first, oldest first: one token each plus the
+drafts AUTO prices for them. Prefill chunks fill the rest of the token budget, shortest remaining
+prompt first, so a short request arriving behind a long prompt gets its first token within a step
+or two instead of waiting for the whole long prefill. A waiting request is admitted when the pages
+for its whole context are free (its prefill can then never stall); a decoding sequence that needs a
+new page when none is free takes one from the newest running sequence, which is preempted: its
+pages return to the pool and it goes back to the head of the queue to be recomputed.
+
+The round-robin policy (one sequence per forward pass, in turn) is kept as the comparison point of
+`verispec bench batch`; it is how every request was stepped before batching.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from verispec.engine.sequence import Sequence
+from verispec.kv.pages import PagePool, pages_for
+
+BATCHED = "batched"
+ROUND_ROBIN = "round_robin"
+POLICIES = (BATCHED, ROUND_ROBIN)
+
+# (sequence, tokens in the batch so far counting its own next one, decoding sequences in the batch)
+# -> drafts to verify with its next token
+PriceDrafts = Callable[[Sequence, int, int], int]
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of the next forward pass."""
+
+    seq: Sequence
+    num_new_tokens: int  # context tokens fed: a prefill chunk, or the last emitted token
+    num_draft_tokens: int = 0  # drafts appended after it (decode steps only)
+    decode: bool = False  # a decode step (else prefill, first or recomputed after a preemption)
+
+    @property
+    def final(self) -> bool:
+        """Whether this step reaches the end of the context, so a token is emitted."""
+        return self.num_new_tokens == self.seq.num_pending
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_new_tokens + self.num_draft_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The next batch and the sequences preempted to make room for it."""
+
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running list and the page pool (engine thread only)."""
+
+    def __init__(self, pool: PagePool, max_running: int, max_batch_tokens: int, policy: str = BATCHED) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}")
+        self.pool = pool
+        self.max_running = max_running
+        self.max_batch_tokens = max_batch_tokens
+        self.policy = policy
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self.num_preemptions = 0
+        self._turn = 0  # round robin: index of the next sequence to step
+
+    def fits_ever(self, num_tokens: int) -> bool:
+        """Whether a sequence of num_tokens positions fits in the pool when it runs alone."""
+        return pages_for(num_tokens, self.pool.page_size) <= self.pool.num_pages
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a finished or cancelled sequence out and returns its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.pages)
+
+    def sequences(self) -> Iterable[Sequence]:
+        yield from self.running
+        yield from self.waiting
+
+    def schedule(self, price_drafts: PriceDrafts) -> SchedulerOutput:
+        preempted: list[Sequence] = []
+        if self.policy == ROUND_ROBIN:
+            return SchedulerOutput(self._round_robin(price_drafts, preempted), preempted)
+        budget = self.max_batch_tokens
+        scheduled: list[ScheduledSequence] = []
+        decoding = [s for s in self.running if s.decoding]
+        for index, seq in enumerate(decoding):
+            if seq in preempted or budget < 1:
+                continue
+            # Price k as if every decoding sequence not yet placed adds its one token.
+            batch_tokens = self.max_batch_tokens - budget + len(decoding) - index
+            k = min(price_drafts(seq, batch_tokens, len(decoding)), budget - 1)
+            if not self._reserve_decode(seq, k, preempted, scheduled):
+                continue
+            k = max(0, min(k, seq.pages.capacity(self.pool.page_size) - seq.num_computed - 1))
+            scheduled.append(ScheduledSequence(seq, 1, k, decode=True))
+            budget -= 1 + k
+        if not preempted:  # a sequence preempted for room now must not take that room back at once
+            self._admit()
+        prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
+        for seq in prefilling:
+            if budget < 1:
+                break
+            chunk = min(seq.num_pending, budget)
+            scheduled.append(ScheduledSequence(seq, chunk))
+            budget -= chunk
+        return SchedulerOutput(scheduled, preempted)
+
+    def _reserve_decode(
+        self, seq: Sequence, k: int, preempted: list[Sequence], scheduled: list[ScheduledSequence]
+    ) -> bool:
+        """Pages for the next token plus k drafts; with fewer drafts, or by preempting the newest."""
+        for want in (seq.num_computed + 1 + k, seq.num_computed + 1):
+            if self.pool.can_reserve(seq.pages, want):
+                self.pool.reserve(seq.pages, want)
+                return True
+        while not self.pool.can_reserve(seq.pages, seq.num_computed + 1):
+            victim = self.running[-1]
+            self._preempt(victim, preempted, scheduled)
+            if victim is seq:
+                return False
+        self.pool.reserve(seq.pages, seq.num_computed + 1)
+        return True
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence], scheduled: list[ScheduledSequence]) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.pages)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        preempted.append(seq)
+        scheduled[:] = [s for s in scheduled if s.seq is not seq]
+
+    def _admit(self) -> None:
+        """Moves waiting sequences to running while a slot and the pages for their whole context are free."""
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if not self.pool.can_reserve(seq.pages, len(seq.context)):
+                break
+            self.pool.reserve(seq.pages, len(seq.context))
+            self.running.append(self.waiting.popleft())
+
+    def _round_robin(self, price_drafts: PriceDrafts, preempted: list[Sequence]) -> list[ScheduledSequence]:
+        """One sequence per pass, in turn: its whole pending context, or its next token plus drafts."""
+        self._admit()
+        if not self.running:
+            return []
+        self._turn %= len(self.running)
+        seq = self.running[self._turn]
+        self._turn += 1
+        if not seq.decoding:
+            return [ScheduledSequence(seq, seq.num_pending)]
+        k = price_drafts(seq, 1, 1)
+        if not self._reserve_decode(seq, k, preempted, []):
+            return []
+        k = max(0, min(k, seq.pages.capacity(self.pool.page_size) - seq.num_computed - 1))
+        return [ScheduledSequence(seq, 1, k, decode=True)]

@@ -1,0 +1,1 @@
+"""Paged KV cache bookkeeping: page pool and per-sequence page tables."""

@@ -1,0 +1,113 @@
+"""Attention over the paged KV cache for a ragged batch, in torch (SDPA), shared by every runner.
+
+A batch mixes decode/verify entries (1..k+1 new tokens) and prefill chunks (many). The few-token
+entries go through one padded SDPA call: queries [B, Qmax], keys gathered from each sequence's pages
+[B, Lmax], a mask that is causal with each sequence's own offset. Prefill chunks, whose padding would
+cost more than it saves, each get an SDPA call of their own. The index tensors are built once per
+forward (AttentionPlan) and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812 (torch's own convention)
+
+from verispec.runner.base import BatchEntry
+
+PADDED_MAX_TOKENS = 16  # entries with at most this many new tokens share the padded call
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Entries attended together: where their queries sit in the flat token axis and which slots they read."""
+
+    query_rows: torch.Tensor  # [B, Q] index into the flat [T] axis (padding repeats a real row)
+    key_slots: torch.Tensor  # [B, L] slot index into the cache (padding repeats slot of position 0)
+    mask: torch.Tensor  # [B, 1, Q, L] bool, True where a query may attend
+    valid: torch.Tensor  # [B, Q] bool, the query rows that are real (written back)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Slots to write this forward's keys and values to, and the attention groups to read them."""
+
+    write_slots: torch.Tensor  # [T] slot of each new token
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    groups: tuple[_Group, ...]
+
+    @staticmethod
+    def build(batch: Sequence[BatchEntry], page_size: int, device: torch.device) -> AttentionPlan:
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        padded: list[tuple[int, BatchEntry, torch.Tensor]] = []
+        groups: list[_Group] = []
+        offset = 0
+        for entry in batch:
+            n = len(entry.token_ids)
+            table = torch.tensor(list(entry.pages), dtype=torch.long)
+            all_positions = torch.arange(entry.start + n)
+            all_slots = table[all_positions // page_size] * page_size + all_positions % page_size
+            positions.append(all_positions[entry.start :])
+            slots.append(all_slots[entry.start :])
+            if n <= PADDED_MAX_TOKENS:
+                padded.append((offset, entry, all_slots))
+            else:
+                groups.append(_group([(offset, entry, all_slots)], device))
+            offset += n
+        if padded:
+            groups.insert(0, _group(padded, device))
+        return AttentionPlan(
+            write_slots=torch.cat(slots).to(device),
+            positions=torch.cat(positions).to(device),
+            groups=tuple(groups),
+        )
+
+
+def _group(members: list[tuple[int, BatchEntry, torch.Tensor]], device: torch.device) -> _Group:
+    q_max = max(len(entry.token_ids) for _, entry, _ in members)
+    l_max = max(len(slots) for _, _, slots in members)
+    query_rows = torch.empty(len(members), q_max, dtype=torch.long)
+    key_slots = torch.empty(len(members), l_max, dtype=torch.long)
+    valid = torch.zeros(len(members), q_max, dtype=torch.bool)
+    # Query i of an entry sits at position start + i and may see keys 0 .. start + i.
+    limit = torch.empty(len(members), q_max, 1, dtype=torch.long)
+    for b, (offset, entry, slots) in enumerate(members):
+        n = len(entry.token_ids)
+        rows = torch.arange(q_max).clamp_max(n - 1)
+        query_rows[b] = offset + rows
+        valid[b, :n] = True
+        limit[b, :, 0] = entry.start + rows
+        key_slots[b, : len(slots)] = slots
+        key_slots[b, len(slots) :] = slots[0]
+    mask = torch.arange(l_max).view(1, 1, l_max) <= limit  # [B, Q, L]
+    return _Group(
+        query_rows=query_rows.to(device),
+        key_slots=key_slots.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        valid=valid.to(device),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim], rotary already applied
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim], this forward's keys already written
+    v_cache: torch.Tensor,  # [slots, kv_heads, head_dim]
+    plan: AttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of every new token over its own sequence; returns [T, heads * head_dim]."""
+    num_tokens, heads, head_dim = q.shape
+    out = q.new_empty(num_tokens, heads, head_dim)
+    for group in plan.groups:
+        queries = q[group.query_rows].transpose(1, 2)  # [B, heads, Q, D]
+        keys = k_cache[group.key_slots].transpose(1, 2)  # [B, kv_heads, L, D]
+        values = v_cache[group.key_slots].transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=heads != keys.shape[1]
+        )
+        attended = attended.transpose(1, 2)  # [B, Q, heads, D]
+        out[group.query_rows[group.valid]] = attended[group.valid]
+    return out.reshape(num_tokens, heads * head_dim)

@@ -1,0 +1,106 @@
+"""The ModelRunner protocol: one forward pass over a ragged batch of sequences in the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from verispec.backends.base import BackendInfo
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One sequence's share of a batched forward: new tokens at positions start .. start+n-1."""
+
+    seq_id: int
+    token_ids: Sequence[int]  # [n] new tokens
+    start: int  # positions already in the cache (earlier ones are kept, later ones overwritten)
+    pages: Sequence[int]  # the sequence's page table, covering at least start + n positions
+    num_logits: int  # logits wanted for the last num_logits new tokens (0 for a non-final prefill chunk)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """The shape of the runner's paged KV memory."""
+
+    page_size: int  # token positions per page
+    num_pages: int
+    bytes_per_token: int  # keys and values of every layer for one position
+    dtype: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_pages * self.page_size * self.bytes_per_token
+
+
+class ModelRunner(Protocol):
+    """Scores every sequence of a batch in one pass; the engine owns pages, sampling and speculation."""
+
+    info: BackendInfo
+    kv: KVLayout
+    batched: bool  # False: the fallback that runs entries one after another
+
+    def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
+        """Writes each entry's keys and values into its pages; returns float32 logits
+        [num_logits, vocab] per entry, in batch order."""
+        ...
+
+    def free(self, seq_id: int) -> None:
+        """Forgets anything the runner keeps for a sequence besides its pages."""
+        ...
+
+    def memory(self) -> list[tuple[str, int, int]]:
+        """(device, used bytes, total bytes) per device, measured now (call on the engine thread)."""
+        ...
+
+
+def plan_num_pages(bytes_per_token: int, page_size: int, budget_bytes: int, max_tokens: int) -> int:
+    """Pages that fit in budget_bytes, but no more than max_tokens positions need (at least one)."""
+    by_memory = budget_bytes // (bytes_per_token * page_size)
+    by_need = -(-max_tokens // page_size)
+    return max(1, min(by_memory, by_need))
+
+
+def kv_budget_bytes(setting: float, free_bytes: int) -> int:
+    """--kv-cache-memory: a share of free memory when <= 1, else GiB."""
+    if setting <= 1.0:
+        return int(setting * free_bytes)
+    return int(setting * GIB)
+
+
+def available_cpu_bytes() -> int:
+    """MemAvailable from /proc/meminfo (what the host can give without swapping); 8 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def logits_rows(batch: Sequence[BatchEntry]) -> list[int]:
+    """Indices into the flattened [sum of n] token axis of the rows whose logits are wanted."""
+    rows: list[int] = []
+    offset = 0
+    for entry in batch:
+        n = len(entry.token_ids)
+        rows.extend(range(offset + n - entry.num_logits, offset + n))
+        offset += n
+    return rows
+
+
+def split_logits(batch: Sequence[BatchEntry], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Cuts the stacked logits of logits_rows(batch) back into one tensor per entry."""
+    result: list[torch.Tensor] = []
+    offset = 0
+    for entry in batch:
+        result.append(logits[offset : offset + entry.num_logits])
+        offset += entry.num_logits
+    return result
