@@ -27,9 +27,10 @@ from verispec.request import (
     StepOutput,
     StoppingCriteria,
 )
+from verispec.runner import build_runner
 from verispec.sampling import Sampler, draw
 from verispec.spec.adaptive import CostModel, KController, best_k, expected_tokens
-from verispec.spec.drafters import ModelDrafter, NgramDrafter, lookup
+from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter, lookup
 from verispec.spec.verify import Proposal, verify
 from verispec.tokenizer import Tokenizer
 from verispec.v1 import generation_pb2 as pb
@@ -300,23 +301,22 @@ def random_draft(target: Target, tmp_path_factory: pytest.TempPathFactory) -> To
     return TorchRefBackend(directory, "random-draft")
 
 
+def make_core(target: Target, drafters: dict[SpeculationMode, Drafter], config: EngineConfig) -> EngineCore:
+    """An engine over the embedded model's batched runner (not started)."""
+    return EngineCore(build_runner(target.backend, config), target.tokenizer, drafters, config)
+
+
+def draft_model(backend: TorchRefBackend, config: EngineConfig) -> ModelDrafter:
+    return ModelDrafter(build_runner(backend, config))
+
+
 @pytest.fixture(scope="module")
 def cores(target: Target, random_draft: TorchRefBackend) -> Iterator[dict[str, EngineCore]]:
     config = EngineConfig()
     made = {
-        "ngram": EngineCore(target.backend, target.tokenizer, {SpeculationMode.NGRAM: NgramDrafter(1, 3)}, config),
-        "self": EngineCore(
-            target.backend,
-            target.tokenizer,
-            {SpeculationMode.DRAFT_MODEL: ModelDrafter(target.backend)},
-            config,
-        ),
-        "random": EngineCore(
-            target.backend,
-            target.tokenizer,
-            {SpeculationMode.DRAFT_MODEL: ModelDrafter(random_draft)},
-            config,
-        ),
+        "ngram": make_core(target, {SpeculationMode.NGRAM: NgramDrafter(1, 3)}, config),
+        "self": make_core(target, {SpeculationMode.DRAFT_MODEL: draft_model(target.backend, config)}, config),
+        "random": make_core(target, {SpeculationMode.DRAFT_MODEL: draft_model(random_draft, config)}, config),
     }
     for core in made.values():
         core.start()
@@ -329,9 +329,8 @@ def test_a_failing_drafter_is_probed_rarely_from_the_next_requests_start(
     target: Target, random_draft: TorchRefBackend
 ) -> None:
     """AUTO remembers, per drafter, how far its probe interval backed off; a new request starts there."""
-    core = EngineCore(
-        target.backend, target.tokenizer, {SpeculationMode.DRAFT_MODEL: ModelDrafter(random_draft)}, EngineConfig()
-    )
+    config = EngineConfig()
+    core = make_core(target, {SpeculationMode.DRAFT_MODEL: draft_model(random_draft, config)}, config)
     core.start()
     try:
         ids = target.tokenizer.encode_chat([("user", FREE_PROMPT)])

@@ -22,6 +22,7 @@ from verispec.request import (
     SpeculationParams,
     StoppingCriteria,
 )
+from verispec.runner import build_runner
 from verispec.spec.drafters import ModelDrafter, NgramDrafter
 from verispec.v1 import generation_pb2 as pb
 from verispec.v1 import generation_pb2_grpc as pb_grpc
@@ -34,6 +35,8 @@ pytestmark = pytest.mark.gpu
 RELATIVE_TOLERANCE = 0.02
 
 PROMPT = list(range(300, 340))
+# Several runners share one GPU in these tests: each gets a modest KV pool.
+SMALL_KV = EngineConfig(kv_cache_memory=2.0, max_active_requests=8)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
@@ -86,9 +89,9 @@ def test_greedy_speculative_equals_greedy_plain_on_gpu(exl2: Any, tiny_draft_dir
         mode = SpeculationMode.NGRAM
     else:
         draft = exl2 if drafter == "self" else Exl2Backend(tiny_draft_dir, "tiny-draft")
-        drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft)}
+        drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(build_runner(draft, SMALL_KV))}
         mode = SpeculationMode.DRAFT_MODEL
-    core = EngineCore(exl2, Tokenizer(tiny_draft_dir), drafters, EngineConfig())
+    core = EngineCore(build_runner(exl2, SMALL_KV), Tokenizer(tiny_draft_dir), drafters, SMALL_KV)
     core.start()
     try:
         plain = [t for o in run_to_completion(core, _request(SpeculationMode.OFF, 0, "plain")) for t in o.token_ids]

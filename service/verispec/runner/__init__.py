@@ -7,6 +7,7 @@ import torch
 
 from verispec.backends.base import Backend
 from verispec.config import EngineConfig
+from verispec.errors import ModelLoadError
 from verispec.runner.base import ModelRunner, available_cpu_bytes, kv_budget_bytes, plan_num_pages
 
 log = structlog.get_logger(__name__)
@@ -38,9 +39,14 @@ def build_runner(backend: Backend, config: EngineConfig, max_context_length: int
         if supports(model):
             return TorchLlamaRunner(model, backend.info, config.kv_page_size, budget, max_tokens)
     if backend.info.backend == "exl2":
+        from verispec.backends.exl2 import Exl2Backend
         from verispec.runner.exl2 import Exl2Runner
 
-        return Exl2Runner(backend, config.kv_page_size, budget, max_tokens)
+        assert isinstance(backend, Exl2Backend)
+        try:
+            return Exl2Runner(backend, config.kv_page_size, share, max_tokens)
+        except ModelLoadError as exc:  # e.g. an fp16 draft model: ExLlamaV2's own forward, one at a time
+            log.warning("runner.exl2_sequential", model=backend.info.model_id, reason=str(exc))
     from verispec.runner.sequential import SequentialRunner
 
     log.info("runner.sequential", model=backend.info.model_id, reason="no batched runner covers this model")

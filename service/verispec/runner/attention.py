@@ -36,7 +36,17 @@ class AttentionPlan:
 
     write_slots: torch.Tensor  # [T] slot of each new token
     positions: torch.Tensor  # [T] position of each new token in its sequence
+    positions_int32: torch.Tensor  # [T] the same, as the int32 offsets RoPE kernels take
     groups: tuple[_Group, ...]
+
+    def to(self, device: torch.device) -> AttentionPlan:
+        """The same plan with its tensors on `device` (each GPU of a split reads its own copy)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        groups = tuple(_Group(move(g.query_rows), move(g.key_slots), move(g.mask), move(g.valid)) for g in self.groups)
+        return AttentionPlan(move(self.write_slots), move(self.positions), move(self.positions_int32), groups)
 
     @staticmethod
     def build(batch: Sequence[BatchEntry], page_size: int, device: torch.device) -> AttentionPlan:
@@ -59,9 +69,11 @@ class AttentionPlan:
             offset += n
         if padded:
             groups.insert(0, _group(padded, device))
+        flat_positions = torch.cat(positions)
         return AttentionPlan(
             write_slots=torch.cat(slots).to(device),
-            positions=torch.cat(positions).to(device),
+            positions=flat_positions.to(device),
+            positions_int32=flat_positions.to(device, torch.int32),
             groups=tuple(groups),
         )
 

@@ -41,7 +41,9 @@ class CostModel:
         known = sorted(self.verify_s)
         if not known:
             return float(num_tokens)  # nothing measured: assume cost grows with tokens (no speculation)
-        lower = max((n for n in known if n < num_tokens), default=known[0])
+        if num_tokens < known[0]:  # below every measured size: scale the smallest down, in proportion
+            return self.verify_s[known[0]] * num_tokens / known[0]
+        lower = max(n for n in known if n < num_tokens)
         upper = min((n for n in known if n > num_tokens), default=None)
         if upper is None:  # extrapolate from the two largest sizes, never cheaper than the largest
             if len(known) < 2:

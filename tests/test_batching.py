@@ -1,0 +1,453 @@
+"""Continuous batching: scheduling and paging on a fast fake runner, then the real model in batches.
+
+The invariants: a request served inside a batch gets exactly the tokens it gets alone (greedy and
+seeded sampling, with or without drafts, across preemptions); every page goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from tests.conftest import Target
+from verispec.backends.base import BackendInfo
+from verispec.config import EngineConfig
+from verispec.engine.core import EngineCore, run_to_completion
+from verispec.engine.scheduler import Scheduler
+from verispec.engine.sequence import Sequence as EngineSequence
+from verispec.engine.text import TextStream
+from verispec.errors import CapacityError
+from verispec.kv.pages import OutOfPagesError, PagePool, PageTable
+from verispec.request import (
+    FinishReason,
+    Request,
+    ResponseOptions,
+    SamplingParams,
+    SpeculationMode,
+    SpeculationParams,
+    StepOutput,
+    StoppingCriteria,
+)
+from verispec.runner import build_runner
+from verispec.runner.base import BatchEntry, KVLayout
+from verispec.runner.sequential import SequentialRunner
+from verispec.runner.torch_llama import TorchLlamaRunner
+from verispec.spec.adaptive import KController
+from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
+from verispec.tokenizer import Tokenizer
+
+# -- the page pool ---------------------------------------------------------------------------------
+
+
+def test_pool_reserves_all_or_nothing_and_truncates_whole_pages() -> None:
+    pool = PagePool(num_pages=4, page_size=4)
+    a, b = PageTable(), PageTable()
+    pool.reserve(a, 9)  # 3 pages
+    assert len(a.pages) == 3 and pool.num_free == 1
+    with pytest.raises(OutOfPagesError):
+        pool.reserve(b, 5)  # 2 pages, 1 free: nothing is taken
+    assert b.pages == [] and pool.num_free == 1
+    pool.truncate(a, 4)  # positions 0..3 stay: one page
+    assert len(a.pages) == 1 and pool.num_free == 3
+    pool.release(a)
+    assert pool.num_free == 4 and set(range(4)) == {*pool._free}
+
+
+# -- a fake runner whose outputs depend on every cached token ---------------------------------------
+
+VOCAB = 50
+EOS = 49
+
+
+class FakeRunner:
+    """A deterministic 'model' over real pages: the next token is a hash of every token the page table
+    says the sequence holds, so a page lost, shared or overwritten changes the output."""
+
+    batched = True
+
+    def __init__(self, num_pages: int, page_size: int = 4) -> None:
+        self.info = BackendInfo("fake", "fake", VOCAB, 4096, "float32", ("cpu",))
+        self.kv = KVLayout(page_size, num_pages, bytes_per_token=1, dtype="int")
+        self.slots: dict[int, int] = {}
+        self.num_forwards = 0
+        self.max_batch = 0
+
+    def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
+        self.num_forwards += 1
+        self.max_batch = max(self.max_batch, len(batch))
+        ps = self.kv.page_size
+        out = []
+        for entry in batch:
+            n = len(entry.token_ids)
+            assert len(entry.pages) * ps >= entry.start + n, "pages must cover every written position"
+            for i, token in enumerate(entry.token_ids):
+                p = entry.start + i
+                self.slots[entry.pages[p // ps] * ps + p % ps] = token
+            rows = []
+            for p in range(entry.start + n - entry.num_logits, entry.start + n):
+                held = [self.slots[entry.pages[q // ps] * ps + q % ps] for q in range(p + 1)]
+                logits = torch.zeros(VOCAB)
+                logits[(sum(t * (q + 1) for q, t in enumerate(held)) * 7 + 3) % (VOCAB - 1)] = 5.0
+                rows.append(logits)
+            out.append(torch.stack(rows) if rows else torch.zeros(0, VOCAB))
+        return out
+
+    def free(self, seq_id: int) -> None:
+        return None
+
+    def memory(self) -> list[tuple[str, int, int]]:
+        return [("cpu", 0, 0)]
+
+
+class FakeTokenizer:
+    """Enough of Tokenizer for the engine: one character per token."""
+
+    eos_token_ids = (EOS,)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def _request(
+    request_id: str,
+    prompt: Sequence[int],
+    n: int,
+    mode: SpeculationMode = SpeculationMode.OFF,
+    k: int = 4,
+    sampling: SamplingParams | None = None,
+    min_new_tokens: int = 0,
+) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=tuple(prompt),
+        sampling=sampling or SamplingParams(),
+        stopping=StoppingCriteria(max_new_tokens=n, min_new_tokens=min_new_tokens),
+        response=ResponseOptions(),
+        speculation=SpeculationParams(mode, k),
+    )
+
+
+def _fake_core(num_pages: int, **engine: object) -> tuple[EngineCore, FakeRunner]:
+    runner = FakeRunner(num_pages)
+    config = EngineConfig(**engine)  # type: ignore[arg-type]
+    tokenizer: Tokenizer = FakeTokenizer()  # type: ignore[assignment]
+    core = EngineCore(runner, tokenizer, {SpeculationMode.NGRAM: NgramDrafter(1, 2)}, config)
+    core.start()
+    return core, runner
+
+
+def tokens(outputs: list[StepOutput]) -> list[int]:
+    return [t for out in outputs for t in out.token_ids]
+
+
+def _run_concurrently(core: EngineCore, requests: list[Request]) -> dict[str, list[StepOutput]]:
+    results: dict[str, list[StepOutput]] = {}
+
+    def run(request: Request) -> None:
+        results[request.request_id] = run_to_completion(core, request, timeout=300)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+FAKE_PROMPTS = [list(range(1, 1 + n)) for n in (3, 9, 17, 5, 30, 2, 12, 7)]
+
+
+def test_fake_batch_equals_solo_across_preemptions_and_returns_every_page() -> None:
+    """A pool of 24 pages of 4 cannot hold 8 growing sequences: the newest are preempted and
+    recomputed, yet every request ends with its solo tokens and the pool ends full."""
+    solo_core, _ = _fake_core(num_pages=256)
+    modes = [SpeculationMode.OFF, SpeculationMode.NGRAM]
+    requests = [_request(f"r{i}", p, 20, modes[i % 2]) for i, p in enumerate(FAKE_PROMPTS)]
+    try:
+        solo = {r.request_id: tokens(run_to_completion(solo_core, r)) for r in requests}
+    finally:
+        solo_core.stop(5)
+    core, runner = _fake_core(num_pages=24)
+    try:
+        results = _run_concurrently(core, requests)
+        assert core.scheduler.num_preemptions > 0, "the pool was meant to run out"
+        assert runner.max_batch > 1
+        for request in requests:
+            assert tokens(results[request.request_id]) == solo[request.request_id], request.request_id
+        assert core.pool.num_used == 0 and core.pool.num_free == 24
+        assert core.stats().num_preemptions == core.scheduler.num_preemptions
+    finally:
+        core.stop(5)
+
+
+def test_cancelled_requests_return_their_pages() -> None:
+    core, _ = _fake_core(num_pages=256)
+    try:
+        done = threading.Event()
+        seen: list[StepOutput] = []
+
+        def sink(out: StepOutput) -> None:
+            seen.append(out)
+            if len(seen) == 3:
+                core.abort("long")
+            if out.finished:
+                done.set()
+
+        core.submit(_request("long", FAKE_PROMPTS[4], 400), sink)
+        assert done.wait(30)
+        assert seen[-1].finish_reason is FinishReason.CANCELLED
+        assert sum(1 for out in seen if out.finished) == 1
+        assert core.pool.num_used == 0
+    finally:
+        core.stop(5)
+
+
+def test_a_request_larger_than_the_whole_pool_is_refused() -> None:
+    core, _ = _fake_core(num_pages=4)  # 16 positions
+    try:
+        with pytest.raises(CapacityError, match="KV cache holds 16"):
+            core.submit(_request("big", range(1, 10), 10), lambda out: None)
+    finally:
+        core.stop(5)
+
+
+# -- the scheduler alone ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Plain:
+    """Sequences for scheduler tests (no engine)."""
+
+    pool: PagePool
+    made: list[EngineSequence] = field(default_factory=list)
+
+    def sequence(self, prompt_length: int, emitted: int = 0) -> EngineSequence:
+        request = _request(f"s{len(self.made)}", range(1, 1 + prompt_length), 64)
+        seq = EngineSequence(
+            seq_id=len(self.made),
+            request=request,
+            sink=lambda out: None,
+            submitted_ns=0,
+            submitted=0.0,
+            drafter=None,
+            controller=KController(k_max=0, adapt=False),
+            text=TextStream(FakeTokenizer().decode),
+            context=list(request.prompt_token_ids) + [7] * emitted,
+            output_ids=[7] * emitted,
+        )
+        self.made.append(seq)
+        return seq
+
+
+def _no_drafts(seq: EngineSequence, batch_tokens: int, batch_size: int) -> int:
+    return 0
+
+
+def test_decodes_come_first_and_prefill_is_chunked_shortest_first() -> None:
+    pool = PagePool(64, 4)
+    scheduler = Scheduler(pool, max_running=8, max_batch_tokens=10)
+    make = _Plain(pool)
+    decoding = [make.sequence(4, emitted=1) for _ in range(3)]
+    for seq in decoding:
+        scheduler.add(seq)
+    scheduler.schedule(_no_drafts)  # admits them (each still has its context to compute)
+    for seq in decoding:
+        seq.num_computed = len(seq.context) - 1  # as if prefilled
+    long, short = make.sequence(40), make.sequence(3)
+    scheduler.add(long)
+    scheduler.add(short)
+    plan = scheduler.schedule(_no_drafts)
+    kinds = [(s.seq.request_id, s.num_new_tokens, s.decode) for s in plan.scheduled]
+    assert kinds[:3] == [(seq.request_id, 1, True) for seq in decoding], "running decodes go first"
+    assert kinds[3] == (short.request_id, 3, False), "the short prompt is prefilled before the long one"
+    assert kinds[4] == (long.request_id, 4, False), "the long prompt gets what is left of the budget"
+    assert plan.num_tokens == 10
+
+
+def test_admission_waits_for_the_pages_of_the_whole_prompt() -> None:
+    pool = PagePool(10, 4)  # 40 positions
+    scheduler = Scheduler(pool, max_running=8, max_batch_tokens=64)
+    make = _Plain(pool)
+    first, second = make.sequence(30), make.sequence(12)
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.schedule(_no_drafts)
+    assert scheduler.running == [first] and list(scheduler.waiting) == [second], "12 more do not fit beside 30"
+    scheduler.remove(first)
+    scheduler.schedule(_no_drafts)
+    assert scheduler.running == [second]
+
+
+def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
+    pool = PagePool(4, 4)
+    scheduler = Scheduler(pool, max_running=8, max_batch_tokens=64)
+    make = _Plain(pool)
+    old, new = make.sequence(7, emitted=1), make.sequence(7, emitted=1)  # 8 positions each: all 4 pages
+    for seq in (old, new):
+        scheduler.add(seq)
+    scheduler.schedule(_no_drafts)
+    for seq in (old, new):
+        seq.num_computed = 8
+        seq.context.append(7)
+        seq.output_ids.append(7)
+    plan = scheduler.schedule(_no_drafts)  # old needs a 3rd page for position 8: new gives its pages back
+    assert plan.preempted == [new] and new.num_computed == 0
+    assert [s.seq for s in plan.scheduled] == [old]
+    assert scheduler.waiting[0] is new and scheduler.num_preemptions == 1
+
+
+# -- the real model --------------------------------------------------------------------------------
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over the lazy dog.",
+    "Write a haiku about rain.",
+    "List the first five prime numbers, separated by commas, and say why each one is prime in one sentence.",
+    "Hi",
+    "Translate to French: good morning, how are you today?",
+    "def fibonacci(n):",
+    "Name three colours.",
+]
+
+
+@pytest.fixture(scope="module")
+def real_cores(target: Target) -> Iterator[tuple[EngineCore, EngineCore]]:
+    """(solo, batched): the same model and drafters; the solo engine is only ever given one request."""
+    config = EngineConfig()
+
+    def make() -> EngineCore:
+        drafters: dict[SpeculationMode, Drafter] = {
+            SpeculationMode.NGRAM: NgramDrafter(1, 3),
+            SpeculationMode.DRAFT_MODEL: ModelDrafter(build_runner(target.backend, config)),
+        }
+        core = EngineCore(build_runner(target.backend, config), target.tokenizer, drafters, config)
+        core.start()
+        return core
+
+    solo, batched = make(), make()
+    yield solo, batched
+    solo.stop(10)
+    batched.stop(10)
+
+
+def _mixed_requests(target: Target, sampling: SamplingParams) -> list[Request]:
+    modes = [
+        SpeculationMode.OFF,
+        SpeculationMode.NGRAM,
+        SpeculationMode.DRAFT_MODEL,
+        SpeculationMode.AUTO,
+    ]
+    return [
+        _request(f"m{i}", target.tokenizer.encode_chat([("user", p)]), 24, modes[i % 4], 3, sampling)
+        for i, p in enumerate(PROMPTS)
+    ]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.95, seed=11)],
+    ids=["greedy", "seeded"],
+)
+def test_a_request_in_a_batch_of_8_gets_its_solo_tokens(
+    target: Target, real_cores: tuple[EngineCore, EngineCore], sampling: SamplingParams
+) -> None:
+    """Eight requests of different prompt lengths and speculation modes, two of them cancelled midway:
+    each survivor's tokens equal what it gets served alone, token for token (fp32 CPU)."""
+    solo_core, core = real_cores
+    requests = _mixed_requests(target, sampling)
+    solo = {r.request_id: tokens(run_to_completion(solo_core, r)) for r in requests}
+    cancelled = {"m2", "m5"}
+    results: dict[str, list[StepOutput]] = {}
+    done = threading.Event()
+
+    def sink_for(request_id: str) -> object:
+        def sink(out: StepOutput) -> None:
+            results.setdefault(request_id, []).append(out)
+            if request_id in cancelled and len(results[request_id]) == 2:
+                core.abort(request_id)
+            if out.finished and sum(1 for rs in results.values() if rs[-1].finished) == len(requests):
+                done.set()
+
+        return sink
+
+    used_before = core.pool.num_used
+    for request in requests:
+        core.submit(request, sink_for(request.request_id))  # type: ignore[arg-type]
+    assert done.wait(300)
+    for request in requests:
+        outs = results[request.request_id]
+        assert sum(1 for out in outs if out.finished) == 1, "exactly one final message"
+        if request.request_id in cancelled:
+            assert outs[-1].finish_reason is FinishReason.CANCELLED
+            assert tokens(outs) == solo[request.request_id][: len(tokens(outs))]
+        else:
+            assert tokens(outs) == solo[request.request_id], request.request_id
+    assert core.stats().batch_size >= 1
+    assert core.pool.num_used == used_before == 0
+
+
+def test_preempted_requests_resume_with_their_solo_tokens(target: Target) -> None:
+    """A real KV pool of 8 pages of 16 for four requests of 40-60 positions each forces preemptions."""
+    config = EngineConfig(max_batch_tokens=64)
+    bytes_per_token = 2 * 30 * 3 * 64 * 4
+    runner = TorchLlamaRunner(target.backend.model, target.backend.info, 16, 8 * 16 * bytes_per_token, 10**6)
+    assert runner.kv.num_pages == 8
+    core = EngineCore(runner, target.tokenizer, {}, config)
+    core.start()
+    requests = [_request(f"p{i}", target.tokenizer.encode(p), 36, min_new_tokens=36) for i, p in enumerate(PROMPTS[:4])]
+    try:
+        solo = {r.request_id: tokens(run_to_completion(core, r)) for r in requests}
+        results = _run_concurrently(core, requests)
+        assert core.scheduler.num_preemptions > 0
+        for request in requests:
+            assert tokens(results[request.request_id]) == solo[request.request_id]
+        assert core.pool.num_used == 0
+    finally:
+        core.stop(10)
+
+
+def test_runner_logits_match_the_transformers_reference(target: Target) -> None:
+    """One forward mixing a prefill chunk, a continued chunk and a decode step equals transformers'
+    own forward of each sequence, to fp32 rounding."""
+    runner = build_runner(target.backend, EngineConfig(max_active_requests=4))
+    assert isinstance(runner, TorchLlamaRunner)
+    pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+    ids = [target.tokenizer.encode(p) for p in PROMPTS[:3]]
+    tables = [PageTable() for _ in ids]
+    for table, seq in zip(tables, ids, strict=True):
+        pool.reserve(table, len(seq))
+    cut = [len(ids[0]), 5, len(ids[2]) - 1]  # whole, a first chunk, all but the last token
+    runner.forward([BatchEntry(i, ids[i][: cut[i]], 0, tables[i].pages, 0) for i in range(3)])
+    rest = [BatchEntry(i, ids[i][cut[i] :], cut[i], tables[i].pages, len(ids[i]) - cut[i]) for i in (1, 2)]
+    got = runner.forward(rest)
+    for entry, logits in zip(rest, got, strict=True):
+        cache = target.backend.new_cache()
+        expected = target.backend.forward(cache, ids[entry.seq_id], len(ids[entry.seq_id]))[cut[entry.seq_id] :]
+        scale = float(expected.abs().max())
+        assert float((logits - expected).abs().max()) < 1e-5 * scale
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_sequential_fallback_serves_the_same_tokens(target: Target) -> None:
+    """Architectures without a batched runner go through the backend one sequence at a time."""
+    config = EngineConfig()
+    runner = SequentialRunner(target.backend, page_size=16, num_pages=512)
+    core = EngineCore(runner, target.tokenizer, {SpeculationMode.NGRAM: NgramDrafter(1, 3)}, config)
+    core.start()
+    batched = EngineCore(build_runner(target.backend, config), target.tokenizer, {}, config)
+    batched.start()
+    try:
+        requests = [
+            _request(f"f{i}", target.tokenizer.encode(p), 16, SpeculationMode.NGRAM) for i, p in enumerate(PROMPTS[:3])
+        ]
+        fallback = _run_concurrently(core, requests)
+        for request in requests:
+            assert tokens(fallback[request.request_id]) == tokens(run_to_completion(batched, request))
+        assert core.pool.num_used == 0
+    finally:
+        core.stop(10)
+        batched.stop(10)
