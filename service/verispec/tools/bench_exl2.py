@@ -57,14 +57,17 @@ class ReplayDrafter:
     def start(self) -> object:
         return None
 
-    def propose(self, state: object, context: Sequence[int], k: int, sampler: Any) -> Any:
+    def propose(self, tasks: Sequence[Any]) -> list[Any]:
         from verispec.spec.verify import Proposal
 
-        drafts = []
-        for token in self.reference[len(context) : len(context) + k]:
-            miss = self.rng.random() >= self.acceptance
-            drafts.append((token + 1) % self.vocab_size if miss else token)
-        return Proposal(drafts)
+        proposals = []
+        for task in tasks:
+            drafts = []
+            for token in self.reference[len(task.context) : len(task.context) + task.k]:
+                miss = self.rng.random() >= self.acceptance
+                drafts.append((token + 1) % self.vocab_size if miss else token)
+            proposals.append(Proposal(drafts))
+        return proposals
 
     def accept(self, state: object, valid_length: int) -> None:
         return None
@@ -183,6 +186,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     from verispec.errors import ModelLoadError
     from verispec.loader import calibrate, calibrate_draft
     from verispec.request import SpeculationMode
+    from verispec.runner import build_runner
     from verispec.spec.adaptive import CostModel
     from verispec.spec.drafters import ModelDrafter
     from verispec.tokenizer import Tokenizer
@@ -211,10 +215,12 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
 
     tokenizer = Tokenizer(args.model)
     costs = CostModel()
-    calibrate(target, costs, 9)
-    calibrate_draft(draft, costs)
-    drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft)}
-    core = EngineCore(target, tokenizer, drafters, EngineConfig(), costs)
+    config = EngineConfig()
+    runner, draft_runner = build_runner(target, config), build_runner(draft, config)
+    calibrate(runner, costs, 9, config.max_batch_tokens)
+    calibrate_draft(draft_runner, costs)
+    drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft_runner)}
+    core = EngineCore(runner, tokenizer, drafters, config, costs)
     core.start()
     try:
         measurements = _engine_measurements(core, target.info.vocab_size, n, k, args.repeats)
@@ -237,6 +243,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
 
 def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: int) -> dict[str, Any]:
     """Engine OFF vs AUTO with the random draft (alternating, medians), fixed k, replayed acceptance."""
+    from verispec.engine.core import EngineCore
     from verispec.request import SpeculationMode
 
     result: dict[str, Any] = {}
@@ -271,10 +278,21 @@ def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: in
     full = PROMPT_TOKENS + reference
     synthetic = {}
     for acceptance in (0.6, 0.8, 1.0):
-        core.drafters = {SpeculationMode.DRAFT_MODEL: ReplayDrafter(full, acceptance, vocab_size)}
+        # An engine of its own over the same runner, handed the replay drafter at construction.
+        replay = EngineCore(
+            core.runner,
+            core.tokenizer,
+            {SpeculationMode.DRAFT_MODEL: ReplayDrafter(full, acceptance, vocab_size)},
+            core.config,
+            core.costs,
+        )
         _progress(f"replay drafter, synthetic acceptance {acceptance}")
-        fixed, tokens, spec = _engine_run(core, "draft_model", k, n, f"replay-{acceptance}")
-        auto, auto_tokens, auto_spec = _engine_run(core, "auto", K_MAX["auto"], n, f"replay-auto-{acceptance}")
+        replay.start()
+        try:
+            fixed, tokens, spec = _engine_run(replay, "draft_model", k, n, f"replay-{acceptance}")
+            auto, auto_tokens, auto_spec = _engine_run(replay, "auto", K_MAX["auto"], n, f"replay-auto-{acceptance}")
+        finally:
+            replay.stop(10)
         synthetic[str(acceptance)] = {
             f"fixed_k{k}_speedup": round(fixed / off_tps, 3),
             "auto_speedup": round(auto / off_tps, 3),
