@@ -129,6 +129,11 @@ class Exl2Backend:
         if max_context_length:
             config.max_seq_len = max_context_length
         config.max_input_len = max(config.max_input_len, 2048)
+        # ExLlamaV2 records a CUDA graph per module and (rows, batch) shape it sees. Driven by the paged
+        # runner, whose batches change shape every step, those graphs broke as soon as a second model
+        # (the draft) was loaded: q_attn/q_mlp forwards raised std::bad_alloc on the H200 (all GPU tests
+        # pass with graphs off). The runner's own graphs are the place for launch savings.
+        config.no_graphs = True
         self.config = config
         self.model = ExLlamaV2(config)
         self.cache_mode = cache_mode
