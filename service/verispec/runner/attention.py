@@ -27,7 +27,11 @@ class _Group:
     query_rows: torch.Tensor  # [B, Q] index into the flat [T] axis (padding repeats a real row)
     key_slots: torch.Tensor  # [B, L] slot index into the cache (padding repeats slot of position 0)
     mask: torch.Tensor  # [B, 1, Q, L] bool, True where a query may attend
-    valid: torch.Tensor  # [B, Q] bool, the query rows that are real (written back)
+    # The real (not padding) queries: where they sit in the flattened [B * Q] output, and their rows in
+    # the flat [T] axis. Index tensors rather than a boolean mask: a mask's result size would make
+    # the host wait for the device in every layer.
+    valid_flat: torch.Tensor  # [n] index into B * Q
+    valid_rows: torch.Tensor  # [n] index into T
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,10 @@ class AttentionPlan:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)
 
-        groups = tuple(_Group(move(g.query_rows), move(g.key_slots), move(g.mask), move(g.valid)) for g in self.groups)
+        groups = tuple(
+            _Group(move(g.query_rows), move(g.key_slots), move(g.mask), move(g.valid_flat), move(g.valid_rows))
+            for g in self.groups
+        )
         return AttentionPlan(move(self.write_slots), move(self.positions), move(self.positions_int32), groups)
 
     @staticmethod
@@ -95,11 +102,13 @@ def _group(members: list[tuple[int, BatchEntry, torch.Tensor]], device: torch.de
         key_slots[b, : len(slots)] = slots
         key_slots[b, len(slots) :] = slots[0]
     mask = torch.arange(l_max).view(1, 1, l_max) <= limit  # [B, Q, L]
+    valid_flat = valid.flatten().nonzero().flatten()
     return _Group(
         query_rows=query_rows.to(device),
         key_slots=key_slots.to(device),
         mask=mask.unsqueeze(1).to(device),
-        valid=valid.to(device),
+        valid_flat=valid_flat.to(device),
+        valid_rows=query_rows.flatten()[valid_flat].to(device),
     )
 
 
@@ -120,6 +129,6 @@ def paged_attention(
         attended = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=group.mask, scale=scale, enable_gqa=heads != keys.shape[1]
         )
-        attended = attended.transpose(1, 2)  # [B, Q, heads, D]
-        out[group.query_rows[group.valid]] = attended[group.valid]
+        attended = attended.transpose(1, 2).reshape(-1, heads, head_dim)  # [B * Q, heads, D]
+        out[group.valid_rows] = attended[group.valid_flat]
     return out.reshape(num_tokens, heads * head_dim)
