@@ -104,8 +104,8 @@ def make_server(target: Target, loop_thread: LoopThread) -> Iterator[ServerFacto
         config: Config = config_from_argv(["--host", "127.0.0.1", "--port", "0", *flags])
         server = Server(config)
         port = loop_thread.run(server.start())
-        models = start_engine(config, target.backend, target.tokenizer, draft)
-        loop_thread.run(server.load(lambda _: models))
+        models = start_engine(config, target.backend, target.tokenizer, draft, observer=server.metrics)
+        loop_thread.run(server.load(lambda _config, _observer: models))
         address = f"127.0.0.1:{port}"
         channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
         wait_serving(channel, "verispec.v1.GenerationService")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, ServerFactory
+from verispec.runner.base import available_cpu_bytes
 from verispec.v1 import generation_pb2 as pb
 
 FRANCE = [pb.ChatMessage(role="user", content="What is the capital of France?")]
 STORY = "Once upon a time, in a small village by the sea,"
+# Keys and values of 30 layers x 3 KV heads x head_dim 64, float32.
+SMOLLM2_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
 
 
 def greedy(**fields: object) -> pb.GenerateRequest:
@@ -233,12 +239,95 @@ def test_model_info(server: RunningServer) -> None:
     assert info.max_num_draft_tokens >= info.default_num_draft_tokens > 0
 
 
+def test_model_info_describes_the_kv_cache(server: RunningServer) -> None:
+    """Page size, pages, bytes per token and their product, as the pool was built; the batching settings."""
+    info = server.stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.kv_page_size == 16
+    assert info.kv_pages_total > 0
+    assert info.kv_bytes_per_token == SMOLLM2_KV_BYTES_PER_TOKEN
+    assert info.kv_cache_bytes == info.kv_pages_total * info.kv_page_size * info.kv_bytes_per_token
+    assert info.max_batch_tokens == 256
+    assert info.scheduling == "batched"
+
+
 def test_deep_health(server: RunningServer) -> None:
     server.stub.Generate(greedy(prompt="Hi", max_new_tokens=2))
-    health = server.stub.Health(pb.HealthRequest())
+    # The engine publishes its snapshot after the step that sent the final message: poll briefly.
+    health = _health_when(server, lambda h: h.active_requests == 0)
     assert health.status == pb.SERVING_STATUS_SERVING
     assert health.model_loaded and not health.draft_loaded
     assert health.active_requests == 0 and health.queue_depth == 0
     assert 0 <= health.last_step_age_seconds < 60
     assert health.devices[0].device == "cpu" and health.devices[0].used_bytes > 0
     assert health.version
+    assert health.batch_size == 1 and health.batch_tokens >= 1, "the last pass stepped the lone request"
+    assert health.num_preemptions == 0
+
+
+def _health_when(server: RunningServer, done: Callable[[pb.HealthResponse], bool]) -> pb.HealthResponse:
+    """Health, polled until `done` holds (the engine publishes its snapshot after each step)."""
+    deadline = time.monotonic() + 10
+    health: pb.HealthResponse = server.stub.Health(pb.HealthRequest())
+    while not done(health) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        health = server.stub.Health(pb.HealthRequest())
+    return health
+
+
+def test_kv_pages_are_held_while_running_and_returned_when_done(server: RunningServer) -> None:
+    """A running request holds the pages of its context; once it finishes the pool is empty again."""
+    request = greedy(prompt=STORY, max_new_tokens=48, min_new_tokens=48)
+    call = server.stub.StreamGenerate(stream_of(request), timeout=120)
+    messages = iter(call)
+    next(messages)
+    running = _health_when(server, lambda h: h.kv_pages_used > 0)
+    prompt_tokens = server.stub.Tokenize(pb.TokenizeRequest(text=STORY)).count
+    assert running.kv_pages_used >= -(-prompt_tokens // 16), "at least the prompt's pages"
+    assert running.kv_pages_total == server.stub.ModelInfo(pb.ModelInfoRequest()).kv_pages_total
+    assert running.kv_utilization == pytest.approx(running.kv_pages_used / running.kv_pages_total)
+    for _ in messages:
+        pass
+    idle = _health_when(server, lambda h: h.kv_pages_used == 0)
+    assert idle.kv_pages_used == 0 and idle.kv_utilization == 0.0
+    assert idle.active_requests == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(make_server: ServerFactory) -> RunningServer:
+    """A server whose KV cache holds about 8 pages (128 positions): --kv-cache-memory as a share of
+    the host's available memory, computed for that."""
+    share = 8 * 16 * SMOLLM2_KV_BYTES_PER_TOKEN / available_cpu_bytes()
+    return make_server("--kv-cache-memory", repr(share))
+
+
+def test_kv_cache_and_memory_are_reported_before_the_first_request(tiny_pool: RunningServer) -> None:
+    """A server that has served nothing yet already describes its pool and its device memory."""
+    info = tiny_pool.stub.ModelInfo(pb.ModelInfoRequest())
+    assert info.kv_bytes_per_token == SMOLLM2_KV_BYTES_PER_TOKEN
+    assert info.kv_cache_bytes == info.kv_pages_total * 16 * SMOLLM2_KV_BYTES_PER_TOKEN
+    health = tiny_pool.stub.Health(pb.HealthRequest())
+    assert health.kv_pages_total == info.kv_pages_total and health.kv_pages_used == 0
+    assert [d.device for d in health.devices] == ["cpu"]
+
+
+def test_request_larger_than_the_kv_cache_is_refused_for_good(tiny_pool: RunningServer) -> None:
+    """Prompt + max_new_tokens beyond the whole pool: RESOURCE_EXHAUSTED naming the KV cache and no
+    RetryInfo (retrying cannot help), from both RPCs; requests that fit are still served."""
+    info = tiny_pool.stub.ModelInfo(pb.ModelInfoRequest())
+    assert 1 <= info.kv_pages_total <= 64, "the share made a tiny pool"
+    too_long = greedy(prompt="Hi", max_new_tokens=info.kv_pages_total * info.kv_page_size)
+    errors = []
+    with pytest.raises(grpc.RpcError) as unary:
+        tiny_pool.stub.Generate(too_long, timeout=60)
+    errors.append(unary.value)
+    with pytest.raises(grpc.RpcError) as streamed:
+        list(tiny_pool.stub.StreamGenerate(stream_of(too_long), timeout=60))
+    errors.append(streamed.value)
+    for error in errors:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "KV cache" in error.details()
+        status = rpc_status.from_call(error)
+        assert status is None or not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+    fits = tiny_pool.stub.Generate(greedy(prompt="Hi", max_new_tokens=8, min_new_tokens=8), timeout=120)
+    assert fits.usage.completion_tokens == 8
+    assert _health_when(tiny_pool, lambda h: h.kv_pages_used == 0).kv_pages_used == 0

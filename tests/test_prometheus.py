@@ -90,13 +90,31 @@ def test_prometheus_reads_speculation_counts_back(scraped: Scraped) -> None:
         max_new_tokens=24,
         speculation=pb.SpeculationParams(mode=pb.SPECULATION_MODE_NGRAM, num_draft_tokens=4),
     )
-    stats = scraped.server.stub.Generate(request, timeout=120).speculation
+    response = scraped.server.stub.Generate(request, timeout=120)
+    stats, usage = response.speculation, response.usage
     assert stats.num_accepted_tokens > 0
     scraped.wait_for_value('sum(verispec_spec_draft_tokens_total{drafter="ngram"})', stats.num_draft_tokens)
     scraped.wait_for_value('sum(verispec_spec_accepted_tokens_total{drafter="ngram"})', stats.num_accepted_tokens)
     scraped.wait_for_value('sum(verispec_requests_total{finish_reason=~"length|eos"})', 1)
     [ttft] = scraped.query("verispec_time_to_first_token_seconds_count")
     assert float(ttft["value"][1]) == 1
+    # Alone in the engine, the request was every batch: one prefill pass, then one pass per step, each
+    # fed its last token plus that step's drafts.
+    scraped.wait_for_value("verispec_batch_size_count", 1 + stats.num_steps)
+    scraped.wait_for_value("verispec_batch_size_sum", 1 + stats.num_steps)
+    scraped.wait_for_value("verispec_batch_tokens_sum", usage.prompt_tokens + stats.num_steps + stats.num_draft_tokens)
+
+
+def test_prometheus_reads_the_kv_cache_and_device_memory(scraped: Scraped) -> None:
+    """The pool's size, its pages returned after the requests, no preemptions, memory per device."""
+    scraped.server.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=4), timeout=120)
+    [total] = scraped.query("verispec_kv_pages_capacity")
+    assert float(total["value"][1]) > 0
+    scraped.wait_for_value("verispec_kv_pages_used", 0)
+    scraped.wait_for_value("verispec_kv_cache_utilization", 0)
+    scraped.wait_for_value("verispec_preemptions_total", 0)
+    [memory] = scraped.query("verispec_device_memory_bytes")
+    assert memory["metric"]["device"] == "cpu" and float(memory["value"][1]) > 0
 
 
 def test_alert_rules_evaluate_on_live_metrics(scraped: Scraped) -> None:
@@ -109,7 +127,7 @@ def test_alert_rules_evaluate_on_live_metrics(scraped: Scraped) -> None:
         if (rules and all(rule["lastEvaluation"] > "2000" for rule in rules)) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(rules) == 6
+    assert len(rules) == 7
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     assert [rule["name"] for rule in rules if rule["state"] != "inactive"] == []
 

@@ -84,8 +84,15 @@ def test_spans_follow_the_callers_trace_one_draft_and_verify_per_step(traced: Tr
     assert sum(s.attributes["verispec.spec.num_draft_tokens"] for s in verifies) == stats.num_draft_tokens
     assert sum(s.attributes["verispec.spec.num_accepted"] for s in verifies) == stats.num_accepted_tokens
     assert stats.num_accepted_tokens > 0, "a copy prompt accepts n-gram drafts"
+    [prefill] = [s for s in children if s.name == "prefill"]
+    # Alone in the engine: every pass held this request only, its prompt, then its last token plus drafts.
+    assert prefill.attributes["verispec.batch.size"] == 1
+    assert prefill.attributes["verispec.batch.tokens"] == response.usage.prompt_tokens
     for draft, verify in zip(drafts, verifies, strict=True):
         assert draft.attributes["verispec.step"] == verify.attributes["verispec.step"]
+        for span in (draft, verify):
+            assert span.attributes["verispec.batch.size"] == 1
+            assert span.attributes["verispec.batch.tokens"] == 1 + verify.attributes["verispec.spec.num_draft_tokens"]
         assert draft.end_ns <= verify.start_ns <= verify.end_ns, "engine timestamps: draft, then verify"
         assert root.start_ns <= draft.start_ns and verify.end_ns <= root.end_ns
         assert verify.attributes["verispec.spec.drafter"] == "ngram"
@@ -135,6 +142,10 @@ def test_metrics_scrape_parses_and_counts_speculation(traced: Traced) -> None:
     assert value("verispec_generated_tokens_total") >= 24
     assert value("verispec_device_memory_bytes", device="cpu") > 0
     assert ("verispec_queue_depth", ()) in samples and ("verispec_active_requests", ()) in samples
+    assert value("verispec_kv_pages_capacity") > 0 and ("verispec_kv_pages_used", ()) in samples
+    assert 0 <= value("verispec_kv_cache_utilization") <= 1
+    assert ("verispec_preemptions_total", ()) in samples
+    assert value("verispec_batch_size_count") >= 1 and value("verispec_batch_tokens_sum") >= 24
 
 
 def test_step_span_sampling_setting() -> None:

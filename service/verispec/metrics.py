@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from verispec.request import FinishReason
 
+if TYPE_CHECKING:  # the engine imports torch; this module is read by the loop side only
+    from verispec.engine.core import EngineStats
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
@@ -38,8 +45,6 @@ class Metrics:
         )
         self.prompt_tokens = Counter("verispec_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generated_tokens = Counter("verispec_generated_tokens", "Generated tokens.", registry=r)
-        self.queue_depth = Gauge("verispec_queue_depth", "Requests waiting for a slot.", registry=r)
-        self.active = Gauge("verispec_active_requests", "Requests being generated.", registry=r)
         self.steps = Counter("verispec_spec_steps", "Target verify passes after prefill.", ["drafter"], registry=r)
         self.draft_tokens = Counter("verispec_spec_draft_tokens", "Draft tokens proposed.", ["drafter"], registry=r)
         self.accepted_tokens = Counter(
@@ -67,7 +72,23 @@ class Metrics:
             buckets=_STEP_BUCKETS,
             registry=r,
         )
-        self.device_memory = Gauge("verispec_device_memory_bytes", "Memory in use per device.", ["device"], registry=r)
+        self.batch_size = Histogram(
+            "verispec_batch_size", "Sequences in one forward pass.", buckets=_BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "verispec_batch_tokens",
+            "Tokens in one forward pass: decodes, drafts and prefill chunks.",
+            buckets=_BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "verispec_batch_seconds",
+            "Time of one engine step over its batch: drafting, the forward pass and verification.",
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.engine = EngineCollector()
+        r.register(self.engine)
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
         """One speculative step of one request (engine thread)."""
@@ -82,22 +103,20 @@ class Metrics:
                 if position <= num_accepted:
                     self.accepted_at.labels(drafter, str(position)).inc()
 
+    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
+        """One forward pass over batch_size sequences and batch_tokens tokens (engine thread)."""
+        self.batch_size.observe(batch_size)
+        self.batch_tokens.observe(batch_tokens)
+        self.batch_seconds.observe(seconds)
+
     def on_finish(self, reason: FinishReason, prompt_tokens: int, generated_tokens: int) -> None:
         self.requests.labels(reason.value).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
 
-    def watch(
-        self,
-        queue_depth: Callable[[], float],
-        active: Callable[[], float],
-        memory: Callable[[], list[tuple[str, int, int]]],
-    ) -> None:
-        """Gauges read at scrape time from the engine."""
-        self.queue_depth.set_function(queue_depth)
-        self.active.set_function(active)
-        for device, _, _ in memory():
-            self.device_memory.labels(device).set_function(_used_bytes(memory, device))
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Reads the engine's gauges and its preemption count from `stats` at scrape time."""
+        self.engine.stats = stats
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Starts the /metrics endpoint on a daemon thread; returns the bound port."""
@@ -105,8 +124,55 @@ class Metrics:
         return int(server.server_address[1])
 
 
-def _used_bytes(memory: Callable[[], list[tuple[str, int, int]]], device: str) -> Callable[[], float]:
-    def read() -> float:
-        return float(next((used for name, used, _ in memory() if name == device), 0))
+class EngineCollector:
+    """What the engine thread owns (queues, KV pages, preemptions, device memory), read from one
+    EngineStats snapshot per scrape; absent until a model is loaded."""
 
-    return read
+    def __init__(self) -> None:
+        self.stats: Callable[[], EngineStats] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return _engine_families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        return [] if self.stats is None else _engine_families(self.stats())
+
+
+_ENGINE_GAUGES = (
+    ("verispec_queue_depth", "Requests waiting for a slot."),
+    ("verispec_active_requests", "Requests being generated."),
+    ("verispec_kv_pages_used", "KV cache pages held by running requests."),
+    ("verispec_kv_pages_capacity", "KV cache pages in the pool."),  # not _total: that suffix means a counter
+    ("verispec_kv_cache_utilization", "Share of KV cache pages in use (0..1)."),
+)
+
+
+def _gauge_values(stats: EngineStats) -> tuple[float, ...]:
+    """The values of _ENGINE_GAUGES, in order."""
+    used, total = stats.kv_pages_used, stats.kv_pages_total
+    return stats.queue_depth, stats.active_requests, used, total, used / total if total else 0.0
+
+
+def _engine_families(stats: EngineStats | None) -> list[Metric]:
+    """The snapshot's metric families; without a snapshot, their names alone (for the registry)."""
+    values: tuple[float | None, ...] = (None,) * len(_ENGINE_GAUGES) if stats is None else _gauge_values(stats)
+    families: list[Metric] = [
+        GaugeMetricFamily(name, documentation, value=value)
+        for (name, documentation), value in zip(_ENGINE_GAUGES, values, strict=True)
+    ]
+    families.append(
+        CounterMetricFamily(
+            "verispec_preemptions",
+            "Running requests preempted (KV pages taken back, context recomputed later) since the engine started.",
+            value=None if stats is None else stats.num_preemptions,
+        )
+    )
+    used = GaugeMetricFamily("verispec_device_memory_bytes", "Memory in use per device.", labels=["device"])
+    total = GaugeMetricFamily(
+        "verispec_device_memory_total_bytes", "Memory size per device, where known (not for cpu).", labels=["device"]
+    )
+    for device, used_bytes, total_bytes in () if stats is None else stats.memory:
+        used.add_metric([device], used_bytes)
+        if total_bytes:
+            total.add_metric([device], total_bytes)
+    return [*families, used, total]

@@ -57,6 +57,8 @@ ATTR_STEP_NUM_EMITTED = "verispec.spec.num_emitted"
 ATTR_STEP_BONUS = "verispec.spec.bonus"
 ATTR_STEP_RECOVERED = "verispec.spec.recovered"
 ATTR_STEP_POSITION = "verispec.spec.position"
+ATTR_BATCH_SIZE = "verispec.batch.size"  # sequences in the forward pass the step ended in
+ATTR_BATCH_TOKENS = "verispec.batch.tokens"  # tokens in that forward pass
 
 _SPAN_NAMES = {"queue": SPAN_QUEUE, "prefill": SPAN_PREFILL, "draft": SPAN_DRAFT, "verify": SPAN_VERIFY}
 
@@ -145,14 +147,20 @@ class StepSpans:
 
 
 def _step_attributes(record: StepRecord) -> Mapping[str, Any]:
-    if record.kind not in ("draft", "verify"):
-        return {ATTR_STEP_NUM_EMITTED: record.num_emitted} if record.kind == "prefill" else {}
-    attributes: dict[str, Any] = {
-        ATTR_STEP: record.step,
-        ATTR_STEP_DRAFTER: record.drafter,
-        ATTR_STEP_NUM_DRAFT: record.num_draft_tokens,
-        ATTR_STEP_POSITION: record.position,
-    }
+    if record.kind == "queue":
+        return {}
+    attributes: dict[str, Any] = {ATTR_BATCH_SIZE: record.batch_size, ATTR_BATCH_TOKENS: record.batch_tokens}
+    if record.kind == "prefill":
+        attributes[ATTR_STEP_NUM_EMITTED] = record.num_emitted
+        return attributes
+    attributes.update(
+        {
+            ATTR_STEP: record.step,
+            ATTR_STEP_DRAFTER: record.drafter,
+            ATTR_STEP_NUM_DRAFT: record.num_draft_tokens,
+            ATTR_STEP_POSITION: record.position,
+        }
+    )
     if record.kind == "verify":
         attributes[ATTR_STEP_NUM_ACCEPTED] = record.num_accepted
         attributes[ATTR_STEP_NUM_EMITTED] = record.num_emitted

@@ -6,7 +6,7 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from verispec.config import EngineConfig, SpecConfig
 from verispec.errors import InvalidRequestError
@@ -24,6 +24,9 @@ from verispec.request import (
 )
 from verispec.tokenizer import Tokenizer
 from verispec.v1 import generation_pb2 as pb
+
+if TYPE_CHECKING:
+    from verispec.engine.core import EngineStats
 
 MAX_TOP_LOGPROBS = 5
 MAX_TEMPERATURE = 100.0
@@ -314,3 +317,22 @@ def unary_response(request: Request, result: ResultAccumulator, tokenizer: Token
         logprobs=_logprobs_to_proto(result.logprobs, tokenizer),
         input_tokens=input_tokens_to_proto(request, tokenizer),
     )
+
+
+def health_from_stats(response: pb.HealthResponse, stats: EngineStats) -> None:
+    """Fills Health's engine fields from the engine's snapshot (device memory included: it is read
+    on the engine thread)."""
+    response.queue_depth = stats.queue_depth
+    response.active_requests = stats.active_requests
+    if stats.last_step_age_s is not None:
+        response.last_step_age_seconds = stats.last_step_age_s
+    if stats.recent_acceptance is not None:
+        response.recent_acceptance_rate = stats.recent_acceptance
+    for device, used, total in stats.memory:
+        response.devices.add(device=device, used_bytes=used, total_bytes=total)
+    response.kv_pages_used = stats.kv_pages_used
+    response.kv_pages_total = stats.kv_pages_total
+    response.kv_utilization = stats.kv_pages_used / stats.kv_pages_total if stats.kv_pages_total else 0.0
+    response.batch_size = stats.batch_size
+    response.batch_tokens = stats.batch_tokens
+    response.num_preemptions = stats.num_preemptions

@@ -17,6 +17,7 @@ from verispec.api.auth import OPEN_SERVICES, BearerTokenInterceptor, load_tokens
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.api.wire import MalformedRequestInterceptor
 from verispec.config import Config
+from verispec.engine.speculative import StepObserver
 from verispec.errors import EngineDeadError
 from verispec.loader import LoadedModels
 from verispec.metrics import Metrics
@@ -100,22 +101,22 @@ class Server:
         await self.health_grpc.start()
         log.info("health.listening", port=bound)
 
-    async def load(self, loader: Callable[[Config], LoadedModels]) -> None:
-        """Loads the models on a worker thread; health turns SERVING when done."""
+    async def load(self, loader: Callable[[Config, StepObserver], LoadedModels]) -> None:
+        """Loads the models on a worker thread, the engine reporting its steps to this server's
+        metrics; health turns SERVING when done."""
         try:
-            models = await asyncio.to_thread(loader, self.config)
+            models = await asyncio.to_thread(loader, self.config, self.metrics)
         except BaseException:
             self.state.phase = pb.SERVING_STATUS_FAILED
             raise
         core = models.engine.core
-        core.observer = self.metrics
         loop = asyncio.get_running_loop()
 
         def on_failure(exc: BaseException) -> None:  # engine thread -> event loop
             loop.call_soon_threadsafe(self._engine_failed, exc)
 
         core.on_failure = on_failure
-        self.metrics.watch(lambda: core.stats().queue_depth, lambda: core.stats().active_requests, core.backend.memory)
+        self.metrics.watch(models.engine.stats)
         self.state.models = models
         self.state.phase = pb.SERVING_STATUS_SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -146,7 +147,7 @@ class Server:
             await self.health.set(name, status)
 
 
-async def serve(config: Config, loader: Callable[[Config], LoadedModels]) -> None:
+async def serve(config: Config, loader: Callable[[Config, StepObserver], LoadedModels]) -> None:
     """Runs until SIGTERM or SIGINT, then drains; raises when loading fails or the engine dies."""
     server = Server(config)
     await server.start()

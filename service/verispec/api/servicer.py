@@ -220,15 +220,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             recent_acceptance_rate=-1.0,
         )
         if models is not None:
-            stats = models.engine.stats()
-            response.queue_depth = stats.queue_depth
-            response.active_requests = stats.active_requests
-            if stats.last_step_age_s is not None:
-                response.last_step_age_seconds = stats.last_step_age_s
-            if stats.recent_acceptance is not None:
-                response.recent_acceptance_rate = stats.recent_acceptance
-            for device, used, total in models.engine.core.backend.memory():
-                response.devices.add(device=device, used_bytes=used, total_bytes=total)
+            convert.health_from_stats(response, models.engine.stats())
         return response
 
     async def Tokenize(  # noqa: N802
@@ -249,7 +241,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             models = self.state.ready()
         except VerispecError as exc:
             await _abort(context, to_status(exc))
-        target, draft, spec = models.target, models.draft, self.state.config.spec
+        target, draft, spec, engine = models.target, models.draft, self.state.config.spec, self.state.config.engine
+        stats = models.engine.stats()
         return pb.ModelInfoResponse(
             model_id=target.model_id,
             backend=target.backend,
@@ -266,8 +259,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             default_speculation_mode=convert.SPECULATION_MODE_TO_PB[SpeculationMode(spec.default_mode)],
             default_num_draft_tokens=spec.default_num_draft_tokens,
             max_num_draft_tokens=spec.max_num_draft_tokens,
-            max_new_tokens=self.state.config.engine.max_new_tokens_limit,
+            max_new_tokens=engine.max_new_tokens_limit,
             version=__version__,
+            kv_page_size=stats.kv_page_size,
+            kv_pages_total=stats.kv_pages_total,
+            kv_bytes_per_token=stats.kv_bytes_per_token,
+            kv_cache_bytes=stats.kv_pages_total * stats.kv_page_size * stats.kv_bytes_per_token,
+            max_batch_tokens=engine.max_batch_tokens,
+            scheduling=engine.scheduling,
         )
 
 

@@ -149,7 +149,7 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
     models = await asyncio.to_thread(load, config)
     server = Server(config)
     port = await server.start()
-    await server.load(lambda _: models)
+    await server.load(lambda _config, _observer: models)
     backend = models.engine.core.backend
     prompt_ids = models.tokenizer.encode(OVERHEAD_PROMPT)
     suppress = sorted(models.tokenizer.eos_token_ids)

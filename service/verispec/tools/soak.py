@@ -86,7 +86,7 @@ def run_soak(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[
     server_thread = _ServerThread()
     server = Server(config)
     port = server_thread.run(server.start())
-    server_thread.run(server.load(lambda _: models))
+    server_thread.run(server.load(lambda _config, _observer: models))
     lag_task = asyncio.run_coroutine_threadsafe(server_thread.sample_lag(), server_thread.loop)
     rss_before = _rss_mib()
     result = asyncio.run(_drive(f"127.0.0.1:{port}", args, progress))

@@ -797,6 +797,12 @@ class HealthResponse(_message.Message):
     RECENT_ACCEPTANCE_RATE_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    KV_PAGES_USED_FIELD_NUMBER: _builtins.int
+    KV_PAGES_TOTAL_FIELD_NUMBER: _builtins.int
+    KV_UTILIZATION_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    BATCH_TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_PREEMPTIONS_FIELD_NUMBER: _builtins.int
     status: Global___ServingStatus.ValueType
     """Status is the overall state."""
     version: _builtins.str
@@ -815,6 +821,18 @@ class HealthResponse(_message.Message):
     """RecentAcceptanceRate is accepted / proposed draft tokens over recent steps; negative when none."""
     uptime_seconds: _builtins.float
     """UptimeSeconds is the time since the server started."""
+    kv_pages_used: _builtins.int
+    """KvPagesUsed is the number of KV cache pages held by running requests."""
+    kv_pages_total: _builtins.int
+    """KvPagesTotal is the number of pages in the KV cache pool."""
+    kv_utilization: _builtins.float
+    """KvUtilization is kv_pages_used / kv_pages_total, in [0, 1]; 0 when no pool is loaded."""
+    batch_size: _builtins.int
+    """BatchSize is the number of sequences in the engine's last forward pass."""
+    batch_tokens: _builtins.int
+    """BatchTokens is the number of tokens (decodes, drafts and prefill chunks) in the last forward pass."""
+    num_preemptions: _builtins.int
+    """NumPreemptions counts running requests the engine preempted (pages taken back, recomputed later) since it started."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
         """Devices lists memory use per device."""
@@ -832,10 +850,16 @@ class HealthResponse(_message.Message):
         recent_acceptance_rate: _builtins.float = ...,
         devices: _abc.Iterable[Global___DeviceMemory] | None = ...,
         uptime_seconds: _builtins.float = ...,
+        kv_pages_used: _builtins.int = ...,
+        kv_pages_total: _builtins.int = ...,
+        kv_utilization: _builtins.float = ...,
+        batch_size: _builtins.int = ...,
+        batch_tokens: _builtins.int = ...,
+        num_preemptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "devices", b"devices", "draft_loaded", b"draft_loaded", "last_step_age_seconds", b"last_step_age_seconds", "model_loaded", b"model_loaded", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -947,6 +971,12 @@ class ModelInfoResponse(_message.Message):
     MAX_NUM_DRAFT_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    KV_PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    KV_PAGES_TOTAL_FIELD_NUMBER: _builtins.int
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
+    SCHEDULING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """ModelId names the target model."""
     backend: _builtins.str
@@ -977,6 +1007,18 @@ class ModelInfoResponse(_message.Message):
     """MaxNewTokens caps a request's max_new_tokens."""
     version: _builtins.str
     """Version is the server's version."""
+    kv_page_size: _builtins.int
+    """KvPageSize is the number of token positions in one KV cache page."""
+    kv_pages_total: _builtins.int
+    """KvPagesTotal is the number of pages in the KV cache pool."""
+    kv_bytes_per_token: _builtins.int
+    """KvBytesPerToken is the KV cache memory one token position takes across all layers (keys and values)."""
+    kv_cache_bytes: _builtins.int
+    """KvCacheBytes is the size of the KV cache pool: kv_pages_total * kv_page_size * kv_bytes_per_token."""
+    max_batch_tokens: _builtins.int
+    """MaxBatchTokens is the token budget of one forward pass (decodes, drafts and prefill chunks)."""
+    scheduling: _builtins.str
+    """Scheduling is the engine's policy: "batched" (continuous batching) or "round_robin" (one request per pass)."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Devices lists where the target lives, e.g. ["cpu"] or ["cuda:0", "cuda:1"]."""
@@ -1005,10 +1047,16 @@ class ModelInfoResponse(_message.Message):
         max_num_draft_tokens: _builtins.int = ...,
         max_new_tokens: _builtins.int = ...,
         version: _builtins.str = ...,
+        kv_page_size: _builtins.int = ...,
+        kv_pages_total: _builtins.int = ...,
+        kv_bytes_per_token: _builtins.int = ...,
+        kv_cache_bytes: _builtins.int = ...,
+        max_batch_tokens: _builtins.int = ...,
+        scheduling: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "bits_per_weight", b"bits_per_weight", "cache_mode", b"cache_mode", "default_num_draft_tokens", b"default_num_draft_tokens", "default_speculation_mode", b"default_speculation_mode", "devices", b"devices", "draft_model_id", b"draft_model_id", "drafter", b"drafter", "dtype", b"dtype", "gpu_split_gb", b"gpu_split_gb", "max_context_length", b"max_context_length", "max_new_tokens", b"max_new_tokens", "max_num_draft_tokens", b"max_num_draft_tokens", "model_id", b"model_id", "quantization", b"quantization", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "bits_per_weight", b"bits_per_weight", "cache_mode", b"cache_mode", "default_num_draft_tokens", b"default_num_draft_tokens", "default_speculation_mode", b"default_speculation_mode", "devices", b"devices", "draft_model_id", b"draft_model_id", "drafter", b"drafter", "dtype", b"dtype", "gpu_split_gb", b"gpu_split_gb", "kv_bytes_per_token", b"kv_bytes_per_token", "kv_cache_bytes", b"kv_cache_bytes", "kv_page_size", b"kv_page_size", "kv_pages_total", b"kv_pages_total", "max_batch_tokens", b"max_batch_tokens", "max_context_length", b"max_context_length", "max_new_tokens", b"max_new_tokens", "max_num_draft_tokens", b"max_num_draft_tokens", "model_id", b"model_id", "quantization", b"quantization", "scheduling", b"scheduling", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -487,6 +487,18 @@ export interface HealthResponse {
   devices: DeviceMemory[];
   /** UptimeSeconds is the time since the server started. */
   uptimeSeconds: number;
+  /** KvPagesUsed is the number of KV cache pages held by running requests. */
+  kvPagesUsed: number;
+  /** KvPagesTotal is the number of pages in the KV cache pool. */
+  kvPagesTotal: number;
+  /** KvUtilization is kv_pages_used / kv_pages_total, in [0, 1]; 0 when no pool is loaded. */
+  kvUtilization: number;
+  /** BatchSize is the number of sequences in the engine's last forward pass. */
+  batchSize: number;
+  /** BatchTokens is the number of tokens (decodes, drafts and prefill chunks) in the last forward pass. */
+  batchTokens: number;
+  /** NumPreemptions counts running requests the engine preempted (pages taken back, recomputed later) since it started. */
+  numPreemptions: bigint;
 }
 
 /** TokenizeRequest asks for the tokens of a text or conversation. Exactly one of text and messages is set. */
@@ -549,6 +561,18 @@ export interface ModelInfoResponse {
   maxNewTokens: number;
   /** Version is the server's version. */
   version: string;
+  /** KvPageSize is the number of token positions in one KV cache page. */
+  kvPageSize: number;
+  /** KvPagesTotal is the number of pages in the KV cache pool. */
+  kvPagesTotal: number;
+  /** KvBytesPerToken is the KV cache memory one token position takes across all layers (keys and values). */
+  kvBytesPerToken: bigint;
+  /** KvCacheBytes is the size of the KV cache pool: kv_pages_total * kv_page_size * kv_bytes_per_token. */
+  kvCacheBytes: bigint;
+  /** MaxBatchTokens is the token budget of one forward pass (decodes, drafts and prefill chunks). */
+  maxBatchTokens: number;
+  /** Scheduling is the engine's policy: "batched" (continuous batching) or "round_robin" (one request per pass). */
+  scheduling: string;
 }
 
 function createBaseChatMessage(): ChatMessage {
@@ -2978,6 +3002,12 @@ function createBaseHealthResponse(): HealthResponse {
     recentAcceptanceRate: 0,
     devices: [],
     uptimeSeconds: 0,
+    kvPagesUsed: 0,
+    kvPagesTotal: 0,
+    kvUtilization: 0,
+    batchSize: 0,
+    batchTokens: 0,
+    numPreemptions: 0n,
   };
 }
 
@@ -3012,6 +3042,27 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     }
     if (message.uptimeSeconds !== 0) {
       writer.uint32(81).double(message.uptimeSeconds);
+    }
+    if (message.kvPagesUsed !== 0) {
+      writer.uint32(88).uint32(message.kvPagesUsed);
+    }
+    if (message.kvPagesTotal !== 0) {
+      writer.uint32(96).uint32(message.kvPagesTotal);
+    }
+    if (message.kvUtilization !== 0) {
+      writer.uint32(105).double(message.kvUtilization);
+    }
+    if (message.batchSize !== 0) {
+      writer.uint32(112).uint32(message.batchSize);
+    }
+    if (message.batchTokens !== 0) {
+      writer.uint32(120).uint32(message.batchTokens);
+    }
+    if (message.numPreemptions !== 0n) {
+      if (BigInt.asUintN(64, message.numPreemptions) !== message.numPreemptions) {
+        throw new globalThis.Error("value provided for field message.numPreemptions of type uint64 too large");
+      }
+      writer.uint32(128).uint64(message.numPreemptions);
     }
     return writer;
   },
@@ -3109,6 +3160,54 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.uptimeSeconds = reader.double();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.kvPagesUsed = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.kvPagesTotal = reader.uint32();
+            continue;
+          }
+          case 13: {
+            if (tag !== 105) {
+              break;
+            }
+
+            message.kvUtilization = reader.double();
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.batchSize = reader.uint32();
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.batchTokens = reader.uint32();
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.numPreemptions = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3163,6 +3262,36 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         : isSet(object.uptime_seconds)
         ? globalThis.Number(object.uptime_seconds)
         : 0,
+      kvPagesUsed: isSet(object.kvPagesUsed)
+        ? globalThis.Number(object.kvPagesUsed)
+        : isSet(object.kv_pages_used)
+        ? globalThis.Number(object.kv_pages_used)
+        : 0,
+      kvPagesTotal: isSet(object.kvPagesTotal)
+        ? globalThis.Number(object.kvPagesTotal)
+        : isSet(object.kv_pages_total)
+        ? globalThis.Number(object.kv_pages_total)
+        : 0,
+      kvUtilization: isSet(object.kvUtilization)
+        ? globalThis.Number(object.kvUtilization)
+        : isSet(object.kv_utilization)
+        ? globalThis.Number(object.kv_utilization)
+        : 0,
+      batchSize: isSet(object.batchSize)
+        ? globalThis.Number(object.batchSize)
+        : isSet(object.batch_size)
+        ? globalThis.Number(object.batch_size)
+        : 0,
+      batchTokens: isSet(object.batchTokens)
+        ? globalThis.Number(object.batchTokens)
+        : isSet(object.batch_tokens)
+        ? globalThis.Number(object.batch_tokens)
+        : 0,
+      numPreemptions: isSet(object.numPreemptions)
+        ? BigInt(object.numPreemptions)
+        : isSet(object.num_preemptions)
+        ? BigInt(object.num_preemptions)
+        : 0n,
     };
   },
 
@@ -3198,6 +3327,24 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.uptimeSeconds !== 0) {
       obj.uptimeSeconds = floatToJson(message.uptimeSeconds);
     }
+    if (message.kvPagesUsed !== 0) {
+      obj.kvPagesUsed = Math.round(message.kvPagesUsed);
+    }
+    if (message.kvPagesTotal !== 0) {
+      obj.kvPagesTotal = Math.round(message.kvPagesTotal);
+    }
+    if (message.kvUtilization !== 0) {
+      obj.kvUtilization = floatToJson(message.kvUtilization);
+    }
+    if (message.batchSize !== 0) {
+      obj.batchSize = Math.round(message.batchSize);
+    }
+    if (message.batchTokens !== 0) {
+      obj.batchTokens = Math.round(message.batchTokens);
+    }
+    if (message.numPreemptions !== 0n) {
+      obj.numPreemptions = message.numPreemptions.toString();
+    }
     return obj;
   },
 
@@ -3216,6 +3363,14 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     message.recentAcceptanceRate = object.recentAcceptanceRate ?? 0;
     message.devices = object.devices?.map((e) => DeviceMemory.fromPartial(e)) || [];
     message.uptimeSeconds = object.uptimeSeconds ?? 0;
+    message.kvPagesUsed = object.kvPagesUsed ?? 0;
+    message.kvPagesTotal = object.kvPagesTotal ?? 0;
+    message.kvUtilization = object.kvUtilization ?? 0;
+    message.batchSize = object.batchSize ?? 0;
+    message.batchTokens = object.batchTokens ?? 0;
+    message.numPreemptions = (object.numPreemptions !== undefined && object.numPreemptions !== null)
+      ? BigInt(object.numPreemptions)
+      : 0n;
     return message;
   },
 };
@@ -3517,6 +3672,12 @@ function createBaseModelInfoResponse(): ModelInfoResponse {
     maxNumDraftTokens: 0,
     maxNewTokens: 0,
     version: "",
+    kvPageSize: 0,
+    kvPagesTotal: 0,
+    kvBytesPerToken: 0n,
+    kvCacheBytes: 0n,
+    maxBatchTokens: 0,
+    scheduling: "",
   };
 }
 
@@ -3576,6 +3737,30 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     }
     if (message.version !== "") {
       writer.uint32(138).string(message.version);
+    }
+    if (message.kvPageSize !== 0) {
+      writer.uint32(144).uint32(message.kvPageSize);
+    }
+    if (message.kvPagesTotal !== 0) {
+      writer.uint32(152).uint32(message.kvPagesTotal);
+    }
+    if (message.kvBytesPerToken !== 0n) {
+      if (BigInt.asUintN(64, message.kvBytesPerToken) !== message.kvBytesPerToken) {
+        throw new globalThis.Error("value provided for field message.kvBytesPerToken of type uint64 too large");
+      }
+      writer.uint32(160).uint64(message.kvBytesPerToken);
+    }
+    if (message.kvCacheBytes !== 0n) {
+      if (BigInt.asUintN(64, message.kvCacheBytes) !== message.kvCacheBytes) {
+        throw new globalThis.Error("value provided for field message.kvCacheBytes of type uint64 too large");
+      }
+      writer.uint32(168).uint64(message.kvCacheBytes);
+    }
+    if (message.maxBatchTokens !== 0) {
+      writer.uint32(176).uint32(message.maxBatchTokens);
+    }
+    if (message.scheduling !== "") {
+      writer.uint32(186).string(message.scheduling);
     }
     return writer;
   },
@@ -3739,6 +3924,54 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
             message.version = reader.string();
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.kvPageSize = reader.uint32();
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.kvPagesTotal = reader.uint32();
+            continue;
+          }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.kvBytesPerToken = reader.uint64() as bigint;
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.kvCacheBytes = reader.uint64() as bigint;
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.maxBatchTokens = reader.uint32();
+            continue;
+          }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.scheduling = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3816,6 +4049,32 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
         ? globalThis.Number(object.max_new_tokens)
         : 0,
       version: isSet(object.version) ? globalThis.String(object.version) : "",
+      kvPageSize: isSet(object.kvPageSize)
+        ? globalThis.Number(object.kvPageSize)
+        : isSet(object.kv_page_size)
+        ? globalThis.Number(object.kv_page_size)
+        : 0,
+      kvPagesTotal: isSet(object.kvPagesTotal)
+        ? globalThis.Number(object.kvPagesTotal)
+        : isSet(object.kv_pages_total)
+        ? globalThis.Number(object.kv_pages_total)
+        : 0,
+      kvBytesPerToken: isSet(object.kvBytesPerToken)
+        ? BigInt(object.kvBytesPerToken)
+        : isSet(object.kv_bytes_per_token)
+        ? BigInt(object.kv_bytes_per_token)
+        : 0n,
+      kvCacheBytes: isSet(object.kvCacheBytes)
+        ? BigInt(object.kvCacheBytes)
+        : isSet(object.kv_cache_bytes)
+        ? BigInt(object.kv_cache_bytes)
+        : 0n,
+      maxBatchTokens: isSet(object.maxBatchTokens)
+        ? globalThis.Number(object.maxBatchTokens)
+        : isSet(object.max_batch_tokens)
+        ? globalThis.Number(object.max_batch_tokens)
+        : 0,
+      scheduling: isSet(object.scheduling) ? globalThis.String(object.scheduling) : "",
     };
   },
 
@@ -3872,6 +4131,24 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     if (message.version !== "") {
       obj.version = message.version;
     }
+    if (message.kvPageSize !== 0) {
+      obj.kvPageSize = Math.round(message.kvPageSize);
+    }
+    if (message.kvPagesTotal !== 0) {
+      obj.kvPagesTotal = Math.round(message.kvPagesTotal);
+    }
+    if (message.kvBytesPerToken !== 0n) {
+      obj.kvBytesPerToken = message.kvBytesPerToken.toString();
+    }
+    if (message.kvCacheBytes !== 0n) {
+      obj.kvCacheBytes = message.kvCacheBytes.toString();
+    }
+    if (message.maxBatchTokens !== 0) {
+      obj.maxBatchTokens = Math.round(message.maxBatchTokens);
+    }
+    if (message.scheduling !== "") {
+      obj.scheduling = message.scheduling;
+    }
     return obj;
   },
 
@@ -3897,6 +4174,16 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     message.maxNumDraftTokens = object.maxNumDraftTokens ?? 0;
     message.maxNewTokens = object.maxNewTokens ?? 0;
     message.version = object.version ?? "";
+    message.kvPageSize = object.kvPageSize ?? 0;
+    message.kvPagesTotal = object.kvPagesTotal ?? 0;
+    message.kvBytesPerToken = (object.kvBytesPerToken !== undefined && object.kvBytesPerToken !== null)
+      ? BigInt(object.kvBytesPerToken)
+      : 0n;
+    message.kvCacheBytes = (object.kvCacheBytes !== undefined && object.kvCacheBytes !== null)
+      ? BigInt(object.kvCacheBytes)
+      : 0n;
+    message.maxBatchTokens = object.maxBatchTokens ?? 0;
+    message.scheduling = object.scheduling ?? "";
     return message;
   },
 };
