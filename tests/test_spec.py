@@ -355,7 +355,7 @@ def test_ngram_misses_do_not_carry_over(target: Target, cores: dict[str, EngineC
     for prompt in (FREE_PROMPT, COPY_PROMPT):
         ids = target.tokenizer.encode_chat([("user", prompt)])
         run_to_completion(cores["ngram"], _request(ids, SpeculationMode.AUTO, 4, 24, SamplingParams(), "auto"))
-    assert "ngram" not in cores["ngram"]._probe_every
+    assert "ngram" not in cores["ngram"].speculation.probe_every
 
 
 def test_controller_starts_from_a_carried_probe_interval() -> None:

@@ -12,7 +12,8 @@ import structlog
 from verispec.backends.base import Backend, BackendInfo
 from verispec.config import Config, ModelConfig
 from verispec.engine.async_engine import AsyncEngine
-from verispec.engine.core import EngineCore, StepObserver
+from verispec.engine.core import EngineCore
+from verispec.engine.speculative import StepObserver
 from verispec.errors import ConfigError, ModelLoadError
 from verispec.kv.pages import PagePool, PageTable
 from verispec.models import resolve_model

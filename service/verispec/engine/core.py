@@ -1,9 +1,10 @@
-"""The engine core: one thread owns the models and runs schedule -> draft -> forward -> verify -> emit.
+"""The engine core: one thread owns the models and loops schedule -> draft -> forward -> verify -> emit.
 
 Every step is one forward pass over all scheduled sequences (continuous batching): each running
 request contributes its last token plus its drafts, prefill chunks fill the rest of the token budget.
 The parts live next door: the scheduler (queues, pages, preemption), the runner (the batched forward),
-the drafters and verification (spec/), the output processor (stop rules, text, logprobs).
+the speculative step (pricing k, drafting, verification), the output processor (stop rules, text,
+logprobs). This module owns the thread, the door other threads use, and the stats snapshot.
 """
 
 from __future__ import annotations
@@ -16,43 +17,31 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
-import torch
 
 from verispec.config import EngineConfig
 from verispec.engine.faults import FaultInjector, is_fatal
 from verispec.engine.output import OutputProcessor, final
 from verispec.engine.scheduler import ScheduledSequence, Scheduler
 from verispec.engine.sequence import Sequence, Sink
+from verispec.engine.speculative import SpeculativeStep, StepObserver, StepTiming
 from verispec.engine.text import TextStream
 from verispec.errors import CapacityError, EngineDeadError, NotReadyError, OverloadedError
 from verispec.kv.pages import PagePool
-from verispec.request import FinishReason, Request, SpecStats, SpeculationMode, StepOutput, StepRecord
+from verispec.request import FinishReason, Request, SpecStats, SpeculationMode, StepOutput
 from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import Sampler
-from verispec.spec.adaptive import PROBE_CARRY_MAX, PROBE_EVERY, CostModel, KController
-from verispec.spec.drafters import Drafter, DraftTask
-from verispec.spec.verify import Proposal, Verdict, verify
+from verispec.spec.adaptive import CostModel
+from verispec.spec.drafters import Drafter
+from verispec.spec.verify import Proposal
 from verispec.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 _MEMORY_EVERY_S = 1.0  # how often the engine thread re-reads device memory for the stats snapshot
-
-
-class StepObserver(Protocol):
-    """Told about every step (metrics, benchmarks); called on the engine thread, must be quick."""
-
-    def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
-        """One speculative step of one request."""
-        ...
-
-    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
-        """One forward pass over batch_size sequences and batch_tokens tokens."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -73,17 +62,6 @@ class EngineStats:
     memory: tuple[tuple[str, int, int], ...] = ()  # (device, used, total), read on the engine thread
 
 
-@dataclass
-class _Step:
-    """Timings and sizes of one engine step, shared by the records of every request in it."""
-
-    t0: int = 0  # drafting starts
-    t1: int = 0  # drafting done, target pass starts
-    t2: int = 0  # target pass and verification done
-    batch_size: int = 0
-    batch_tokens: int = 0
-
-
 class EngineCore:
     """Admits requests through a bounded queue and steps every running request in one batched pass."""
 
@@ -98,12 +76,12 @@ class EngineCore:
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
-        self.drafters = dict(drafters)
         self.config = config
         self.costs = costs or CostModel()
         self.observer = observer
         self.info = runner.info
         self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        self.speculation = SpeculativeStep(drafters, self.costs, self.info, self.pool, observer)
         self.scheduler = Scheduler(self.pool, config.max_active_requests, config.max_batch_tokens, config.scheduling)
         self.output = OutputProcessor(set(tokenizer.eos_token_ids), self.info.max_context_length)
         self.faults = FaultInjector.parse(config.fault_injection)
@@ -113,8 +91,6 @@ class EngineCore:
         self._aborted: set[str] = set()
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._ids = itertools.count()
-        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
-        self._probe_every: dict[str, int] = {}  # per drafter: the probe interval last reached
         self._request_seconds: float | None = None  # mean time in the engine of completed requests
         self._stats = EngineStats(kv_pages_total=self.pool.num_pages, kv_page_size=self.pool.page_size)
         self._last_step: float | None = None
@@ -210,12 +186,8 @@ class EngineCore:
         return dataclasses.replace(stats, last_step_age_s=age)
 
     def _new_sequence(self, request: Request, sink: Sink) -> Sequence:
-        spec = request.speculation
-        drafter = self._drafter_for(spec.mode)
-        k_max = spec.num_draft_tokens if drafter is not None else 0
+        drafter = self.speculation.drafter_for(request.speculation.mode)
         stopping = request.stopping
-        recent = self._stats.recent_acceptance
-        probe_every = self._probe_every.get(drafter.name, PROBE_EVERY) if drafter is not None else PROBE_EVERY
         return Sequence(
             seq_id=next(self._ids),
             request=request,
@@ -223,23 +195,11 @@ class EngineCore:
             submitted_ns=time.time_ns(),
             submitted=time.monotonic(),
             drafter=drafter,
-            controller=KController(
-                k_max=k_max,
-                adapt=spec.mode is SpeculationMode.AUTO,
-                prior=0.5 if recent is None else recent,
-                probe_every=probe_every,
-            ),
+            controller=self.speculation.controller(drafter, request.speculation, self._stats.recent_acceptance),
             text=TextStream(self.tokenizer.decode, stopping.stop_sequences, stopping.include_stop_sequence),
             context=list(request.prompt_token_ids),
             stats=SpecStats(drafter=drafter.name if drafter is not None else "off"),
         )
-
-    def _drafter_for(self, mode: SpeculationMode) -> Drafter | None:
-        if mode is SpeculationMode.OFF:
-            return None
-        if mode is SpeculationMode.AUTO:
-            return self.drafters.get(SpeculationMode.DRAFT_MODEL) or self.drafters.get(SpeculationMode.NGRAM)
-        return self.drafters.get(mode)
 
     # -- the engine thread ---------------------------------------------------------------------
 
@@ -302,17 +262,18 @@ class EngineCore:
 
     def _step(self) -> None:
         """One engine step: schedule, draft for the decoding sequences, one target pass, verify, emit."""
-        plan = self.scheduler.schedule(self._price_drafts)
+        speculation = self.speculation
+        plan = self.scheduler.schedule(speculation.price)
         for seq in plan.preempted:
             self._forget_cache(seq)
             log.info("engine.preempted", request_id=seq.request_id, num_preemptions=seq.num_preemptions)
         scheduled = [s for s in plan.scheduled if self._prepare(s)]
         if not scheduled:
             return
-        step = _Step(t0=time.time_ns(), batch_size=len(scheduled), batch_tokens=sum(s.num_tokens for s in scheduled))
+        step = StepTiming(time.time_ns(), batch_size=len(scheduled), batch_tokens=sum(s.num_tokens for s in scheduled))
         self._last_batch = (step.batch_size, step.batch_tokens)
         # (1) Drafters propose up to k tokens d_1..d_k for every decoding sequence, batched per drafter.
-        proposals = self._propose(scheduled)
+        proposals = speculation.propose(scheduled)
         step.t1 = time.time_ns()
         # (2) The target scores each sequence's new tokens (its last token plus drafts: k+1 positions,
         # or a prefill chunk) in ONE forward pass over the whole batch.
@@ -328,7 +289,7 @@ class EngineCore:
             return
         # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
         # own; (4) the rejected drafts are forgotten by moving the sequence's length.
-        verdicts = [self._verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
+        verdicts = [speculation.verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
         step.t2 = time.time_ns()
         self._last_step = time.monotonic()
         self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9)
@@ -337,21 +298,12 @@ class EngineCore:
         for s, proposal, verdict, rows in zip(scheduled, proposals, verdicts, logits, strict=True):
             if verdict is None:
                 continue  # a prefill chunk that does not reach the end of the context emits nothing
-            self._account(s, proposal, verdict, step)
+            speculation.account(s, proposal, verdict, step)
             out = self.output.emit(s.seq, verdict.token_ids, rows)
             if out.finished:
                 self._finish(s.seq, out)
             else:
                 s.seq.sink(out)
-
-    def _price_drafts(self, seq: Sequence, batch_tokens: int, batch_size: int) -> int:
-        """k for a decoding sequence, priced against the batch it joins (AUTO), capped by what is left."""
-        if seq.drafter is None:
-            return 0
-        remaining = seq.request.stopping.max_new_tokens - len(seq.output_ids)
-        room = self.info.max_context_length - len(seq.context)
-        k = seq.controller.choose(self.costs, seq.drafter.name, batch_tokens, batch_size)
-        return max(0, min(k, remaining - 1, room - 1))
 
     def _prepare(self, s: ScheduledSequence) -> bool:
         """First-schedule set-up and the test-only fault hook; False drops the sequence from the step."""
@@ -383,113 +335,11 @@ class EngineCore:
             return False
         return True
 
-    def _propose(self, scheduled: list[ScheduledSequence]) -> list[Proposal]:
-        proposals = [Proposal([]) for _ in scheduled]
-        by_drafter: dict[str, list[int]] = {}
-        for i, s in enumerate(scheduled):
-            if s.num_draft_tokens and s.seq.drafter is not None:
-                by_drafter.setdefault(s.seq.drafter.name, []).append(i)
-        for indices in by_drafter.values():
-            drafter = scheduled[indices[0]].seq.drafter
-            assert drafter is not None
-            tasks = [
-                DraftTask(
-                    scheduled[i].seq.draft_state,
-                    scheduled[i].seq.context,
-                    scheduled[i].num_draft_tokens,
-                    scheduled[i].seq.sampler,
-                )
-                for i in indices
-            ]
-            start = time.perf_counter()
-            for i, proposal in zip(indices, drafter.propose(tasks), strict=True):
-                proposals[i] = proposal
-            self.costs.record_draft(drafter.name, max(t.k for t in tasks), time.perf_counter() - start)
-        return proposals
-
     def _entry(self, s: ScheduledSequence, proposal: Proposal) -> BatchEntry:
         seq = s.seq
         start = seq.num_computed
         tokens = [*seq.context[start : start + s.num_new_tokens], *proposal.token_ids]
         return BatchEntry(seq.seq_id, tokens, start, seq.pages.pages, len(proposal.token_ids) + 1 if s.final else 0)
-
-    def _verify(self, s: ScheduledSequence, proposal: Proposal, logits: torch.Tensor) -> Verdict | None:
-        """Accepts a prefix of the drafts and moves the sequence's length; None for a mid-prompt chunk."""
-        seq = s.seq
-        if not s.final:
-            seq.num_computed += s.num_new_tokens
-            return None
-        verdict = verify(seq.sampler, logits, proposal, position=len(seq.output_ids))
-        # The cache now holds the context and the accepted drafts; the emitted token is fed next step.
-        valid = seq.num_computed + s.num_new_tokens + verdict.num_accepted
-        seq.num_computed = valid
-        self.pool.truncate(seq.pages, valid + 1)
-        if seq.drafter is not None and proposal.token_ids:
-            seq.drafter.accept(seq.draft_state, valid)
-        return verdict
-
-    def _account(self, s: ScheduledSequence, proposal: Proposal, verdict: Verdict, step: _Step) -> None:
-        seq = s.seq
-        if not s.decode:
-            self._record_prefill(seq, step)
-            return
-        stats, num_draft = seq.stats, len(proposal.token_ids)
-        draft_s, verify_s = (step.t1 - step.t0) / 1e9, (step.t2 - step.t1) / 1e9
-        stats.num_steps += 1
-        stats.num_draft_tokens += num_draft
-        stats.num_accepted_tokens += verdict.num_accepted
-        stats.num_emitted_tokens += len(verdict.token_ids)
-        stats.draft_seconds += draft_s if num_draft else 0.0
-        stats.verify_seconds += verify_s
-        if self.observer is not None:
-            self.observer.on_step(stats.drafter, num_draft, verdict.num_accepted, draft_s, verify_s)
-        if num_draft:
-            assert seq.drafter is not None
-            seq.controller.update(num_draft, verdict.num_accepted)
-            if seq.controller.adapt and seq.drafter.misses_carry_over:
-                # A draft model failing its probes is probed rarely from the next request's start too.
-                self._probe_every[seq.drafter.name] = min(seq.controller.probe_every, PROBE_CARRY_MAX)
-            self._recent.append((num_draft, verdict.num_accepted))
-        if seq.request.record_steps:
-            draft = StepRecord(
-                "draft",
-                step.t0,
-                step.t1,
-                step=stats.num_steps,
-                drafter=stats.drafter,
-                num_draft_tokens=num_draft,
-                position=len(seq.output_ids),
-                batch_size=step.batch_size,
-                batch_tokens=step.batch_tokens,
-            )
-            seq.records.append(draft)
-            seq.records.append(
-                dataclasses.replace(
-                    draft,
-                    kind="verify",
-                    start_ns=step.t1,
-                    end_ns=step.t2,
-                    num_accepted=verdict.num_accepted,
-                    num_emitted=len(verdict.token_ids),
-                    bonus=verdict.bonus,
-                )
-            )
-
-    def _record_prefill(self, seq: Sequence, step: _Step) -> None:
-        if seq.request.record_steps:
-            if not seq.records:
-                seq.records.append(StepRecord("queue", seq.submitted_ns, seq.prefill_start_ns))
-            seq.records.append(
-                StepRecord(
-                    "prefill",
-                    seq.prefill_start_ns,
-                    step.t2,
-                    num_emitted=1,
-                    batch_size=step.batch_size,
-                    batch_tokens=step.batch_tokens,
-                )
-            )
-        seq.prefill_start_ns = 0
 
     def _finish(self, seq: Sequence, out: StepOutput) -> None:
         self.scheduler.remove(seq)
@@ -518,13 +368,11 @@ class EngineCore:
         memory = self._stats.memory
         if now - self._memory_read >= _MEMORY_EVERY_S:
             memory, self._memory_read = tuple(self.runner.memory()), now
-        drafted = sum(d for d, _ in self._recent)
-        accepted = sum(a for _, a in self._recent)
         scheduler = self.scheduler
         stats = EngineStats(
             queue_depth=len(scheduler.waiting),
             active_requests=len(scheduler.running),
-            recent_acceptance=accepted / drafted if drafted else None,
+            recent_acceptance=self.speculation.recent_acceptance,
             kv_pages_total=self.pool.num_pages,
             kv_pages_used=self.pool.num_used,
             kv_page_size=self.pool.page_size,
