@@ -91,8 +91,13 @@ class EngineCore:
         self._aborted: set[str] = set()
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._ids = itertools.count()
+        self._outbox: list[tuple[Sink, StepOutput]] = []  # outputs of this loop iteration, sent after publishing
         self._request_seconds: float | None = None  # mean time in the engine of completed requests
-        self._stats = EngineStats(kv_pages_total=self.pool.num_pages, kv_page_size=self.pool.page_size)
+        self._stats = EngineStats(
+            kv_pages_total=self.pool.num_pages,
+            kv_page_size=self.pool.page_size,
+            kv_bytes_per_token=runner.kv.bytes_per_token,
+        )
         self._last_step: float | None = None
         self._last_batch = (0, 0)  # (sequences, tokens) of the last forward pass
         self._memory_read = 0.0
@@ -213,6 +218,7 @@ class EngineCore:
         self._started = True
         self._thread = threading.current_thread()
         try:
+            self._publish()  # memory and pool figures before the first request
             while True:
                 with self._cond:
                     while not (self._stopping or self._inbox or self._calls or self._aborted or self._busy()):
@@ -234,12 +240,14 @@ class EngineCore:
                 if self._busy():
                     self._step()
                 self._publish()
+                self._deliver()  # after publishing: a caller that sees its final output sees its pages freed
         except BaseException as exc:  # a dead device or a bug in the loop: fail everything, loudly
             self._failure = exc
             log.exception("engine.crashed", fatal=is_fatal(exc))
         finally:
             error = "engine stopped" if self._failure is None else f"engine failed: {self._failure}"
             self._fail_all(FinishReason.CANCELLED if self._failure is None else FinishReason.ERROR, error)
+            self._deliver()
             self._done.set()
             if self._failure is not None and self.on_failure is not None:
                 self.on_failure(self._failure)
@@ -270,14 +278,15 @@ class EngineCore:
         scheduled = [s for s in plan.scheduled if self._prepare(s)]
         if not scheduled:
             return
-        step = StepTiming(time.time_ns(), batch_size=len(scheduled), batch_tokens=sum(s.num_tokens for s in scheduled))
-        self._last_batch = (step.batch_size, step.batch_tokens)
+        step = StepTiming(time.time_ns())
         # (1) Drafters propose up to k tokens d_1..d_k for every decoding sequence, batched per drafter.
         proposals = speculation.propose(scheduled)
         step.t1 = time.time_ns()
         # (2) The target scores each sequence's new tokens (its last token plus drafts: k+1 positions,
         # or a prefill chunk) in ONE forward pass over the whole batch.
         entries = [self._entry(s, proposals[i]) for i, s in enumerate(scheduled)]
+        step.batch_size, step.batch_tokens = len(entries), sum(len(e.token_ids) for e in entries)
+        self._last_batch = (step.batch_size, step.batch_tokens)
         try:
             logits = self.runner.forward(entries)
         except Exception as exc:
@@ -303,7 +312,7 @@ class EngineCore:
             if out.finished:
                 self._finish(s.seq, out)
             else:
-                s.seq.sink(out)
+                self._outbox.append((s.seq.sink, out))
 
     def _prepare(self, s: ScheduledSequence) -> bool:
         """First-schedule set-up and the test-only fault hook; False drops the sequence from the step."""
@@ -353,7 +362,13 @@ class EngineCore:
             seconds = time.monotonic() - seq.admitted
             old = self._request_seconds
             self._request_seconds = seconds if old is None else old + 0.2 * (seconds - old)
-        seq.sink(out)
+        self._outbox.append((seq.sink, out))
+
+    def _deliver(self) -> None:
+        """Hands this iteration's outputs to their requests' sinks."""
+        outbox, self._outbox = self._outbox, []
+        for sink, out in outbox:
+            sink(out)
 
     def _forget_cache(self, seq: Sequence) -> None:
         """Drops what runner and drafter keep for a sequence (finished, or preempted for recompute)."""
