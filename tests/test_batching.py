@@ -450,3 +450,30 @@ def test_sequential_fallback_serves_the_same_tokens(target: Target) -> None:
     finally:
         core.stop(10)
         batched.stop(10)
+
+
+def test_prefill_beside_decodes_keeps_the_step_within_the_slack() -> None:
+    """With a pass cost that grows past 32 tokens, a long prompt beside 8 decodes gets a chunk that keeps
+    the step within 1.25x of decoding alone, never less than a page; alone it gets the whole budget."""
+    pool = PagePool(512, 16)
+
+    def cost(tokens: int) -> float:
+        return 0.1 if tokens <= 32 else 0.1 * tokens / 32
+
+    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.25)
+    make = _Plain(pool)
+    long = make.sequence(2000)
+    scheduler.add(long)
+    alone = scheduler.schedule(_no_drafts)
+    assert [(s.seq, s.num_new_tokens) for s in alone.scheduled] == [(long, 256)]
+    long.num_computed += 256
+    decoding = [make.sequence(4, emitted=1) for _ in range(8)]
+    for seq in decoding:
+        scheduler.add(seq)
+    scheduler.schedule(_no_drafts)
+    for seq in decoding:
+        seq.num_computed = len(seq.context) - 1
+    long.num_computed = 512
+    plan = scheduler.schedule(_no_drafts)
+    chunk = next(s.num_new_tokens for s in plan.scheduled if s.seq is long)
+    assert cost(8 + chunk) <= 1.25 * cost(8) and chunk >= 16, chunk

@@ -76,6 +76,7 @@ class EngineConfig:
     max_active_requests: int = 32  # a cap: KV pages decide how many actually run
     max_queued_requests: int = 64
     max_batch_tokens: int = 256  # tokens per forward pass: decodes, drafts and prefill chunks
+    decode_step_slack: float = 1.25  # while decoding, prefill may slow a step this much (0: no limit)
     kv_cache_memory: float = 0.0  # share of memory free after loading (<= 1) or GiB (> 1); 0: auto
     kv_page_size: int = 16  # token positions per KV page
     scheduling: str = "batched"  # batched | round_robin (the comparison point of bench batch)
@@ -196,6 +197,14 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         int,
         "token budget of one forward pass: every running request's next token and drafts, then prefill "
         "chunks of waiting prompts (smaller: steadier inter-token latency; larger: faster long prefills)",
+    ),
+    (
+        "decode-step-slack",
+        "engine",
+        "decode_step_slack",
+        float,
+        "while requests are decoding, prefill chunks may make a step at most this many times slower than "
+        "the decode-only step, by the measured pass costs (0: no limit; prompts then use the whole budget)",
     ),
     (
         "kv-cache-memory",
@@ -400,6 +409,7 @@ def validate(config: Config) -> None:
         "--max-batch-tokens",
         f"must exceed --max-num-draft-tokens={sp.max_num_draft_tokens} (one token plus its drafts)",
     )
+    _require(e.decode_step_slack == 0 or e.decode_step_slack >= 1, "--decode-step-slack", "must be 0 (off) or >= 1")
     _require(e.kv_cache_memory >= 0, "--kv-cache-memory", "must be >= 0 (0: auto)")
     _require(1 <= e.kv_page_size <= 1024, "--kv-page-size", "must be in [1, 1024]")
     _require(e.scheduling in ("batched", "round_robin"), "--scheduling", f"unknown policy {e.scheduling!r}")

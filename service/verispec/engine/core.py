@@ -82,7 +82,14 @@ class EngineCore:
         self.info = runner.info
         self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
         self.speculation = SpeculativeStep(drafters, self.costs, self.info, self.pool, observer)
-        self.scheduler = Scheduler(self.pool, config.max_active_requests, config.max_batch_tokens, config.scheduling)
+        self.scheduler = Scheduler(
+            self.pool,
+            config.max_active_requests,
+            config.max_batch_tokens,
+            config.scheduling,
+            step_cost=self.costs.verify_cost,
+            decode_step_slack=config.decode_step_slack,
+        )
         self.output = OutputProcessor(set(tokenizer.eos_token_ids), self.info.max_context_length)
         self.faults = FaultInjector.parse(config.fault_injection)
         self.on_failure: Callable[[BaseException], None] | None = None  # called on the engine thread

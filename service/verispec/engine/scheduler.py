@@ -4,10 +4,15 @@ token budget, chunked prefill, preemption (newest first, recomputed later).
 Each step, running sequences that are decoding come first, oldest first: one token each plus the
 drafts AUTO prices for them. Prefill chunks fill the rest of the token budget, shortest remaining
 prompt first, so a short request arriving behind a long prompt gets its first token within a step
-or two instead of waiting for the whole long prefill. A waiting request is admitted when the pages
-for its whole context are free (its prefill can then never stall); a decoding sequence that needs a
-new page when none is free takes one from the newest running sequence, which is preempted: its
-pages return to the pool and it goes back to the head of the queue to be recomputed.
+or two instead of waiting for the whole long prefill. While requests decode, prefill may only make a
+step `decode_step_slack` times slower than decoding alone would be (by the measured pass costs): on
+hardware where a pass costs more with more tokens, that keeps inter-token latency and a new request's
+time to first token steady while a long prompt is prefilled in smaller chunks.
+
+A waiting request is admitted when the pages for its whole context are free (its prefill can then
+never stall); a decoding sequence that needs a new page when none is free takes one from the newest
+running sequence, which is preempted: its pages return to the pool and it goes back to the head of
+the queue to be recomputed.
 
 The round-robin policy (one sequence per forward pass, in turn) is kept as the comparison point of
 `verispec bench batch`; it is how every request was stepped before batching.
@@ -65,13 +70,23 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue, the running list and the page pool (engine thread only)."""
 
-    def __init__(self, pool: PagePool, max_running: int, max_batch_tokens: int, policy: str = BATCHED) -> None:
+    def __init__(
+        self,
+        pool: PagePool,
+        max_running: int,
+        max_batch_tokens: int,
+        policy: str = BATCHED,
+        step_cost: Callable[[int], float] | None = None,
+        decode_step_slack: float = 0.0,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}")
         self.pool = pool
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         self.policy = policy
+        self.step_cost = step_cost  # measured seconds of a pass over n tokens
+        self.decode_step_slack = decode_step_slack
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.num_preemptions = 0
@@ -116,6 +131,7 @@ class Scheduler:
             budget -= 1 + k
         if not preempted:  # a sequence preempted for room now must not take that room back at once
             self._admit()
+        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget)
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
         for seq in prefilling:
             if budget < 1:
@@ -124,6 +140,19 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, chunk))
             budget -= chunk
         return SchedulerOutput(scheduled, preempted)
+
+    def _prefill_allowance(self, decode_tokens: int, budget: int) -> int:
+        """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
+        decode, as many as keep the step within decode_step_slack x the decode-only step (measured),
+        but at least a page's worth so that long prompts always progress."""
+        if not decode_tokens or self.step_cost is None or self.decode_step_slack <= 0:
+            return budget
+        limit = self.decode_step_slack * self.step_cost(decode_tokens)
+        floor = min(budget, self.pool.page_size)
+        tokens = budget
+        while tokens > floor and self.step_cost(decode_tokens + tokens) > limit:
+            tokens //= 2
+        return max(tokens, floor)
 
     def _reserve_decode(
         self, seq: Sequence, k: int, preempted: list[Sequence], scheduled: list[ScheduledSequence]
