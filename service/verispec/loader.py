@@ -131,7 +131,8 @@ def build_engine(
     costs = CostModel()
     calibrate(runner, costs, config.spec.max_num_draft_tokens + 1, config.engine.max_batch_tokens)
     if draft is not None:
-        draft_runner = build_runner(draft, config.engine, target.info.max_context_length)
+        target_positions = runner.kv.num_pages * runner.kv.page_size
+        draft_runner = build_runner(draft, config.engine, target.info.max_context_length, target_positions)
         drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft_runner)
         calibrate_draft(draft_runner, costs)
     core = EngineCore(runner, tokenizer, drafters, config.engine, costs, observer)

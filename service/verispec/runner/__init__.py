@@ -17,14 +17,18 @@ AUTO_SHARE_GPU = 0.9
 AUTO_SHARE_CPU = 0.1
 
 
-def build_runner(backend: Backend, config: EngineConfig, max_context_length: int = 0) -> ModelRunner:
+def build_runner(
+    backend: Backend, config: EngineConfig, max_context_length: int = 0, max_tokens: int = 0
+) -> ModelRunner:
     """The batched runner for `backend`'s model when one covers it, else the sequential fallback.
 
     The KV pool gets `--kv-cache-memory` of the memory free on the model's device after loading, but
-    never more than max_active_requests sequences of the full context need.
+    never more than max_active_requests sequences of the full context need, nor more than max_tokens
+    positions when given (a draft model never holds more positions than its target's pool).
     """
     context = max_context_length or backend.info.max_context_length
-    max_tokens = config.max_active_requests * (context + config.kv_page_size)
+    need = config.max_active_requests * (context + config.kv_page_size)
+    max_tokens = min(need, max_tokens) if max_tokens else need
     device = backend.info.devices[0] if backend.info.devices else "cpu"
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))

@@ -1,8 +1,8 @@
 """`verispec bench`: measurements printed as JSON.
 
-This module defines the flags of every kind (overhead, spec, soak, exl2) and imports nothing heavy at top
-level, so that building the CLI's parser stays cheap; each kind imports torch, grpc and the service's parts
-inside the functions that run it (soak and exl2 live in their own modules).
+This module defines the flags of every kind (overhead, spec, soak, exl2, batch) and imports nothing heavy at
+top level, so that building the CLI's parser stays cheap; each kind imports torch, grpc and the service's
+parts inside the functions that run it (soak, exl2 and batch live in their own modules).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_arguments(kinds)
     add_soak_arguments(kinds)
     add_exl2_arguments(kinds)
+    add_batch_arguments(kinds)
 
 
 def add_soak_arguments(kinds: Any) -> None:
@@ -73,6 +74,48 @@ def add_exl2_arguments(kinds: Any) -> None:
     exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
+def concurrency_list(text: str) -> tuple[int, ...]:
+    """--concurrency: comma-separated stream counts, each >= 1."""
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"need stream counts >= 1, got {text!r}")
+    return levels
+
+
+def add_batch_arguments(kinds: Any) -> None:
+    batch = kinds.add_parser(
+        "batch",
+        help="load sweep through the gRPC server: batched vs round-robin scheduling, speculation OFF vs AUTO",
+        description="N concurrent greedy streams per point, for each scheduling policy, speculation mode and "
+        "concurrency: aggregate tokens/s, inter-token latency and TTFT (median of --repeats, with min and max), "
+        "then a short request's TTFT under load against the idle server. One model load; an engine and "
+        "in-process server per policy, one at a time. With --backend exl2, also ExLlamaV2's own batched "
+        "forward (the raw ceiling).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    batch.add_argument("--model", default=None, help="target model (default: the embedded model)")
+    batch.add_argument("--backend", default="torch_ref", help="torch_ref, or exl2 (CUDA)")
+    batch.add_argument("--draft-model", default="", help="draft model for AUTO (default: n-gram drafter)")
+    batch.add_argument("--concurrency", type=concurrency_list, default=(1, 2, 4, 8, 16), help="streams per point")
+    batch.add_argument("--max-new-tokens", type=int, default=32, help="tokens every stream generates")
+    batch.add_argument("--repeats", type=int, default=3, help="rounds of every point, interleaved")
+    batch.add_argument(
+        "--max-batch-tokens", type=int, default=0, help="server's token budget per pass (0: its default)"
+    )
+    batch.add_argument(
+        "--long-prompt-tokens",
+        type=int,
+        default=2000,
+        help="prompt in prefill during the TTFT probe (0: skip that case)",
+    )
+    batch.add_argument("--no-ttft-probe", action="store_true", help="skip the TTFT-under-load probe")
+    batch.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    batch.add_argument("--plot", type=Path, default=None, help="PNG of aggregate tokens/s against concurrency")
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from verispec import telemetry
     from verispec.config import TelemetryConfig
@@ -90,6 +133,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from verispec.tools.soak import run_soak
 
         result = run_soak(args, _progress)
+    elif args.bench == "batch":
+        from verispec.tools.bench_batch import run_batch
+
+        result = run_batch(args, _progress)
     else:  # pragma: no cover - argparse only accepts the kinds above
         raise SystemExit(f"unknown benchmark {args.bench}")
     text = json.dumps(result, indent=2)
@@ -104,22 +151,27 @@ def _progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def direct_greedy(backend: Any, prompt_ids: list[int], num_tokens: int, suppress: list[int]) -> float:
-    """Seconds for plain greedy decoding of num_tokens straight on the backend (end-of-sequence masked)."""
+def direct_greedy(runner: Any, prompt_ids: list[int], num_tokens: int, suppress: list[int]) -> float:
+    """Seconds for plain greedy decoding of num_tokens straight on the model runner (end-of-sequence masked),
+    in pages of a scratch pool: call it on the engine thread while the engine is idle."""
     import torch
 
-    cache = backend.new_cache()
+    from verispec.kv.pages import PagePool, PageTable
+    from verispec.runner.base import BatchEntry
+
+    pool, table = PagePool(runner.kv.num_pages, runner.kv.page_size), PageTable()
+    pool.reserve(table, len(prompt_ids) + num_tokens)
     try:
         with torch.inference_mode():
             start = time.perf_counter()
-            logits = backend.forward(cache, prompt_ids, 1)
-            for _ in range(num_tokens - 1):
+            logits = runner.forward([BatchEntry(-1, prompt_ids, 0, table.pages, 1)])[0]
+            for i in range(num_tokens - 1):
                 logits[:, suppress] = float("-inf")
                 token = int(logits[0].argmax())
-                logits = backend.forward(cache, [token], 1)
+                logits = runner.forward([BatchEntry(-1, [token], len(prompt_ids) + i, table.pages, 1)])[0]
             return time.perf_counter() - start
     finally:
-        backend.free(cache)
+        runner.free(-1)
 
 
 async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,7 +202,7 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
     server = Server(config)
     port = await server.start()
     await server.load(lambda _config, _observer: models)
-    backend = models.engine.core.backend
+    runner = models.engine.core.runner
     prompt_ids = models.tokenizer.encode(OVERHEAD_PROMPT)
     suppress = sorted(models.tokenizer.eos_token_ids)
     n = args.max_new_tokens
@@ -168,8 +220,8 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
         await _stream(stub, request)  # warm-up of both paths
         for i in range(args.repeats):
             _progress(f"run {i + 1}/{args.repeats}: direct")
-            # The engine thread owns torch's thread pool: measure the backend there too.
-            direct = models.engine.core.call(lambda: direct_greedy(backend, prompt_ids, n, suppress))
+            # The engine thread owns torch's thread pool: measure the runner there too.
+            direct = models.engine.core.call(lambda: direct_greedy(runner, prompt_ids, n, suppress))
             direct_s.append(await asyncio.wrap_future(direct))
             _progress(f"run {i + 1}/{args.repeats}: gRPC stream")
             elapsed, first, count = await _stream(stub, request)
@@ -302,7 +354,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     counts = _PositionCounts()
     _progress("loading the model")
     models = load(config_from_argv(flags), observer=counts)
-    core, tokenizer, target = models.engine.core, models.tokenizer, models.engine.core.backend
+    core, tokenizer, target = models.engine.core, models.tokenizer, models.engine.core.runner
     result: dict[str, Any] = {
         "benchmark": "spec",
         "model": target.info.model_id,

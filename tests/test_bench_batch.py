@@ -1,0 +1,75 @@
+"""`verispec bench batch`: the load sweep through the real server, its latency arithmetic and its flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_cli import _STARTUP_SCRIPT, HEAVY, HEAVY_OURS
+from verispec.tools.bench_batch import POLICIES, token_latencies
+
+BENCH = [sys.executable, "-m", "verispec", "bench", "batch"]
+
+
+def test_a_gap_is_shared_by_the_tokens_of_the_message_that_ends_it() -> None:
+    """TTFT is the first message that carries tokens; a 3-token message after a 0.3 s gap is 3 x 0.1 s."""
+    ttft, samples = token_latencies([0.05, 0.2, 0.3, 0.6, 0.6], [0, 1, 1, 3, 0])
+    assert ttft == 0.2
+    assert [round(s, 6) for s in samples] == [0.1, 0.1, 0.1, 0.1]
+    assert token_latencies([0.1], [0]) == (None, [])
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """`bench batch --help` builds its parser without torch, grpc or the engine."""
+    script = _STARTUP_SCRIPT.format(argvs=[["bench", "batch", "--help"]])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--concurrency" in result.stdout and "--long-prompt-tokens" in result.stdout
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    heavy = [m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY + HEAVY_OURS)]
+    assert heavy == [] and "verispec.tools.bench_batch" not in loaded, heavy
+
+
+def test_bad_flags_are_refused_before_loading() -> None:
+    for flags, named in ((["--repeats", "0"], "--repeats"), (["--concurrency", "1,x"], "--concurrency")):
+        result = subprocess.run([*BENCH, *flags], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and named in result.stderr, result.stderr[-500:]
+
+
+def test_sweep_measures_every_point_and_every_stream_gets_exactly_its_tokens(tmp_path: Path) -> None:
+    """A tiny sweep through the real gRPC server on the embedded model: 2 policies x 2 modes x 2
+    concurrencies, the TTFT probe with a short long prompt, JSON on stdout and in --output, a PNG."""
+    output, plot = tmp_path / "batch.json", tmp_path / "batch.png"
+    flags = ["--concurrency", "1,2", "--max-new-tokens", "8", "--repeats", "1", "--long-prompt-tokens", "300"]
+    result = subprocess.run(
+        [*BENCH, *flags, "--output", str(output), "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[bench] " in result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads(output.read_text())
+    assert report["every_stream_exact"], report["stream_problems"]
+    assert report["raw_batch"] is None, "the raw ExLlamaV2 ceiling is measured on exl2 only"
+    points = {(p["policy"], p["mode"], p["concurrency"]): p for p in report["points"]}
+    assert set(points) == {(p, m, c) for p in POLICIES for m in ("off", "auto") for c in (1, 2)}
+    for point in points.values():
+        assert point["tokens_per_s"]["min"] <= point["tokens_per_s"]["median"] <= point["tokens_per_s"]["max"]
+        assert point["tokens_per_s"]["median"] > 0 and point["ttft_ms_p50"]["median"] > 0
+        assert point["itl_ms_p50"]["median"] <= point["itl_ms_p99"]["median"]
+    assert points[("round_robin", "off", 2)]["mean_batch_size"]["median"] == 1.0, "round robin: one per pass"
+    ratios = report["ratios"]
+    assert ratios["batched_8_over_1"] == {"off": None, "auto": None}, "no 8-stream point in this sweep"
+    for table in (ratios["batched_over_round_robin"], ratios["auto_over_off"]):
+        assert all(isinstance(value, float) for row in table.values() for value in row.values())
+    probe = report["ttft_probe"]
+    assert probe["streams_not_exact"] == 0
+    assert probe["under_load_runs"][0]["background_decoding_at_probe_token"] == 8
+    assert probe["long_prefill_runs"][0]["long_prompt_tokens"] >= 250
+    assert ratios["ttft_under_load_over_idle"] > 0 and ratios["ttft_long_prefill_over_idle"] > 0
+    assert plot.read_bytes().startswith(b"\x89PNG")
