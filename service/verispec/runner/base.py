@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import structlog
 import torch
 
 from verispec.backends.base import BackendInfo
 
+log = structlog.get_logger(__name__)
 GIB = 1024**3
 
 
@@ -36,6 +38,18 @@ class KVLayout:
     @property
     def total_bytes(self) -> int:
         return self.num_pages * self.page_size * self.bytes_per_token
+
+    def log_ready(self, runner: str, **extra: object) -> None:
+        """One start-up line saying how large the pool came out."""
+        log.info(
+            "runner.ready",
+            runner=runner,
+            kv_pages=self.num_pages,
+            page_size=self.page_size,
+            kv_bytes_per_token=self.bytes_per_token,
+            kv_gib=round(self.total_bytes / GIB, 3),
+            **extra,
+        )
 
 
 class ModelRunner(Protocol):

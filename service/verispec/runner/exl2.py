@@ -68,15 +68,7 @@ class Exl2Runner:
                 cache_mode=backend.cache_mode,
                 detail="paged KV pages are fp16; the quantized cache mode applies to the sequential path only",
             )
-        log.info(
-            "runner.ready",
-            runner="exl2_paged",
-            kv_pages=num_pages,
-            page_size=page_size,
-            kv_bytes_per_token=bytes_per_token,
-            kv_gib=round(self.kv.total_bytes / 2**30, 3),
-            layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())},
-        )
+        self.kv.log_ready("exl2_paged", layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())})
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:

@@ -10,14 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 import torch
 
 from verispec.backends.base import BackendInfo
 from verispec.runner.attention import AttentionPlan, paged_attention
 from verispec.runner.base import BatchEntry, KVLayout, logits_rows, plan_num_pages, split_logits
-
-log = structlog.get_logger(__name__)
 
 # Decoder-only models whose layers are exactly: RMSNorm -> attention (q/k/v/o, rotary, GQA) -> residual
 # -> RMSNorm -> gated MLP -> residual. Sliding-window variants are excluded (checked on the config).
@@ -64,14 +61,7 @@ class TorchLlamaRunner:
         shape = (slots, self.kv_heads, self.head_dim)
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        log.info(
-            "runner.ready",
-            runner="torch_llama",
-            kv_pages=num_pages,
-            page_size=page_size,
-            kv_bytes_per_token=bytes_per_token,
-            kv_gib=round(self.kv.total_bytes / 2**30, 3),
-        )
+        self.kv.log_ready("torch_llama")
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
