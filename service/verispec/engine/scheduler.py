@@ -131,8 +131,9 @@ class Scheduler:
             budget -= 1 + k
         if not preempted:  # a sequence preempted for room now must not take that room back at once
             self._admit()
-        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget)
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
+        shortest = prefilling[0].num_pending if prefilling else 0
+        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget, shortest)
         for seq in prefilling:
             if budget < 1:
                 break
@@ -141,14 +142,16 @@ class Scheduler:
             budget -= chunk
         return SchedulerOutput(scheduled, preempted)
 
-    def _prefill_allowance(self, decode_tokens: int, budget: int) -> int:
+    def _prefill_allowance(self, decode_tokens: int, budget: int, shortest: int) -> int:
         """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
         decode, as many as keep the step within decode_step_slack x the decode-only step (measured),
-        but at least a page's worth so that long prompts always progress."""
+        but at least a page's worth (long prompts always progress) and the whole shortest pending prompt
+        when it is short, at most a quarter of the budget (a short request is never split over steps)."""
         if not decode_tokens or self.step_cost is None or self.decode_step_slack <= 0:
             return budget
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
-        floor = min(budget, self.pool.page_size)
+        short = shortest if shortest <= self.max_batch_tokens // 4 else 0
+        floor = min(budget, max(self.pool.page_size, short))
         tokens = budget
         while tokens > floor and self.step_cost(decode_tokens + tokens) > limit:
             tokens //= 2
