@@ -255,7 +255,8 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None) -
     """One short request sent once `background` streams are decoding (and a long prompt is in prefill).
 
     The background streams ask for far more tokens than the probe needs and are cancelled once it is
-    done; the engine must then be idle again (Health) before the next measurement.
+    done (a long prompt then finishes its prefill alone); the engine must be idle again (Health) before
+    the next measurement.
     """
     first = [asyncio.Event() for _ in range(background)]
     requests = [generate_request(prompt_for(i), "off", PROBE_BACKGROUND_TOKENS, target.chat) for i in range(background)]
@@ -275,14 +276,15 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None) -
         "probe": probe,
         "background_decoding_at_probe_token": sum(not j.done() or j.result().ended_at > at for j in jobs),
     }
+    for job in jobs:  # before the long prompt is done: how long its prefill takes under load is not this run's
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
     if long_job is not None:
         long = await long_job
         run["long_prompt_tokens"] = long.prompt_tokens
         run["long_prefill_pending_at_probe_token"] = (long.first_token_at or float("inf")) > at
+        run["long_prompt_ttft_ms"] = round(1000 * (long.ttft_s or 0.0), 1)  # streams cancelled after the probe
         run["long_exact"] = len(long.token_ids) == PROBE_MAX_NEW_TOKENS and long.error is None
-    for job in jobs:
-        job.cancel()
-    await asyncio.gather(*jobs, return_exceptions=True)
     run["seconds_to_idle_after_cancel"] = await _until_idle(target.stub)
     return run
 
