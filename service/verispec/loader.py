@@ -15,11 +15,11 @@ from verispec.engine.async_engine import AsyncEngine
 from verispec.engine.core import EngineCore
 from verispec.engine.speculative import StepObserver
 from verispec.errors import ConfigError, ModelLoadError
-from verispec.kv.pages import PagePool, PageTable
+from verispec.kv.pages import PageTable
 from verispec.models import resolve_model
 from verispec.request import SamplingParams, SpeculationMode
 from verispec.runner import build_runner
-from verispec.runner.base import BatchEntry, ModelRunner
+from verispec.runner.base import ModelRunner, scratch_entry
 from verispec.sampling import Sampler
 from verispec.spec.adaptive import CostModel
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
@@ -140,24 +140,16 @@ def build_engine(
     return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
 
 
-def _scratch_entry(
-    runner: ModelRunner, pool: PagePool, table: PageTable, tokens: list[int], start: int, num_logits: int
-) -> BatchEntry:
-    """A calibration entry in pages of a scratch pool (the engine that will own them is not running yet)."""
-    pool.reserve(table, start + len(tokens))
-    return BatchEntry(-1, tokens, start, table.pages, num_logits)
-
-
 def calibrate_draft(draft: ModelRunner, costs: CostModel, repeats: int = 5) -> None:
     """Measures one draft step so AUTO prices draft-model speculation before its first request."""
-    pool, table = PagePool(draft.kv.num_pages, draft.kv.page_size), PageTable()
+    pool, table = draft.kv.new_pool(), PageTable()
     try:
-        draft.forward([_scratch_entry(draft, pool, table, list(range(16)), 0, 1)])
+        draft.forward([scratch_entry(pool, table, list(range(16)), 0, 1)])
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             # A draft step ends with its token on the host.
-            int(draft.forward([_scratch_entry(draft, pool, table, [16], 16, 1)])[0][0].argmax())
+            int(draft.forward([scratch_entry(pool, table, [16], 16, 1)])[0][0].argmax())
             best = min(best, time.perf_counter() - start)
         costs.record_draft("draft_model", 1, best)
     finally:
@@ -172,17 +164,17 @@ def calibrate(runner: ModelRunner, costs: CostModel, max_tokens: int, max_batch_
     It times what a live step times (the forward pass and verification, which also waits for the
     device), so calibrated and live figures mix in one average without bias.
     """
-    pool, table = PagePool(runner.kv.num_pages, runner.kv.page_size), PageTable()
+    pool, table = runner.kv.new_pool(), PageTable()
     sampler = Sampler(SamplingParams(), runner.info.vocab_size, [])
     sizes = [*range(1, max_tokens + 1), *(n for n in (16, 32, 64) if max_tokens < n <= max_batch_tokens)]
     sizes = [n for n in sizes if 16 + n <= pool.capacity_tokens]  # a tiny test pool measures what fits
     try:
-        runner.forward([_scratch_entry(runner, pool, table, list(range(16)), 0, 1)])  # also warms the kernels
+        runner.forward([scratch_entry(pool, table, list(range(16)), 0, 1)])  # also warms the kernels
         for n in sizes:
             best = float("inf")
             for _ in range(repeats if n <= max_tokens else 1):
                 start = time.perf_counter()
-                logits = runner.forward([_scratch_entry(runner, pool, table, list(range(n)), 16, n)])[0]
+                logits = runner.forward([scratch_entry(pool, table, list(range(n)), 16, n)])[0]
                 verify(sampler, logits, Proposal(list(range(1, n))), 0)
                 best = min(best, time.perf_counter() - start)
             costs.record_verify(n, best)

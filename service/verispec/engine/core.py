@@ -29,7 +29,6 @@ from verispec.engine.sequence import Sequence, Sink
 from verispec.engine.speculative import SpeculativeStep, StepObserver, StepTiming
 from verispec.engine.text import TextStream
 from verispec.errors import CapacityError, EngineDeadError, NotReadyError, OverloadedError
-from verispec.kv.pages import PagePool
 from verispec.request import FinishReason, Request, SpecStats, SpeculationMode, StepOutput
 from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import Sampler
@@ -80,7 +79,7 @@ class EngineCore:
         self.costs = costs or CostModel()
         self.observer = observer
         self.info = runner.info
-        self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        self.pool = runner.kv.new_pool()
         self.speculation = SpeculativeStep(drafters, self.costs, self.info, self.pool, observer)
         self.scheduler = Scheduler(
             self.pool,

@@ -10,6 +10,7 @@ import structlog
 import torch
 
 from verispec.backends.base import BackendInfo
+from verispec.kv.pages import PagePool, PageTable
 
 log = structlog.get_logger(__name__)
 GIB = 1024**3
@@ -38,6 +39,10 @@ class KVLayout:
     @property
     def total_bytes(self) -> int:
         return self.num_pages * self.page_size * self.bytes_per_token
+
+    def new_pool(self) -> PagePool:
+        """A page pool over this layout's pages (the engine's, a drafter's, or a scratch one)."""
+        return PagePool(self.num_pages, self.page_size)
 
     def log_ready(self, runner: str, **extra: object) -> None:
         """One start-up line saying how large the pool came out."""
@@ -118,3 +123,10 @@ def split_logits(batch: Sequence[BatchEntry], logits: torch.Tensor) -> list[torc
         result.append(logits[offset : offset + entry.num_logits])
         offset += entry.num_logits
     return result
+
+
+def scratch_entry(pool: PagePool, table: PageTable, tokens: list[int], start: int, num_logits: int) -> BatchEntry:
+    """An entry of sequence -1 in pages of a scratch pool: calibration and benchmarks drive a runner
+    directly, before its engine runs or while it is idle (pages are rewritten before they are read)."""
+    pool.reserve(table, start + len(tokens))
+    return BatchEntry(-1, tokens, start, table.pages, num_logits)

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from verispec.kv.pages import PagePool, PageTable
+from verispec.kv.pages import PageTable
 from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import STREAM_DRAFT, Sampler
 from verispec.spec.verify import Proposal
@@ -117,7 +117,7 @@ class ModelDrafter:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        self.pool = runner.kv.new_pool()
         self._ids = itertools.count()
 
     def start(self) -> object:

@@ -156,19 +156,18 @@ def direct_greedy(runner: Any, prompt_ids: list[int], num_tokens: int, suppress:
     in pages of a scratch pool: call it on the engine thread while the engine is idle."""
     import torch
 
-    from verispec.kv.pages import PagePool, PageTable
-    from verispec.runner.base import BatchEntry
+    from verispec.kv.pages import PageTable
+    from verispec.runner.base import scratch_entry
 
-    pool, table = PagePool(runner.kv.num_pages, runner.kv.page_size), PageTable()
-    pool.reserve(table, len(prompt_ids) + num_tokens)
+    pool, table = runner.kv.new_pool(), PageTable()
     try:
         with torch.inference_mode():
             start = time.perf_counter()
-            logits = runner.forward([BatchEntry(-1, prompt_ids, 0, table.pages, 1)])[0]
+            logits = runner.forward([scratch_entry(pool, table, prompt_ids, 0, 1)])[0]
             for i in range(num_tokens - 1):
                 logits[:, suppress] = float("-inf")
                 token = int(logits[0].argmax())
-                logits = runner.forward([BatchEntry(-1, [token], len(prompt_ids) + i, table.pages, 1)])[0]
+                logits = runner.forward([scratch_entry(pool, table, [token], len(prompt_ids) + i, 1)])[0]
             return time.perf_counter() - start
     finally:
         runner.free(-1)
