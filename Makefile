@@ -13,8 +13,16 @@ PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
 PYTEST := TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
-PROTOC = PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --grpc_python_out=$(1) \
-	--mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO_FILES)
+CLIENT_DIR := clients/python
+STUBS_DIR := $(CLIENT_DIR)/verispec_proto/v1
+# Python stubs of package verispec.v1 into $(1) under the import name verispec_proto.v1 (the client
+# distribution's own name, so that it never shadows the server's `verispec` package): protoc writes
+# verispec/v1/*, the generated imports are renamed, the files land flat in $(1).
+PY_STUBS = gen=$$(mktemp -d) && PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+	--python_out=$$gen --grpc_python_out=$$gen --mypy_out=$$gen --mypy_grpc_out=$$gen $(PROTO_FILES) && \
+	sed -i -e 's/^from verispec\.v1 import /from verispec_proto.v1 import /' \
+	  -e "s/(DESCRIPTOR, 'verispec\.v1\./(DESCRIPTOR, 'verispec_proto.v1./" $$gen/verispec/v1/*.py $$gen/verispec/v1/*.pyi && \
+	mkdir -p $(1) && cp $$gen/verispec/v1/*.py $$gen/verispec/v1/*.pyi $(1)/ && rm -r $$gen
 
 .PHONY: serve test test-tracing tools lint typecheck proto-check buf-check protos node-client unit bench clean
 
@@ -28,11 +36,13 @@ test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-
 test-tracing: $(STAMP) $(PHOENIX_STAMP)
 	$(PYTEST) -m tracing_backend -s tests/test_phoenix.py
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CLIENT_DIR)/pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to its CPU build: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	# The client distribution (stubs and client) first: the server depends on it.
+	$(PY) -m pip install --quiet -e $(CLIENT_DIR)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -59,15 +69,15 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 
 # Python stubs through grpcio-tools; other languages through buf.gen.yaml (local plugins).
 protos: $(STAMP) $(NODE_STAMP)
-	$(call PROTOC,service)
+	$(call PY_STUBS,$(STUBS_DIR))
 	$(BIN)/buf generate
 
 node-client: $(NODE_STAMP)
 	$(NODE_DIR)/node_modules/.bin/tsc -p $(NODE_DIR)
 
 proto-check: $(STAMP) $(NODE_STAMP)
-	@tmp=$$(mktemp -d) && $(call PROTOC,$$tmp) && $(BIN)/buf generate -o $$tmp && \
-	  diff -r -x __init__.py -x __pycache__ $$tmp/verispec/v1 service/verispec/v1 && \
+	@tmp=$$(mktemp -d) && $(call PY_STUBS,$$tmp/py) && $(BIN)/buf generate -o $$tmp && \
+	  diff -r -x __init__.py -x __pycache__ $$tmp/py $(STUBS_DIR) && \
 	  diff -r $$tmp/$(NODE_DIR)/src/gen $(NODE_DIR)/src/gen \
 	  && echo "generated code is fresh" \
 	  || { echo "generated code is stale: run 'make protos' and commit"; exit 1; }

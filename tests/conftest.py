@@ -25,7 +25,7 @@ from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import DEFAULT_MODEL, Config, ModelConfig, config_from_argv
 from verispec.loader import load_backend, start_engine
 from verispec.tokenizer import Tokenizer
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 
 @dataclass

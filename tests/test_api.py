@@ -12,7 +12,7 @@ from grpc_status import rpc_status
 
 from tests.conftest import RunningServer, ServerFactory
 from verispec.runner.base import available_cpu_bytes
-from verispec.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2 as pb
 
 FRANCE = [pb.ChatMessage(role="user", content="What is the capital of France?")]
 STORY = "Once upon a time, in a small village by the sea,"

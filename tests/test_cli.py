@@ -94,7 +94,7 @@ for argv in {argvs!r}:
 print(json.dumps(sorted(sys.modules)))
 """
 HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "exllamav2", "numpy", "grpc", "grpc_health")
-HEAVY_OURS = ("verispec.v1", "verispec.engine", "verispec.loader", "verispec.backends", "verispec.api")
+HEAVY_OURS = ("verispec_proto", "verispec.engine", "verispec.loader", "verispec.backends", "verispec.api")
 
 
 def test_version_and_help_import_nothing_heavy() -> None:

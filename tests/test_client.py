@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tests.conftest import RunningServer
-from verispec.v1 import generation_pb2 as pb
 from verispec_client import AsyncVerispecClient, VerispecClient, build_request
+from verispec_proto.v1 import generation_pb2 as pb
 
 FRANCE = [("user", "What is the capital of France?")]
 

@@ -127,19 +127,46 @@ def test_containerfiles_lint_clean() -> None:
         assert "EXPOSE 50051 50052 9464" in text and "VERISPEC_HEALTH_PORT=50052" in text
 
 
-def test_the_wheel_the_images_install_is_complete(tmp_path: Path) -> None:
-    """Containerfiles `pip install .` (not editable): the wheel must carry the stubs, types and commands."""
-    _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, ROOT)
-    [wheel] = tmp_path.glob("verispec-*.whl")
+def _wheel_contents(wheel: Path) -> tuple[set[str], str, list[str]]:
+    """A wheel's file names, entry points and Requires-Dist lines."""
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [
+        line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")
+    ]
+    return names, entry_points, requires
+
+
+def test_the_wheels_the_images_install_are_complete(tmp_path: Path) -> None:
+    """Containerfiles `pip install ./clients/python .` (not editable): the client wheel carries the stubs,
+    their types and the client command with the generated code's runtimes as its only dependencies; the
+    server wheel carries the server and depends on the client wheel."""
+    for project in (ROOT / "clients" / "python", ROOT):
+        _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path, project)
+    [client] = tmp_path.glob("verispec_client-*.whl")
+    [server] = tmp_path.glob("verispec-*.whl")
+    names, entry_points, requires = _wheel_contents(client)
     for module in ("generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py", "generation_pb2_grpc.pyi"):
-        assert f"verispec/v1/{module}" in names
-    assert {"verispec/py.typed", "verispec_client/py.typed", "verispec/cli.py", "verispec_client/cli.py"} <= names
-    assert "verispec = verispec.cli:main" in entry_points
+        assert f"verispec_proto/v1/{module}" in names
+    assert {"verispec_proto/py.typed", "verispec_client/py.typed", "verispec_client/cli.py"} <= names
     assert "verispec-client = verispec_client.cli:main" in entry_points
-    assert not [n for n in names if n.startswith(("tests/", "clients/", "typescript/"))]
+    assert {r.split(">")[0].split("<")[0].split("=")[0] for r in requires} == {
+        "grpcio",
+        "protobuf",
+        "googleapis-common-protos",
+    }, requires
+    assert not [n for n in names if not n.startswith(("verispec_client", "verispec_proto"))]
+    names, entry_points, requires = _wheel_contents(server)
+    assert {"verispec/py.typed", "verispec/cli.py", "verispec/api/server.py"} <= names
+    assert "verispec = verispec.cli:main" in entry_points
+    assert "verispec-client==0.1.0" in requires
+    assert not [
+        n
+        for n in names
+        if n.startswith(("tests/", "clients/", "typescript/", "verispec_client/", "verispec_proto/", "verispec/v1/"))
+    ]
 
 
 def test_prometheus_config_and_alert_rules() -> None:

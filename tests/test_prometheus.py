@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import RunningServer, ServerFactory, free_port, wait_http_ok
 from tests.test_deploy import BASE, promtool
 from tests.test_telemetry import COPY_PROMPT
-from verispec.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2 as pb
 
 
 @dataclass

@@ -16,8 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from tests.conftest import BIN, RunningServer, ServerFactory, free_port, spawn_serve
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 LONG = pb.GenerateRequest(prompt="Write a very long story about the sea.", max_new_tokens=400, min_new_tokens=400)
 

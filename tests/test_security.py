@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import BIN, ServerFactory, free_port, spawn_serve
 from verispec.api.auth import BearerTokenInterceptor
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
 from verispec_client import VerispecClient, channel_credentials
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 TOKEN = "s3cret-token-for-tests"
 REQUEST = pb.GenerateRequest(prompt="Hello", max_new_tokens=2)

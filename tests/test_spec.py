@@ -33,7 +33,7 @@ from verispec.spec.adaptive import CostModel, KController, best_k, expected_toke
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter, lookup
 from verispec.spec.verify import Proposal, verify
 from verispec.tokenizer import Tokenizer
-from verispec.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2 as pb
 
 COPY_PROMPT = (
     "Repeat the following text exactly.\n"

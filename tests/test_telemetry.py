@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ServeProcess, free_port, spawn_serve
 from tests.receivers import OtlpGrpcReceiver, OtlpHttpReceiver
 from verispec.telemetry import StepSpans
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 COPY_PROMPT = (
     "Copy this list exactly: apples, pears, plums, cherries, lemons, limes, grapes, melons.\n"

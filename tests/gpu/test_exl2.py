@@ -24,8 +24,8 @@ from verispec.request import (
 )
 from verispec.runner import build_runner
 from verispec.spec.drafters import ModelDrafter, NgramDrafter
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.gpu
 

@@ -23,7 +23,7 @@ from verispec.request import (
     TokenLogprob,
 )
 from verispec.tokenizer import Tokenizer
-from verispec.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
     from verispec.engine.core import EngineStats

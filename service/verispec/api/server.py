@@ -21,8 +21,8 @@ from verispec.engine.speculative import StepObserver
 from verispec.errors import EngineDeadError
 from verispec.loader import LoadedModels
 from verispec.metrics import Metrics
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 

@@ -21,8 +21,8 @@ from verispec.errors import InvalidRequestError, NotReadyError, VerispecError
 from verispec.loader import LoadedModels
 from verispec.metrics import Metrics
 from verispec.request import FinishReason, Request, ResultAccumulator, SpeculationMode, StepOutput
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 log = structlog.get_logger(__name__)
 

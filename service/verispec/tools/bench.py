@@ -179,8 +179,8 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
     from verispec.api.server import Server
     from verispec.config import DEFAULT_MODEL, config_from_argv
     from verispec.loader import load
-    from verispec.v1 import generation_pb2 as pb
-    from verispec.v1 import generation_pb2_grpc as pb_grpc
+    from verispec_proto.v1 import generation_pb2 as pb
+    from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
     config = config_from_argv(
         [

@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 POLICIES = ("batched", "round_robin")

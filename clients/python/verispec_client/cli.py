@@ -13,7 +13,6 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from verispec.v1 import generation_pb2 as pb
 from verispec_client.client import (
     DEFAULT_TARGET,
     SAMPLING_FIELDS,
@@ -21,6 +20,7 @@ from verispec_client.client import (
     VerispecClient,
     channel_credentials,
 )
+from verispec_proto.v1 import generation_pb2 as pb
 
 
 def _parser() -> argparse.ArgumentParser:

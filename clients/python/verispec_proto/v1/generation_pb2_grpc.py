@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from verispec.v1 import generation_pb2 as verispec_dot_v1_dot_generation__pb2
+from verispec_proto.v1 import generation_pb2 as verispec_dot_v1_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

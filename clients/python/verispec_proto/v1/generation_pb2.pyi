@@ -803,6 +803,11 @@ class HealthResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     NUM_PREEMPTIONS_FIELD_NUMBER: _builtins.int
+    COST_USD_PER_MILLION_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_UTILIZATION_FIELD_NUMBER: _builtins.int
+    COST_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    COST_HOURLY_USD_FIELD_NUMBER: _builtins.int
+    COST_PROFILE_FIELD_NUMBER: _builtins.int
     status: Global___ServingStatus.ValueType
     """Status is the overall state."""
     version: _builtins.str
@@ -833,6 +838,21 @@ class HealthResponse(_message.Message):
     """BatchTokens is the number of tokens (decodes, drafts and prefill chunks) in the last forward pass."""
     num_preemptions: _builtins.int
     """NumPreemptions counts running requests the engine preempted (pages taken back, recomputed later) since it started."""
+    cost_usd_per_million_tokens: _builtins.float
+    """CostUsdPerMillionTokens is the hardware cost of 1M generated tokens in US dollars: the profile's
+    hourly price over the tokens an hour gives at cost_tokens_per_second and cost_utilization, measured
+    over the cost window; negative when no price profile is set or no token was generated in the window.
+    """
+    cost_utilization: _builtins.float
+    """CostUtilization is the share of paid hardware time the cost assumes busy, in [0, 1]: the engine's
+    busy share measured over the window, or the configured --cost-utilization.
+    """
+    cost_tokens_per_second: _builtins.float
+    """CostTokensPerSecond is generated tokens per second of busy engine time over the cost window."""
+    cost_hourly_usd: _builtins.float
+    """CostHourlyUsd is the hourly price of the hardware price profile in US dollars; 0 when none is set."""
+    cost_profile: _builtins.str
+    """CostProfile names the hardware price profile; empty when none is set."""
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
         """Devices lists memory use per device."""
@@ -856,10 +876,15 @@ class HealthResponse(_message.Message):
         batch_size: _builtins.int = ...,
         batch_tokens: _builtins.int = ...,
         num_preemptions: _builtins.int = ...,
+        cost_usd_per_million_tokens: _builtins.float = ...,
+        cost_utilization: _builtins.float = ...,
+        cost_tokens_per_second: _builtins.float = ...,
+        cost_hourly_usd: _builtins.float = ...,
+        cost_profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "cost_hourly_usd", b"cost_hourly_usd", "cost_profile", b"cost_profile", "cost_tokens_per_second", b"cost_tokens_per_second", "cost_usd_per_million_tokens", b"cost_usd_per_million_tokens", "cost_utilization", b"cost_utilization", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from verispec.v1 import generation_pb2 as pb
-from verispec.v1 import generation_pb2_grpc as pb_grpc
+from verispec_proto.v1 import generation_pb2 as pb
+from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 SPECULATION_MODES = {
