@@ -10,7 +10,8 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # Arize Phoenix, a real tracing backend for tests/test_phoenix.py, in its own environment.
 PHOENIX_VENV := .venv-phoenix
 PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
-PYTEST := TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix $(BIN)/pytest
+WHEELS := dist/wheels
+PYTEST := TEST_PHOENIX_EXECUTABLE=$(CURDIR)/$(PHOENIX_VENV)/bin/phoenix VERISPEC_WHEELS=$(CURDIR)/$(WHEELS) $(BIN)/pytest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 CLIENT_DIR := clients/python
@@ -24,12 +25,12 @@ PY_STUBS = gen=$$(mktemp -d) && PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m grpc_too
 	  -e "s/(DESCRIPTOR, 'verispec\.v1\./(DESCRIPTOR, 'verispec_proto.v1./" $$gen/verispec/v1/*.py $$gen/verispec/v1/*.pyi && \
 	mkdir -p $(1) && cp $$gen/verispec/v1/*.py $$gen/verispec/v1/*.pyi $(1)/ && rm -r $$gen
 
-.PHONY: serve test test-tracing tools lint typecheck proto-check buf-check protos node-client unit bench clean
+.PHONY: serve test test-tracing tools lint typecheck proto-check buf-check protos node-client wheels unit bench clean
 
 serve: $(STAMP)
 	$(BIN)/verispec serve $(ARGS)
 
-test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-client
+test: $(STAMP) $(PHOENIX_STAMP) tools lint typecheck proto-check buf-check node-client wheels
 	$(PYTEST) -m "not gpu" $(PYTEST_ARGS)
 
 # The tracing-backend test alone: Phoenix shows a request's draft and verify spans.
@@ -71,6 +72,14 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 protos: $(STAMP) $(NODE_STAMP)
 	$(call PY_STUBS,$(STUBS_DIR))
 	$(BIN)/buf generate
+
+# The two Python distributions, as an image or a client service installs them: verispec-client (stubs,
+# client, CLI; grpcio/protobuf/googleapis-common-protos only) and verispec (the server, which needs it).
+# tests/test_client_dist.py installs the client wheel from here into a fresh venv.
+wheels: $(STAMP)
+	rm -rf $(WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -w $(WHEELS) $(CLIENT_DIR) .
+	@ls $(WHEELS)
 
 node-client: $(NODE_STAMP)
 	$(NODE_DIR)/node_modules/.bin/tsc -p $(NODE_DIR)

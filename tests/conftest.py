@@ -128,9 +128,9 @@ def server(make_server: ServerFactory) -> RunningServer:
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -152,15 +152,22 @@ class ServeProcess:
         return self.process.wait(60)
 
 
-def spawn_serve(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> ServeProcess:
-    """Starts `verispec serve` on a free loopback port and waits until it is ready."""
-    port = free_port()
-    environment = dict(os.environ, VERISPEC_PORT=str(port), VERISPEC_HOST="127.0.0.1", **(env or {}))
+def start_serve(
+    log_path: Path, *flags: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> ServeProcess:
+    """Starts `verispec serve` on a free port of loopback address `host`, without waiting for it."""
+    port = free_port(host)
+    environment = dict(os.environ, VERISPEC_PORT=str(port), VERISPEC_HOST=host, **(env or {}))
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "verispec", "serve", *flags], env=environment, stdout=log, stderr=subprocess.STDOUT
         )
-    address = f"127.0.0.1:{port}"
+    return ServeProcess(process, f"{host}:{port}", log_path)
+
+
+def wait_serve_ready(serve: ServeProcess) -> ServeProcess:
+    """Waits until a started `verispec serve` answers SERVING; kills it and fails with its log if not."""
+    process, address, log_path = serve.process, serve.address, serve.log_path
     with grpc.insecure_channel(address) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=120)
@@ -168,7 +175,14 @@ def spawn_serve(log_path: Path, *flags: str, env: dict[str, str] | None = None) 
         except Exception:
             process.kill()
             raise AssertionError(f"server did not start:\n{log_path.read_text()}") from None
-    return ServeProcess(process, address, log_path)
+    return serve
+
+
+def spawn_serve(
+    log_path: Path, *flags: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> ServeProcess:
+    """Starts `verispec serve` on a free loopback port and waits until it is ready."""
+    return wait_serve_ready(start_serve(log_path, *flags, env=env, host=host))
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 
 import pytest
 
 from tests.conftest import RunningServer
-from verispec_client import AsyncVerispecClient, VerispecClient, build_request
+from verispec_client import AsyncVerispecClient, VerispecClient, build_request, channel_options
 from verispec_proto.v1 import generation_pb2 as pb
 
 FRANCE = [("user", "What is the capital of France?")]
@@ -25,16 +27,41 @@ def test_sync_client(server: RunningServer) -> None:
 
 
 def test_async_client(server: RunningServer) -> None:
-    async def scenario() -> tuple[str, str, int]:
+    async def scenario() -> tuple[str, str, int, pb.TokenizeResponse, int]:
         async with AsyncVerispecClient(server.address, timeout=60) as client:
             reply = await client.generate(messages=FRANCE, max_new_tokens=16)
             streamed = [d async for d in client.stream(messages=FRANCE, max_new_tokens=16)]
             health = await client.health()
-            return reply.text, "".join(d.text for d in streamed), health.status
+            tokens = await client.tokenize(messages=FRANCE, return_tokens=True)
+            return reply.text, "".join(d.text for d in streamed), health.status, tokens, reply.usage.prompt_tokens
 
-    unary, streamed, status = asyncio.run(scenario())
+    unary, streamed, status, tokens, prompt_tokens = asyncio.run(scenario())
     assert "Paris" in unary and streamed == unary
     assert status == pb.SERVING_STATUS_SERVING
+    assert tokens.count == prompt_tokens == len(tokens.tokens) == len(tokens.token_ids)
+
+
+def test_async_client_has_the_sync_clients_methods() -> None:
+    def methods(cls: type) -> dict[str, list[str]]:
+        return {
+            name: list(inspect.signature(member).parameters)
+            for name, member in inspect.getmembers(cls)
+            if not name.startswith("_") and callable(member)
+        }
+
+    assert methods(AsyncVerispecClient) == methods(VerispecClient)
+    assert list(inspect.signature(AsyncVerispecClient).parameters) == list(inspect.signature(VerispecClient).parameters)
+
+
+def test_default_service_config_balances_per_call_and_retries_unavailable() -> None:
+    [option] = channel_options()
+    assert option[0] == "grpc.service_config"
+    config = json.loads(option[1])
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    [method] = config["methodConfig"]
+    assert method["name"] == [{"service": "verispec.v1.GenerationService"}]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert channel_options(None, [("grpc.lb_policy_name", "pick_first")]) == [("grpc.lb_policy_name", "pick_first")]
 
 
 def test_build_request_maps_flat_options() -> None:

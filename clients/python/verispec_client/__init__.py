@@ -1,5 +1,21 @@
 """Python client of verispec.v1: sync and asyncio wrappers around the generated stubs."""
 
-from verispec_client.client import AsyncVerispecClient, VerispecClient, build_request, channel_credentials
+from verispec_client.client import (
+    DEFAULT_SERVICE_CONFIG,
+    AsyncVerispecClient,
+    VerispecClient,
+    build_request,
+    build_tokenize_request,
+    channel_credentials,
+    channel_options,
+)
 
-__all__ = ["AsyncVerispecClient", "VerispecClient", "build_request", "channel_credentials"]
+__all__ = [
+    "DEFAULT_SERVICE_CONFIG",
+    "AsyncVerispecClient",
+    "VerispecClient",
+    "build_request",
+    "build_tokenize_request",
+    "channel_credentials",
+    "channel_options",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -13,6 +14,26 @@ from verispec_proto.v1 import generation_pb2 as pb
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+# Calls are balanced one by one over every address the target resolves to (a headless Service's pods
+# behind `dns:///name:port`, or an `ipv4:a:port,b:port` list), not pinned to one connection; a call
+# refused with UNAVAILABLE (a replica draining or restarting: refused before any work) is retried on
+# another address. Streams are retried only before their first message, as gRPC retries always are.
+DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE_NAME}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 SPECULATION_MODES = {
     "auto": pb.SPECULATION_MODE_AUTO,
     "off": pb.SPECULATION_MODE_OFF,
@@ -74,6 +95,15 @@ def build_request(
     )
 
 
+def build_tokenize_request(
+    text: str = "", messages: Sequence[tuple[str, str]] = (), return_tokens: bool = False
+) -> pb.TokenizeRequest:
+    """A TokenizeRequest for a text or a conversation."""
+    return pb.TokenizeRequest(
+        text=text, messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], return_tokens=return_tokens
+    )
+
+
 def channel_credentials(
     tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None
 ) -> grpc.ChannelCredentials | None:
@@ -87,11 +117,22 @@ def channel_credentials(
     )
 
 
-def _open(flavour: Any, target: str, credentials: grpc.ChannelCredentials | None) -> Any:
+def channel_options(
+    service_config: dict[str, Any] | None = DEFAULT_SERVICE_CONFIG, options: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """Channel arguments: the service config (balancing and retries; None: gRPC's own defaults, one
+    connection, pick_first) and any extra `grpc.*` arguments, which come last and win."""
+    base = [] if service_config is None else [("grpc.service_config", json.dumps(service_config))]
+    return [*base, *options]
+
+
+def _open(
+    flavour: Any, target: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> Any:
     """A channel from `grpc` or `grpc.aio`: TLS when credentials are given, plaintext otherwise."""
     if credentials is None:
-        return flavour.insecure_channel(target)
-    return flavour.secure_channel(target, credentials)
+        return flavour.insecure_channel(target, options=options)
+    return flavour.secure_channel(target, credentials, options=options)
 
 
 def _metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
@@ -104,7 +145,11 @@ def as_stream_request(request: pb.GenerateRequest) -> pb.StreamGenerateRequest:
 
 
 class VerispecClient:
-    """Blocking client; use as a context manager or call close()."""
+    """Blocking client; use as a context manager or call close().
+
+    `target` is any gRPC target: `host:port`, `dns:///name:port` (every address the name resolves to),
+    `ipv4:a:port,b:port`. `service_config` sets balancing and retries (DEFAULT_SERVICE_CONFIG: round_robin
+    per call, UNAVAILABLE retried); `options` are extra channel arguments."""
 
     def __init__(
         self,
@@ -114,8 +159,10 @@ class VerispecClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        service_config: dict[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel = _open(grpc, target, credentials)
+        self._channel = _open(grpc, target, credentials, channel_options(service_config, options))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _metadata(metadata, token)
@@ -148,13 +195,15 @@ class VerispecClient:
     def tokenize(
         self, text: str = "", messages: Sequence[tuple[str, str]] = (), return_tokens: bool = False
     ) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(
-            text=text,
-            messages=[pb.ChatMessage(role=r, content=c) for r, c in messages],
-            return_tokens=return_tokens,
-        )
+        request = build_tokenize_request(text, messages, return_tokens)
         response: pb.TokenizeResponse = self._stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
         return response
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, e.g. for grpc.channel_ready_future()."""
+        channel: grpc.Channel = self._channel
+        return channel
 
     def close(self) -> None:
         self._channel.close()
@@ -169,7 +218,8 @@ class VerispecClient:
 
 
 class AsyncVerispecClient:
-    """asyncio client; use with `async with` or await close()."""
+    """asyncio client, with the same methods and arguments as VerispecClient; use with `async with` or
+    await close()."""
 
     def __init__(
         self,
@@ -179,8 +229,10 @@ class AsyncVerispecClient:
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        service_config: dict[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self._channel = _open(grpc.aio, target, credentials)
+        self._channel = _open(grpc.aio, target, credentials, channel_options(service_config, options))
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self.timeout = timeout
         self.metadata = _metadata(metadata, token)
@@ -211,6 +263,19 @@ class AsyncVerispecClient:
             pb.ModelInfoRequest(), timeout=self.timeout, metadata=self.metadata
         )
         return response
+
+    async def tokenize(
+        self, text: str = "", messages: Sequence[tuple[str, str]] = (), return_tokens: bool = False
+    ) -> pb.TokenizeResponse:
+        request = build_tokenize_request(text, messages, return_tokens)
+        response: pb.TokenizeResponse = await self._stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
+        return response
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The underlying channel, e.g. to await channel_ready()."""
+        channel: grpc.aio.Channel = self._channel
+        return channel
 
     async def close(self) -> None:
         await self._channel.close()
