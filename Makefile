@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(wildcard protos/verispec/v1/*.proto)
 NODE_DIR := clients/typescript
+# The branch whose merge base guards the contract on other branches (buf-check).
+CONTRACT_BRANCH ?= main
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 # Arize Phoenix, a real tracing backend for tests/test_phoenix.py, in its own environment.
 PHOENIX_VENV := .venv-phoenix
@@ -94,10 +96,24 @@ proto-check: $(STAMP) $(NODE_STAMP)
 buf-check: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/buf format --diff --exit-code
-	@# Breaking-change check against the previous commit (skipped where it has no contract yet).
-	@if git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null && git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
-	  $(BIN)/buf breaking --against '.git#ref=HEAD~1' && echo "buf breaking: compatible with HEAD~1"; \
-	else echo "buf breaking: skipped, HEAD~1 has no buf module"; fi
+	@# The contract is checked against its last release, not its last commit: the newest tag reachable
+	@# from HEAD; without one, the merge base with main when HEAD is on another branch; in a repository
+	@# with neither, the previous commit. A contract that changed since then needs a CHANGELOG line
+	@# that says so (one naming the contract). Skipped where that commit has no buf module yet.
+	@base=$$(git describe --tags --abbrev=0 2>/dev/null || true); \
+	if [ -z "$$base" ]; then \
+	  fork=$$(git merge-base HEAD $(CONTRACT_BRANCH) 2>/dev/null || true); \
+	  if [ -n "$$fork" ] && [ "$$fork" != "$$(git rev-parse HEAD)" ]; then base=$$fork; fi; \
+	fi; \
+	if [ -z "$$base" ] && git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null; then base=HEAD~1; fi; \
+	if [ -z "$$base" ] || ! git cat-file -e "$$base:buf.yaml" 2>/dev/null; then \
+	  echo "buf breaking: skipped, no earlier commit with a buf module"; exit 0; fi; \
+	$(BIN)/buf breaking --against ".git#ref=$$base" && echo "buf breaking: compatible with $$base" || exit 1; \
+	if ! git diff --quiet "$$base" -- protos; then \
+	  git diff "$$base" -- CHANGELOG.md | grep -qiE '^\+.*(contract|\.proto)' \
+	    && echo "contract changed since $$base: recorded in CHANGELOG.md" \
+	    || { echo "the contract changed since $$base: add a CHANGELOG.md line naming the contract change"; exit 1; }; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/verispec bench $(ARGS)
