@@ -16,6 +16,7 @@ import yaml
 
 from verispec.api.servicer import SERVICE_NAME
 from verispec.config import config_from_argv, unknown_variables
+from verispec.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -67,6 +68,7 @@ def test_overlay_validates_strictly(overlay: tuple[str, Path]) -> None:
     assert "did not validate" not in output
     kinds = {key.split("/")[0] for key in _objects(rendered)}
     assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"} <= kinds
+    assert "HorizontalPodAutoscaler" in kinds
 
 
 def test_overlay_settings_are_accepted_by_verispec(overlay: tuple[str, Path]) -> None:
@@ -115,6 +117,36 @@ def test_probes_and_drain_match_the_server(overlay: tuple[str, Path]) -> None:
         [models] = [m for m in container["volumeMounts"] if m["name"] == "models"]
         assert models["readOnly"] is True
         assert "VERISPEC_TLS_CERT" in settings, "the GPU overlay serves TLS"
+
+
+def test_scale_out_objects_match_the_server_and_its_metrics(overlay: tuple[str, Path]) -> None:
+    """A headless gRPC Service over the Deployment's pods (per-call balancing by the clients), and an HPA
+    on metrics verispec exports, read through the Prometheus adapter's rules."""
+    _, rendered = overlay
+    objects = _objects(rendered)
+    deployment = objects["Deployment/verispec"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    headless = objects["Service/verispec-grpc"]["spec"]
+    assert headless["clusterIP"] == "None"
+    assert headless["selector"].items() <= pod_labels.items()
+    assert [(p["name"], p["port"], p["targetPort"]) for p in headless["ports"]] == [("grpc", 50051, "grpc")]
+    assert "grpc" in {p["name"] for p in _container(objects)["ports"]}
+    hpa = objects["HorizontalPodAutoscaler/verispec"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "verispec"}
+    assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    assert objects["PodDisruptionBudget/verispec"]["spec"]["maxUnavailable"] < hpa["minReplicas"]
+    assert hpa["behavior"]["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+    names = {m["pods"]["metric"]["name"] for m in hpa["metrics"] if m["type"] == "Pods"}
+    assert names == {"verispec_queue_depth", "verispec_kv_cache_utilization"}
+    exported = {family.name for family in Metrics().registry.collect()} | {
+        family.name for family in Metrics().engine.describe()
+    }
+    assert names <= exported, "the HPA scales on metrics verispec exports"
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "components" / "autoscaling" / "prometheus-adapter.yaml").read_text())
+    assert {rule["name"]["as"] for rule in adapter["rules"]} == names
+    for rule in adapter["rules"]:
+        assert rule["seriesQuery"].startswith(rule["name"]["as"] + "{")
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
 
 
 def test_containerfiles_lint_clean() -> None:

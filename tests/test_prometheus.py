@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import RunningServer, ServerFactory, free_port, wait_http_ok
-from tests.test_deploy import BASE, promtool
+from tests.test_deploy import BASE, DEPLOY, promtool
 from tests.test_telemetry import COPY_PROMPT
 from verispec_proto.v1 import generation_pb2 as pb
+
+POD_LABELS = {"namespace": "verispec", "pod": "verispec-0"}
+ADAPTER_RULES = DEPLOY / "k8s" / "components" / "autoscaling" / "prometheus-adapter.yaml"
 
 
 @dataclass
@@ -58,7 +62,13 @@ def scraped(make_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": ["alerts.yaml"],
-        "scrape_configs": [{"job_name": "verispec", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+        # The namespace and pod labels Kubernetes service discovery attaches, which the adapter's rules map.
+        "scrape_configs": [
+            {
+                "job_name": "verispec",
+                "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": POD_LABELS}],
+            }
+        ],
     }
     (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
     log = (directory / "prometheus.log").open("wb")
@@ -140,3 +150,29 @@ def test_metrics_page_passes_promtool(scraped: Scraped) -> None:
         [promtool(), "check", "metrics"], input=page, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def _adapter_query(rule: dict[str, Any]) -> str:
+    """A rule's metricsQuery as the Prometheus adapter renders it for one pod of the HPA's namespace."""
+    series = rule["seriesQuery"].split("{")[0].strip("'")
+    matchers = ",".join(f'{k}="{v}"' for k, v in POD_LABELS.items())
+    query: str = rule["metricsQuery"]
+    return query.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", "pod")
+
+
+def test_autoscaling_adapter_rules_read_queue_depth_and_kv_use(scraped: Scraped) -> None:
+    """The adapter's rules, as the HPA asks them, answer one value per pod: queue depth 0 on an idle
+    server, and the KV pages a running request held."""
+    rules = {rule["name"]["as"]: rule for rule in yaml.safe_load(ADAPTER_RULES.read_text())["rules"]}
+    assert set(rules) == {"verispec_queue_depth", "verispec_kv_cache_utilization"}
+    scraped.wait_for_value('up{job="verispec"}', 1)
+    stream = scraped.server.stub.StreamGenerate(
+        pb.StreamGenerateRequest(prompt="Tell a long story.", max_new_tokens=48, min_new_tokens=48), timeout=120
+    )
+    next(stream)
+    time.sleep(2.5)  # the request holds its pages across at least two 1 s scrapes
+    list(stream)
+    [kv] = scraped.query(_adapter_query(rules["verispec_kv_cache_utilization"]))
+    assert kv["metric"] == {"pod": "verispec-0"} and 0 < float(kv["value"][1]) <= 1, kv
+    [queue] = scraped.query(_adapter_query(rules["verispec_queue_depth"]))
+    assert queue["metric"] == {"pod": "verispec-0"} and float(queue["value"][1]) == 0, queue
