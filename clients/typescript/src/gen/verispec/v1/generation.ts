@@ -499,6 +499,23 @@ export interface HealthResponse {
   batchTokens: number;
   /** NumPreemptions counts running requests the engine preempted (pages taken back, recomputed later) since it started. */
   numPreemptions: bigint;
+  /**
+   * CostUsdPerMillionTokens is the hardware cost of 1M generated tokens in US dollars: the profile's
+   * hourly price over the tokens an hour gives at cost_tokens_per_second and cost_utilization, measured
+   * over the cost window; negative when no price profile is set or no token was generated in the window.
+   */
+  costUsdPerMillionTokens: number;
+  /**
+   * CostUtilization is the share of paid hardware time the cost assumes busy, in [0, 1]: the engine's
+   * busy share measured over the window, or the configured --cost-utilization.
+   */
+  costUtilization: number;
+  /** CostTokensPerSecond is generated tokens per second of busy engine time over the cost window. */
+  costTokensPerSecond: number;
+  /** CostHourlyUsd is the hourly price of the hardware price profile in US dollars; 0 when none is set. */
+  costHourlyUsd: number;
+  /** CostProfile names the hardware price profile; empty when none is set. */
+  costProfile: string;
 }
 
 /** TokenizeRequest asks for the tokens of a text or conversation. Exactly one of text and messages is set. */
@@ -3008,6 +3025,11 @@ function createBaseHealthResponse(): HealthResponse {
     batchSize: 0,
     batchTokens: 0,
     numPreemptions: 0n,
+    costUsdPerMillionTokens: 0,
+    costUtilization: 0,
+    costTokensPerSecond: 0,
+    costHourlyUsd: 0,
+    costProfile: "",
   };
 }
 
@@ -3063,6 +3085,21 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         throw new globalThis.Error("value provided for field message.numPreemptions of type uint64 too large");
       }
       writer.uint32(128).uint64(message.numPreemptions);
+    }
+    if (message.costUsdPerMillionTokens !== 0) {
+      writer.uint32(137).double(message.costUsdPerMillionTokens);
+    }
+    if (message.costUtilization !== 0) {
+      writer.uint32(145).double(message.costUtilization);
+    }
+    if (message.costTokensPerSecond !== 0) {
+      writer.uint32(153).double(message.costTokensPerSecond);
+    }
+    if (message.costHourlyUsd !== 0) {
+      writer.uint32(161).double(message.costHourlyUsd);
+    }
+    if (message.costProfile !== "") {
+      writer.uint32(170).string(message.costProfile);
     }
     return writer;
   },
@@ -3208,6 +3245,46 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.numPreemptions = reader.uint64() as bigint;
             continue;
           }
+          case 17: {
+            if (tag !== 137) {
+              break;
+            }
+
+            message.costUsdPerMillionTokens = reader.double();
+            continue;
+          }
+          case 18: {
+            if (tag !== 145) {
+              break;
+            }
+
+            message.costUtilization = reader.double();
+            continue;
+          }
+          case 19: {
+            if (tag !== 153) {
+              break;
+            }
+
+            message.costTokensPerSecond = reader.double();
+            continue;
+          }
+          case 20: {
+            if (tag !== 161) {
+              break;
+            }
+
+            message.costHourlyUsd = reader.double();
+            continue;
+          }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.costProfile = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3292,6 +3369,31 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         : isSet(object.num_preemptions)
         ? BigInt(object.num_preemptions)
         : 0n,
+      costUsdPerMillionTokens: isSet(object.costUsdPerMillionTokens)
+        ? globalThis.Number(object.costUsdPerMillionTokens)
+        : isSet(object.cost_usd_per_million_tokens)
+        ? globalThis.Number(object.cost_usd_per_million_tokens)
+        : 0,
+      costUtilization: isSet(object.costUtilization)
+        ? globalThis.Number(object.costUtilization)
+        : isSet(object.cost_utilization)
+        ? globalThis.Number(object.cost_utilization)
+        : 0,
+      costTokensPerSecond: isSet(object.costTokensPerSecond)
+        ? globalThis.Number(object.costTokensPerSecond)
+        : isSet(object.cost_tokens_per_second)
+        ? globalThis.Number(object.cost_tokens_per_second)
+        : 0,
+      costHourlyUsd: isSet(object.costHourlyUsd)
+        ? globalThis.Number(object.costHourlyUsd)
+        : isSet(object.cost_hourly_usd)
+        ? globalThis.Number(object.cost_hourly_usd)
+        : 0,
+      costProfile: isSet(object.costProfile)
+        ? globalThis.String(object.costProfile)
+        : isSet(object.cost_profile)
+        ? globalThis.String(object.cost_profile)
+        : "",
     };
   },
 
@@ -3345,6 +3447,21 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.numPreemptions !== 0n) {
       obj.numPreemptions = message.numPreemptions.toString();
     }
+    if (message.costUsdPerMillionTokens !== 0) {
+      obj.costUsdPerMillionTokens = floatToJson(message.costUsdPerMillionTokens);
+    }
+    if (message.costUtilization !== 0) {
+      obj.costUtilization = floatToJson(message.costUtilization);
+    }
+    if (message.costTokensPerSecond !== 0) {
+      obj.costTokensPerSecond = floatToJson(message.costTokensPerSecond);
+    }
+    if (message.costHourlyUsd !== 0) {
+      obj.costHourlyUsd = floatToJson(message.costHourlyUsd);
+    }
+    if (message.costProfile !== "") {
+      obj.costProfile = message.costProfile;
+    }
     return obj;
   },
 
@@ -3371,6 +3488,11 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     message.numPreemptions = (object.numPreemptions !== undefined && object.numPreemptions !== null)
       ? BigInt(object.numPreemptions)
       : 0n;
+    message.costUsdPerMillionTokens = object.costUsdPerMillionTokens ?? 0;
+    message.costUtilization = object.costUtilization ?? 0;
+    message.costTokensPerSecond = object.costTokensPerSecond ?? 0;
+    message.costHourlyUsd = object.costHourlyUsd ?? 0;
+    message.costProfile = object.costProfile ?? "";
     return message;
   },
 };
