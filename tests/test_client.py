@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 
 import pytest
 
@@ -83,3 +84,20 @@ def test_build_request_maps_flat_options() -> None:
         build_request("hi", temprature=0.5)
     with pytest.raises(ValueError, match="speculation must be one of"):
         build_request("hi", speculation="fast")
+
+
+def test_health_reports_load(server: RunningServer) -> None:
+    """Health's load: 0 when idle; with a request running, the larger of KV use and the share of slots."""
+    with VerispecClient(server.address, timeout=60) as client:
+        deadline = time.monotonic() + 10  # requests of earlier tests may still be finishing
+        while (idle := client.health()).active_requests + idle.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert idle.load == idle.kv_utilization == 0
+        limit = server.server.config.engine.max_active_requests
+        stream = client.stream("Tell a long story.", max_new_tokens=32, min_new_tokens=32)
+        next(stream)
+        health = client.health()
+        list(stream)
+    assert health.active_requests + health.queue_depth >= 1
+    expected = max(health.kv_utilization, (health.active_requests + health.queue_depth) / limit)
+    assert health.load == pytest.approx(expected) and health.load > 0

@@ -2,7 +2,14 @@
  * A typed Node client for verispec.v1: promise and async-iterator wrappers over the generated
  * @grpc/grpc-js stubs, with bearer-token and TLS options.
  */
-import { type CallOptions, type ChannelCredentials, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import {
+  type CallOptions,
+  type ChannelCredentials,
+  type ChannelOptions,
+  credentials,
+  Metadata,
+  type ServiceError,
+} from "@grpc/grpc-js";
 
 import {
   type DeepPartial,
@@ -21,12 +28,47 @@ import {
 
 export * from "./gen/verispec/v1/generation";
 
+/**
+ * Calls are balanced one by one over every address the target resolves to (a headless Service's pods behind
+ * `dns:///name:port`, or an `ipv4:a:port,b:port` list), not pinned to one connection; a call refused with
+ * UNAVAILABLE (a replica draining or restarting, refused before any work) is retried on another address.
+ * The same service config as the Python client's DEFAULT_SERVICE_CONFIG.
+ */
+export const DEFAULT_SERVICE_CONFIG = {
+  loadBalancingConfig: [{ round_robin: {} }],
+  methodConfig: [
+    {
+      name: [{ service: "verispec.v1.GenerationService" }],
+      retryPolicy: {
+        maxAttempts: 5,
+        initialBackoff: "0.05s",
+        maxBackoff: "1s",
+        backoffMultiplier: 2,
+        retryableStatusCodes: ["UNAVAILABLE"],
+      },
+    },
+  ],
+};
+
 /** How to reach a server: plaintext by default, TLS credentials and a bearer token when it asks for them. */
 export interface ConnectOptions {
   credentials?: ChannelCredentials;
   token?: string;
   /** Deadline of each call, in milliseconds (default 120 s). */
   timeoutMs?: number;
+  /** Balancing and retries (default DEFAULT_SERVICE_CONFIG); null leaves gRPC's own (pick_first, one connection). */
+  serviceConfig?: object | null;
+  /** Extra channel options; they win over the service config. */
+  channelOptions?: ChannelOptions;
+}
+
+/** The channel options of `options`: the service config, then any extra channel options. */
+export function channelOptions(options: ConnectOptions = {}): ChannelOptions {
+  const config = options.serviceConfig === undefined ? DEFAULT_SERVICE_CONFIG : options.serviceConfig;
+  return {
+    ...(config === null ? {} : { "grpc.service_config": JSON.stringify(config) }),
+    ...options.channelOptions,
+  };
 }
 
 type Callback<T> = (error: ServiceError | null, response: T) => void;
@@ -36,8 +78,13 @@ export class VerispecClient {
   private readonly token?: string;
   private readonly timeoutMs: number;
 
+  /** `address` is any gRPC target: `host:port`, `dns:///name:port`, `ipv4:a:port,b:port`. */
   constructor(address: string, options: ConnectOptions = {}) {
-    this.stub = new GenerationServiceClient(address, options.credentials ?? credentials.createInsecure());
+    this.stub = new GenerationServiceClient(
+      address,
+      options.credentials ?? credentials.createInsecure(),
+      channelOptions(options),
+    );
     this.token = options.token;
     this.timeoutMs = options.timeoutMs ?? 120_000;
   }

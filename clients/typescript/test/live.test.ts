@@ -7,7 +7,7 @@ import { after, before, test } from "node:test";
 
 import { status } from "@grpc/grpc-js";
 
-import { FinishReason, ServingStatus, SpeculationMode, VerispecClient } from "../src";
+import { channelOptions, FinishReason, ServingStatus, SpeculationMode, VerispecClient } from "../src";
 
 const address = process.env.VERISPEC_ADDRESS;
 let client: VerispecClient;
@@ -83,4 +83,21 @@ test("a bad field is INVALID_ARGUMENT with the field named", async () => {
     assert.match(error.details, /sampling\.temperature/);
     return true;
   });
+});
+
+test("the default service config balances per call and retries UNAVAILABLE, over dns:/// and ipv4: targets", async () => {
+  const config = JSON.parse(channelOptions()["grpc.service_config"] as string);
+  assert.deepEqual(config.loadBalancingConfig, [{ round_robin: {} }]);
+  assert.deepEqual(config.methodConfig[0].retryPolicy.retryableStatusCodes, ["UNAVAILABLE"]);
+  assert.equal(channelOptions({ serviceConfig: null })["grpc.service_config"], undefined);
+  // grpc-js parses the service config when the channel is made, and resolves both target schemes.
+  for (const target of [`dns:///${address}`, `ipv4:${address},${address}`]) {
+    const balanced = new VerispecClient(target, { token: process.env.VERISPEC_TOKEN });
+    try {
+      const response = await balanced.tokenize({ text: "Hello there" });
+      assert.ok(response.count > 0, target);
+    } finally {
+      balanced.close();
+    }
+  }
 });

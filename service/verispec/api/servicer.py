@@ -221,6 +221,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         if models is not None:
             convert.health_from_stats(response, models.engine.stats())
+            requests = response.active_requests + response.queue_depth
+            response.load = max(response.kv_utilization, requests / self.state.config.engine.max_active_requests)
         return response
 
     async def Tokenize(  # noqa: N802

@@ -808,6 +808,7 @@ class HealthResponse(_message.Message):
     COST_TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     COST_HOURLY_USD_FIELD_NUMBER: _builtins.int
     COST_PROFILE_FIELD_NUMBER: _builtins.int
+    LOAD_FIELD_NUMBER: _builtins.int
     status: Global___ServingStatus.ValueType
     """Status is the overall state."""
     version: _builtins.str
@@ -853,6 +854,11 @@ class HealthResponse(_message.Message):
     """CostHourlyUsd is the hourly price of the hardware price profile in US dollars; 0 when none is set."""
     cost_profile: _builtins.str
     """CostProfile names the hardware price profile; empty when none is set."""
+    load: _builtins.float
+    """Load is how busy the server is, for balancers and autoscalers that prefer idle replicas: the larger of
+    kv_utilization and (active_requests + queue_depth) / the server's maximum of active requests. 0 is idle,
+    1 is full, above 1 requests wait in the queue.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
         """Devices lists memory use per device."""
@@ -881,10 +887,11 @@ class HealthResponse(_message.Message):
         cost_tokens_per_second: _builtins.float = ...,
         cost_hourly_usd: _builtins.float = ...,
         cost_profile: _builtins.str = ...,
+        load: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "cost_hourly_usd", b"cost_hourly_usd", "cost_profile", b"cost_profile", "cost_tokens_per_second", b"cost_tokens_per_second", "cost_usd_per_million_tokens", b"cost_usd_per_million_tokens", "cost_utilization", b"cost_utilization", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "cost_hourly_usd", b"cost_hourly_usd", "cost_profile", b"cost_profile", "cost_tokens_per_second", b"cost_tokens_per_second", "cost_usd_per_million_tokens", b"cost_usd_per_million_tokens", "cost_utilization", b"cost_utilization", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "load", b"load", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

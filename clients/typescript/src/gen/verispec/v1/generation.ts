@@ -516,6 +516,12 @@ export interface HealthResponse {
   costHourlyUsd: number;
   /** CostProfile names the hardware price profile; empty when none is set. */
   costProfile: string;
+  /**
+   * Load is how busy the server is, for balancers and autoscalers that prefer idle replicas: the larger of
+   * kv_utilization and (active_requests + queue_depth) / the server's maximum of active requests. 0 is idle,
+   * 1 is full, above 1 requests wait in the queue.
+   */
+  load: number;
 }
 
 /** TokenizeRequest asks for the tokens of a text or conversation. Exactly one of text and messages is set. */
@@ -3030,6 +3036,7 @@ function createBaseHealthResponse(): HealthResponse {
     costTokensPerSecond: 0,
     costHourlyUsd: 0,
     costProfile: "",
+    load: 0,
   };
 }
 
@@ -3100,6 +3107,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     }
     if (message.costProfile !== "") {
       writer.uint32(170).string(message.costProfile);
+    }
+    if (message.load !== 0) {
+      writer.uint32(177).double(message.load);
     }
     return writer;
   },
@@ -3285,6 +3295,14 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.costProfile = reader.string();
             continue;
           }
+          case 22: {
+            if (tag !== 177) {
+              break;
+            }
+
+            message.load = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3394,6 +3412,7 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         : isSet(object.cost_profile)
         ? globalThis.String(object.cost_profile)
         : "",
+      load: isSet(object.load) ? globalThis.Number(object.load) : 0,
     };
   },
 
@@ -3462,6 +3481,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.costProfile !== "") {
       obj.costProfile = message.costProfile;
     }
+    if (message.load !== 0) {
+      obj.load = floatToJson(message.load);
+    }
     return obj;
   },
 
@@ -3493,6 +3515,7 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     message.costTokensPerSecond = object.costTokensPerSecond ?? 0;
     message.costHourlyUsd = object.costHourlyUsd ?? 0;
     message.costProfile = object.costProfile ?? "";
+    message.load = object.load ?? 0;
     return message;
   },
 };
