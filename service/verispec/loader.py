@@ -15,7 +15,7 @@ from verispec.engine.async_engine import AsyncEngine
 from verispec.engine.core import EngineCore
 from verispec.engine.speculative import StepObserver
 from verispec.errors import ConfigError, ModelLoadError
-from verispec.kv.pages import PageTable
+from verispec.kv.pages import PageTable, pages_for
 from verispec.models import resolve_model
 from verispec.request import SamplingParams, SpeculationMode
 from verispec.runner import build_runner
@@ -129,15 +129,56 @@ def build_engine(
         SpeculationMode.NGRAM: NgramDrafter(config.spec.ngram_min, config.spec.ngram_max)
     }
     costs = CostModel()
+    warm_up(runner, config.engine.max_active_requests, config.engine.max_batch_tokens)
     calibrate(runner, costs, config.spec.max_num_draft_tokens + 1, config.engine.max_batch_tokens)
     if draft is not None:
         target_positions = runner.kv.num_pages * runner.kv.page_size
         draft_runner = build_runner(draft, config.engine, target.info.max_context_length, target_positions)
         drafters[SpeculationMode.DRAFT_MODEL] = ModelDrafter(draft_runner)
+        warm_up(draft_runner, config.engine.max_active_requests, config.engine.max_batch_tokens)
         calibrate_draft(draft_runner, costs)
     core = EngineCore(runner, tokenizer, drafters, config.engine, costs, observer)
     auto = "draft_model" if draft is not None else "ngram"
     return LoadedModels(AsyncEngine(core), tokenizer, target.info, draft.info if draft else None, auto)
+
+
+WARM_UP_CONTEXT = 16  # positions each warm-up sequence holds before its decode passes
+
+
+def warm_up(runner: ModelRunner, max_running: int, max_batch_tokens: int) -> None:
+    """On CUDA, one untimed pass over each decode batch shape the engine meets first (1, 2, 4 ... up to
+    max_running sequences of one token) and over a full token budget of prefill.
+
+    Measured on the H200 with the 70B shape, the first pass over a new batch shape cost 2-3x a later
+    one (the caching allocator grows, kernels are picked per shape); without this the first requests
+    under load pay it, and the early step costs AUTO prices with are skewed. On the CPU a first pass
+    costs what later ones do, so nothing runs there.
+    """
+    if not any(device.startswith("cuda") for device in runner.info.devices):
+        return
+    started = time.perf_counter()
+    pool = runner.kv.new_pool()
+    fit = pool.num_pages // pages_for(WARM_UP_CONTEXT + 1, pool.page_size)  # sequences the pool holds at once
+    sizes = [b for b in (2**i for i in range(max_running.bit_length())) if b <= min(max_running, fit)]
+    tables = [PageTable() for _ in range(max(sizes, default=0))]
+    context = list(range(WARM_UP_CONTEXT))
+    try:
+        if tables:
+            runner.forward([scratch_entry(pool, t, context, 0, 1, -1 - i) for i, t in enumerate(tables)])
+        for size in sizes:
+            runner.forward(
+                [scratch_entry(pool, t, [1], WARM_UP_CONTEXT, 1, -1 - i) for i, t in enumerate(tables[:size])]
+            )
+        for table in tables:
+            pool.release(table)
+        prefill = min(max_batch_tokens, pool.capacity_tokens)
+        runner.forward([scratch_entry(pool, PageTable(), list(range(prefill)), 0, 1)])
+    finally:
+        for i in range(len(tables) or 1):
+            runner.free(-1 - i)
+    log.info(
+        "engine.warmed_up", batch_sizes=sizes, prefill_tokens=prefill, seconds=round(time.perf_counter() - started, 2)
+    )
 
 
 def calibrate_draft(draft: ModelRunner, costs: CostModel, repeats: int = 5) -> None:

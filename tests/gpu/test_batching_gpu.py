@@ -151,3 +151,17 @@ def test_engine_batches_on_gpu_and_returns_every_page(exl2: Any, runner: Any, ti
         assert core.stats().batch_size >= 1
     finally:
         core.stop(10)
+
+
+def test_warm_up_runs_every_decode_shape_and_leaves_no_trace(runner: Any) -> None:
+    """The CUDA warm-up at engine build (decode batches of 1, 2, 4 ... sequences, a full token budget of
+    prefill) leaves a sequence's logits as they were: it writes only pages that are rewritten before use."""
+    from verispec.loader import warm_up
+
+    pool = runner.kv.new_pool()
+    table = PageTable()
+    pool.reserve(table, len(PROMPTS[0]) + 1)
+    before = runner.forward([BatchEntry(0, PROMPTS[0], 0, table.pages, 1)])[0]
+    warm_up(runner, SMALL_KV.max_active_requests, SMALL_KV.max_batch_tokens)
+    after = runner.forward([BatchEntry(0, PROMPTS[0], 0, table.pages, 1)])[0]
+    assert torch.equal(before, after)

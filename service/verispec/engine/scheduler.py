@@ -7,7 +7,8 @@ prompt first, so a short request arriving behind a long prompt gets its first to
 or two instead of waiting for the whole long prefill. While requests decode, prefill may only make a
 step `decode_step_slack` times slower than decoding alone would be (by the measured pass costs): on
 hardware where a pass costs more with more tokens, that keeps inter-token latency and a new request's
-time to first token steady while a long prompt is prefilled in smaller chunks.
+time to first token steady while a long prompt is prefilled in smaller chunks. Where that is cheaper
+for everyone by the same costs, new short prompts get a pass of their own ahead of the decodes.
 
 A waiting request is admitted when the pages for its whole context are free (its prefill can then
 never stall); a decoding sequence that needs a new page when none is free takes one from the newest
@@ -115,9 +116,12 @@ class Scheduler:
         preempted: list[Sequence] = []
         if self.policy == ROUND_ROBIN:
             return SchedulerOutput(self._round_robin(price_drafts, preempted), preempted)
+        decoding = [s for s in self.running if s.decoding]
+        alone = self._new_prompts_alone(decoding)
+        if alone:
+            return SchedulerOutput(alone, preempted)
         budget = self.max_batch_tokens
         scheduled: list[ScheduledSequence] = []
-        decoding = [s for s in self.running if s.decoding]
         for index, seq in enumerate(decoding):
             if seq in preempted or budget < 1:
                 continue
@@ -141,6 +145,41 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, chunk))
             budget -= chunk
         return SchedulerOutput(scheduled, preempted)
+
+    def _new_prompts_alone(self, decoding: list[Sequence]) -> list[ScheduledSequence]:
+        """New short prompts in a pass of their own, ahead of the decodes, when that saves them more time
+        than it costs the decoding requests (by the measured pass costs); else nothing.
+
+        With p prompt tokens and d decodes, the new requests get their first token T(d + p) - T(p) sooner
+        each, and every decoding request waits T(p) + T(d) - T(d + p) longer for its next one. Where a
+        pass costs in proportion to its tokens (a CPU) the decodes lose nothing and the prompts go alone;
+        where a pass costs about the same for few or many tokens (a GPU at small batches) they ride along
+        with the decodes. The pages every decode needs for its next token are kept free.
+        """
+        if not decoding or self.step_cost is None or self.decode_step_slack <= 0:
+            return []
+        page = self.pool.page_size
+        self._admit(keep_free=sum(max(0, pages_for(s.num_computed + 1, page) - len(s.pages.pages)) for s in decoding))
+        num_decoding = len(decoding)
+        short = self.max_batch_tokens // 4
+        fresh = sorted(
+            (s for s in self.running if not s.decoding and s.num_computed == 0 and s.num_pending <= short),
+            key=lambda s: s.num_pending,
+        )
+        chosen, tokens = [], 0
+        for seq in fresh:
+            if tokens + seq.num_pending > self.max_batch_tokens:
+                break
+            chosen.append(seq)
+            tokens += seq.num_pending
+        if not chosen:
+            return []
+        cost = self.step_cost
+        saved = len(chosen) * (cost(num_decoding + tokens) - cost(tokens))
+        lost = num_decoding * max(0.0, cost(tokens) + cost(num_decoding) - cost(num_decoding + tokens))
+        if lost > saved:
+            return []
+        return [ScheduledSequence(seq, seq.num_pending) for seq in chosen]
 
     def _prefill_allowance(self, decode_tokens: int, budget: int, shortest: int) -> int:
         """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
@@ -183,11 +222,13 @@ class Scheduler:
         preempted.append(seq)
         scheduled[:] = [s for s in scheduled if s.seq is not seq]
 
-    def _admit(self) -> None:
-        """Moves waiting sequences to running while a slot and the pages for their whole context are free."""
+    def _admit(self, keep_free: int = 0) -> None:
+        """Moves waiting sequences to running while a slot and the pages for their whole context are free
+        (and `keep_free` pages stay free after)."""
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not self.pool.can_reserve(seq.pages, len(seq.context)):
+            needed = pages_for(len(seq.context), self.pool.page_size) - len(seq.pages.pages)
+            if not self.pool.can_reserve(seq.pages, len(seq.context)) or self.pool.num_free - needed < keep_free:
                 break
             self.pool.reserve(seq.pages, len(seq.context))
             self.running.append(self.waiting.popleft())

@@ -125,8 +125,10 @@ def split_logits(batch: Sequence[BatchEntry], logits: torch.Tensor) -> list[torc
     return result
 
 
-def scratch_entry(pool: PagePool, table: PageTable, tokens: list[int], start: int, num_logits: int) -> BatchEntry:
-    """An entry of sequence -1 in pages of a scratch pool: calibration and benchmarks drive a runner
-    directly, before its engine runs or while it is idle (pages are rewritten before they are read)."""
+def scratch_entry(
+    pool: PagePool, table: PageTable, tokens: list[int], start: int, num_logits: int, seq_id: int = -1
+) -> BatchEntry:
+    """An entry of a negative sequence id in pages of a scratch pool: calibration and benchmarks drive a
+    runner directly, before its engine runs or while it is idle (pages are rewritten before they are read)."""
     pool.reserve(table, start + len(tokens))
-    return BatchEntry(-1, tokens, start, table.pages, num_logits)
+    return BatchEntry(seq_id, tokens, start, table.pages, num_logits)

@@ -111,6 +111,9 @@ def add_batch_arguments(kinds: Any) -> None:
         default=2000,
         help="prompt in prefill during the TTFT probe (0: skip that case)",
     )
+    batch.add_argument(
+        "--probe-samples", type=int, default=8, help="short requests the TTFT probe sends per condition and repeat"
+    )
     batch.add_argument("--no-ttft-probe", action="store_true", help="skip the TTFT-under-load probe")
     batch.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     batch.add_argument("--plot", type=Path, default=None, help="PNG of aggregate tokens/s against concurrency")

@@ -1,7 +1,8 @@
 """`verispec bench batch`: throughput and latency under concurrent load, through the real gRPC server.
 
 The model loads once; each scheduling policy (continuous batching, and round robin as the comparison
-point) gets an engine over it behind an in-process server on an ephemeral port, one at a time. For every
+point) gets an engine over it behind a server on an ephemeral port, one at a time, and the clients run in
+a process of their own. For every
 policy, speculation mode (OFF, AUTO) and concurrency, N greedy StreamGenerate clients each take exactly
 --max-new-tokens tokens; the policies take turns per repeat (ABBA) so drift hits both alike. A probe
 then times a new request's first token on the batched server: idle, behind 8 decoding streams, and
@@ -19,13 +20,16 @@ import contextlib
 import functools
 import gc
 import itertools
+import multiprocessing
 import os
 import statistics
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +43,7 @@ POLICIES = ("batched", "round_robin")
 MODES = {"off": pb.SPECULATION_MODE_OFF, "auto": pb.SPECULATION_MODE_AUTO}
 MAX_ACTIVE_REQUESTS = 32
 PROBE_BACKGROUND_STREAMS = 8
-PROBE_MAX_NEW_TOKENS = 4
+PROBE_MAX_NEW_TOKENS = 2
 PROBE_BACKGROUND_TOKENS = 1024  # cancelled once the probe is done
 PROBE_PROMPT = "Name three colours."
 STREAM_TIMEOUT_S = 600.0
@@ -136,32 +140,31 @@ def generate_request(prompt: str, mode: str, max_new_tokens: int, chat: bool = T
 
 class BatchCounts:
     """A StepObserver counting forward passes, their sequences, and passes with more tokens than sequences
-    (a prefill chunk, or drafts); the engine thread writes, the bench reads snapshots."""
+    (a prefill chunk, or drafts). The engine thread writes; the client process reads snapshots, so the
+    counts live in shared memory."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._passes = 0
-        self._sequences = 0
-        self._wide_passes = 0
+        self._values = multiprocessing.get_context("spawn").Array("q", 3)
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
         """Per-request steps are not this bench's concern."""
 
     def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
-        with self._lock:
-            self._passes += 1
-            self._sequences += batch_size
-            self._wide_passes += batch_tokens > batch_size
+        with self._values.get_lock():
+            self._values[0] += 1
+            self._values[1] += batch_size
+            self._values[2] += batch_tokens > batch_size
 
     def snapshot(self) -> tuple[int, int, int]:
         """(forward passes, sequences in them, passes with more tokens than sequences) so far."""
-        with self._lock:
-            return self._passes, self._sequences, self._wide_passes
+        with self._values.get_lock():
+            passes, sequences, wide = self._values[:]
+        return passes, sequences, wide
 
 
 @dataclass
 class Target:
-    """One policy's server as the bench sees it."""
+    """One policy's server as the bench's clients see it."""
 
     policy: str
     stub: pb_grpc.GenerationServiceStub
@@ -251,10 +254,17 @@ async def _until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.002)
 
 
-async def probe_ttft(target: Target, background: int, long_prompt: str | None) -> dict[str, Any]:
-    """One short request sent once `background` streams are decoding (and a long prompt is in prefill).
+async def _probe(target: Target) -> StreamResult:
+    """The short request whose time to first token the probe measures."""
+    return await stream(target.stub, generate_request(PROBE_PROMPT, "off", PROBE_MAX_NEW_TOKENS, target.chat))
 
-    The background streams ask for far more tokens than the probe needs and are cancelled once it is
+
+async def probe_ttft(target: Target, background: int, long_prompt: str | None, samples: int) -> dict[str, Any]:
+    """`samples` short requests, one after another, once `background` streams are decoding (and a long
+    prompt is in prefill); only samples whose first token came while the long prompt was still in prefill
+    count for that condition.
+
+    The background streams ask for far more tokens than the probes need and are cancelled once they are
     done (a long prompt then finishes its prefill alone); the engine must be idle again (Health) before
     the next measurement.
     """
@@ -270,21 +280,27 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None) -
         )
         # Its first prefill chunk is the only pass with more tokens than sequences (OFF: no drafts).
         await _until(lambda: target.counts.snapshot()[2] > wide_before or long_job.done())
-    probe = await stream(target.stub, generate_request(PROBE_PROMPT, "off", PROBE_MAX_NEW_TOKENS, target.chat))
-    at = probe.first_token_at or 0.0
+    probes: list[StreamResult] = []
+    for _ in range(samples):
+        if long_job is not None and long_job.done():
+            break
+        probes.append(await _probe(target))
+    last = (probes[-1].first_token_at or 0.0) if probes else float("inf")
     run: dict[str, Any] = {
-        "probe": probe,
-        "background_decoding_at_probe_token": sum(not j.done() or j.result().ended_at > at for j in jobs),
+        "background_decoding_at_last_probe_token": sum(not j.done() or j.result().ended_at > last for j in jobs)
     }
     for job in jobs:  # before the long prompt is done: how long its prefill takes under load is not this run's
         job.cancel()
     await asyncio.gather(*jobs, return_exceptions=True)
     if long_job is not None:
         long = await long_job
+        long_first = long.first_token_at or float("inf")
         run["long_prompt_tokens"] = long.prompt_tokens
-        run["long_prefill_pending_at_probe_token"] = (long.first_token_at or float("inf")) > at
-        run["long_prompt_ttft_ms"] = round(1000 * (long.ttft_s or 0.0), 1)  # streams cancelled after the probe
+        run["probes_before_long_first_token"] = sum((p.first_token_at or 0.0) < long_first for p in probes)
+        probes = [p for p in probes if (p.first_token_at or 0.0) < long_first]
+        run["long_prompt_ttft_ms"] = round(1000 * (long.ttft_s or 0.0), 1)  # streams cancelled after the probes
         run["long_exact"] = len(long.token_ids) == PROBE_MAX_NEW_TOKENS and long.error is None
+    run["probes"] = probes
     run["seconds_to_idle_after_cancel"] = await _until_idle(target.stub)
     return run
 
@@ -300,31 +316,43 @@ async def _until_idle(stub: pb_grpc.GenerationServiceStub, timeout: float = 60.0
     raise RuntimeError(f"the engine still had {health.active_requests} active requests {timeout}s after cancels")
 
 
-async def run_probe(target: Target, repeats: int, long_prompt: str | None, progress: Callable[[str], None]) -> Any:
+async def run_probe(
+    target: Target, repeats: int, samples: int, long_prompt: str | None, progress: Callable[[str], None]
+) -> Any:
     """TTFT of the same short request on the idle server, behind decoding streams, and behind those plus
-    a long prefill, `repeats` times each; ratios are of medians."""
+    a long prefill: `samples` requests per condition, `repeats` times. The goal's figure is a condition's
+    p99 over the idle median; the p50 ratio is beside it."""
     ttft: dict[str, list[float]] = {"idle": [], "under_load": [], "long_prefill": []}
     runs: dict[str, list[dict[str, Any]]] = {"under_load": [], "long_prefill": []}
     problems = 0
     for repeat in range(repeats):
         progress(f"TTFT probe {repeat + 1}/{repeats}: idle, behind {PROBE_BACKGROUND_STREAMS} streams, long prefill")
-        idle = await stream(target.stub, generate_request(PROBE_PROMPT, "off", PROBE_MAX_NEW_TOKENS, target.chat))
-        probes = [idle]
+        probes = [await _probe(target) for _ in range(samples)]
+        ttft["idle"] += [p.ttft_s or 0.0 for p in probes]
         for name in runs if long_prompt is not None else ("under_load",):
-            run = await probe_ttft(target, PROBE_BACKGROUND_STREAMS, long_prompt if name == "long_prefill" else None)
-            probes.append(run.pop("probe"))
+            run = await probe_ttft(
+                target, PROBE_BACKGROUND_STREAMS, long_prompt if name == "long_prefill" else None, samples
+            )
+            sampled: list[StreamResult] = run.pop("probes")
+            probes += sampled
+            ttft[name] += [p.ttft_s or 0.0 for p in sampled]
             problems += not run.get("long_exact", True)
             runs[name].append(run)
-            ttft[name].append(probes[-1].ttft_s or 0.0)
-        ttft["idle"].append(idle.ttft_s or 0.0)
         problems += sum(len(p.token_ids) != PROBE_MAX_NEW_TOKENS or p.error is not None for p in probes)
-    result: dict[str, Any] = {"background_streams": PROBE_BACKGROUND_STREAMS, "streams_not_exact": problems}
+    result: dict[str, Any] = {
+        "background_streams": PROBE_BACKGROUND_STREAMS,
+        "samples_per_condition_and_repeat": samples,
+        "streams_not_exact": problems,
+    }
     idle_median = statistics.median(ttft["idle"])
     for name, values in ttft.items():
-        if values:
-            result[f"{name}_ttft_ms"] = _spread([v * 1000 for v in values])
-        if values and name != "idle":
-            result[f"{name}_over_idle"] = round(statistics.median(values) / idle_median, 3)
+        if not values:
+            continue
+        ms = [v * 1000 for v in values]
+        result[f"{name}_ttft_ms"] = {**_spread(ms), "p99": round(_quantile(ms, 99) or 0.0, 2), "samples": len(ms)}
+        if name != "idle":
+            result[f"{name}_p50_over_idle"] = round(statistics.median(values) / idle_median, 3)
+            result[f"{name}_p99_over_idle"] = round((_quantile(values, 99) or 0.0) / idle_median, 3)
             result[f"{name}_runs"] = runs[name]
     return result
 
@@ -429,9 +457,68 @@ def server_flags(args: argparse.Namespace, policy: str) -> list[str]:
     return flags
 
 
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the client process needs to know of one policy's server."""
+
+    port: int
+    policy: str
+    counts: BatchCounts
+    drafter: str
+    chat: bool
+
+
+class ClientProcess:
+    """The bench's clients, in a process of their own as real callers are. In the server's process their
+    gRPC work would compete with the server's event loop and with the engine thread for the GIL, and the
+    figures would measure the bench as much as the server."""
+
+    def __init__(self, server: ServerInfo) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_client_main, args=(child, server), name="verispec-bench-clients")
+        self._process.start()
+        child.close()
+        self.server = server
+
+    async def call(self, command: str, *args: Any) -> Any:
+        """Runs COMMANDS[command](target, *args) in the client process; returns its result or raises."""
+        self._conn.send((command, args))
+        ok, result = await asyncio.get_running_loop().run_in_executor(None, self._conn.recv)
+        if not ok:
+            raise RuntimeError(f"bench client process failed:\n{result}")
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _client_main(conn: Connection, server: ServerInfo) -> None:
+    asyncio.run(_client_loop(conn, server))
+
+
+async def _client_loop(conn: Connection, server: ServerInfo) -> None:
+    """Serves the parent's commands over one channel until it sends None."""
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        target = Target(server.policy, stub, server.counts, server.drafter, server.chat)
+        while (command := await loop.run_in_executor(None, conn.recv)) is not None:
+            name, args = command
+            try:
+                conn.send((True, await COMMANDS[name](target, *args)))
+            except Exception as exc:  # handed to the parent, which raises it
+                conn.send((False, "".join(traceback.format_exception(exc))))
+
+
 @contextlib.asynccontextmanager
-async def serving(config: Any, parts: Parts) -> AsyncIterator[Target]:
-    """A server on an ephemeral port over a new engine (own thread); stopped, and its memory freed, on exit."""
+async def serving(config: Any, parts: Parts) -> AsyncIterator[ClientProcess]:
+    """A server on an ephemeral port over a new engine (own thread) and a client process for it; stopped,
+    and the engine's memory freed, on exit."""
     from verispec.api.server import Server
     from verispec.loader import build_engine
 
@@ -441,13 +528,15 @@ async def serving(config: Any, parts: Parts) -> AsyncIterator[Target]:
     port = await server.start()
     build = functools.partial(build_engine, config, parts.target, parts.tokenizer, parts.draft, counts)
     engine = on_new_thread(f"verispec-engine-{policy}", build, lambda models: models.engine.core.run())
+    clients = None
     try:
         await server.load(_returning(await asyncio.wrap_future(engine)))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            chat = parts.tokenizer.has_chat_template
-            yield Target(policy, stub, counts, engine.result().auto_drafter, chat)
+        chat = parts.tokenizer.has_chat_template
+        clients = ClientProcess(ServerInfo(port, policy, counts, engine.result().auto_drafter, chat))
+        yield clients
     finally:
+        if clients is not None:
+            clients.close()
         await server.stop(0)
         del server, engine  # every reference to the engine, so that its KV pool can go
         gc.collect()
@@ -481,7 +570,11 @@ def run_batch(args: argparse.Namespace, progress: Callable[[str], None]) -> dict
     """The whole benchmark; raises ConfigError naming a flag out of range before loading anything."""
     from verispec.errors import ConfigError
 
-    for flag, value, least in (("--repeats", args.repeats, 1), ("--max-new-tokens", args.max_new_tokens, 2)):
+    for flag, value, least in (
+        ("--repeats", args.repeats, 1),
+        ("--max-new-tokens", args.max_new_tokens, 2),
+        ("--probe-samples", args.probe_samples, 1),
+    ):
         if value < least:
             raise ConfigError(flag, f"must be >= {least}, got {value}")
     if args.long_prompt_tokens < 0:
@@ -504,17 +597,18 @@ async def _run(args: argparse.Namespace, progress: Callable[[str], None]) -> dic
     probe = None
     for repeat in range(args.repeats):
         for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:  # ABBA: drift hits both policies
-            async with serving(configs[policy], parts) as target:
-                rounds += await _block(target, args, repeat, progress)
+            async with serving(configs[policy], parts) as clients:
+                rounds += await clients.call("block", args, repeat, progress)
                 if policy == "batched" and probe is None and not args.no_ttft_probe:
-                    probe = await run_probe(target, args.repeats, long_prompt, progress)
+                    probe = await clients.call("probe", args.repeats, args.probe_samples, long_prompt, progress)
+                drafter = clients.server.drafter
     report = _report(args, rounds, probe, parts.raw_batch)
     info = parts.target.info
     report.update(
         model=info.model_id,
         backend=info.backend,
         device=",".join(info.devices),
-        drafter=target.drafter,
+        drafter=drafter,
         max_batch_tokens=configs["batched"].engine.max_batch_tokens,
         load_average_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         cpu_count=os.cpu_count(),
@@ -540,6 +634,9 @@ async def _block(target: Target, args: argparse.Namespace, repeat: int, progress
             progress(f"{label}, {mode}, {concurrency} streams: {result.tokens / result.wall_s:.1f} tokens/s")
             rounds.append(result)
     return rounds
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {"block": _block, "probe": run_probe}  # what the client process runs
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -603,8 +700,9 @@ def _report(args: argparse.Namespace, rounds: list[Round], probe: Any, raw: Any)
         "auto_over_off": {p: {str(c): ratio((p, "auto", c), (p, "off", c)) for c in levels} for p in POLICIES},
     }
     if probe is not None:
-        ratios["ttft_under_load_over_idle"] = probe.get("under_load_over_idle")
-        ratios["ttft_long_prefill_over_idle"] = probe.get("long_prefill_over_idle")
+        for name in ("under_load", "long_prefill"):  # the goal: p99 under load <= 2x the idle median
+            ratios[f"ttft_{name}_p99_over_idle"] = probe.get(f"{name}_p99_over_idle")
+            ratios[f"ttft_{name}_p50_over_idle"] = probe.get(f"{name}_p50_over_idle")
     return {
         "benchmark": "batch",
         "max_new_tokens": args.max_new_tokens,
