@@ -49,10 +49,14 @@ $(STAMP): pyproject.toml $(CLIENT_DIR)/pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Programs the tests run for real: Debian's Prometheus server and promtool, Node.js for the TypeScript stubs.
+# Programs the tests run for real: Debian's Prometheus server and promtool, Node.js for the TypeScript stubs,
+# Go with the protoc-gen-go(-grpc) plugins and the grpc-go / protobuf sources the Go stubs build against offline.
+GO_PACKAGES := golang-go protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev golang-google-protobuf-dev \
+	golang-github-golang-protobuf-1-5-dev
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(APT_INSTALL) prometheus; }
 	@command -v node >/dev/null && command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
+	@dpkg -s $(GO_PACKAGES) >/dev/null 2>&1 || { $(APT_INSTALL) $(GO_PACKAGES); }
 
 $(PHOENIX_STAMP):
 	test -d $(PHOENIX_VENV) || $(PYTHON) -m venv $(PHOENIX_VENV)
@@ -70,8 +74,8 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
 	touch $(NODE_STAMP)
 
-# Python stubs through grpcio-tools; other languages through buf.gen.yaml (local plugins).
-protos: $(STAMP) $(NODE_STAMP)
+# Python stubs through grpcio-tools; TypeScript and Go through buf.gen.yaml (local plugins).
+protos: $(STAMP) $(NODE_STAMP) tools
 	$(call PY_STUBS,$(STUBS_DIR))
 	$(BIN)/buf generate
 
@@ -86,10 +90,10 @@ wheels: $(STAMP)
 node-client: $(NODE_STAMP)
 	$(NODE_DIR)/node_modules/.bin/tsc -p $(NODE_DIR)
 
-proto-check: $(STAMP) $(NODE_STAMP)
+proto-check: $(STAMP) $(NODE_STAMP) tools
 	@tmp=$$(mktemp -d) && $(call PY_STUBS,$$tmp/py) && $(BIN)/buf generate -o $$tmp && \
 	  diff -r -x __init__.py -x __pycache__ $$tmp/py $(STUBS_DIR) && \
-	  diff -r $$tmp/$(NODE_DIR)/src/gen $(NODE_DIR)/src/gen \
+	  diff -r $$tmp/$(NODE_DIR)/src/gen $(NODE_DIR)/src/gen && diff -r $$tmp/clients/go/gen clients/go/gen \
 	  && echo "generated code is fresh" \
 	  || { echo "generated code is stale: run 'make protos' and commit"; exit 1; }
 
