@@ -25,7 +25,9 @@ from verispec_proto.v1 import generation_pb2 as pb
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="verispec-client", description="Call a verispec server.")
-    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address host:port")
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help="gRPC target: host:port, dns:///name:port, ipv4:a:port,b:port"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="deadline per call in seconds")
     parser.add_argument(
         "--token", default=os.environ.get("VERISPEC_TOKEN"), help="bearer token (default: $VERISPEC_TOKEN)"
