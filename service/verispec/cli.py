@@ -1,8 +1,8 @@
 """The `verispec` command: `serve` wires config -> models -> engine -> server; `bench` measures.
 
 Starting it is cheap: `--version` and `--help` import the config and the tools' argument definitions
-(`verispec.tools.bench`, `verispec.tools.synth`, light at top level), never torch, transformers or the
-generated gRPC stubs; each command imports what it runs once chosen.
+(`verispec.tools.bench`, `verispec.tools.synth`, `verispec.tools.plan`, light at top level), never torch,
+transformers or the generated gRPC stubs; each command imports what it runs once chosen.
 """
 
 from __future__ import annotations
@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     fetch.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="where models are kept")
+    plan = commands.add_parser(
+        "plan",
+        help="capacity planner: weights per GPU, KV cache, what fits and the largest batch",
+        description="Plan a model on GPUs as the exl2 backend would load it: the layer split, weights and KV "
+        "cache per GPU, reserves, whether it fits (and which GPU is short, by how much) and the largest number "
+        "of sequences at the given context. Exit status 3 when it does not fit.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from verispec.tools.plan import add_plan_arguments
+
+    add_plan_arguments(plan)
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     from verispec.tools.bench import add_bench_arguments
 
@@ -85,6 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(write_checkpoint(args.shape, args.out, args.bits, args.seed, args.device), indent=2))
         return 0
+    if args.command == "plan":
+        from verispec.tools.plan import run_plan
+
+        try:
+            return run_plan(args)
+        except (ValueError, ConfigError) as exc:
+            print(f"verispec: {exc}", file=sys.stderr)
+            return 2
     if args.command == "fetch":
         from verispec import telemetry
         from verispec.models import SMOLLM2, ensure_embedded

@@ -101,6 +101,21 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """The hardware price behind the live cost per token (a built-in profile, a JSON file, or the price flags)."""
+
+    profile: str = ""  # a built-in profile name or a JSON file; empty: the price flags below
+    gpu_hour_usd: float = 0.0  # cloud $ per GPU-hour
+    num_gpus: int = 1
+    purchase_usd: float = 0.0  # on-prem purchase price of the whole machine
+    amortization_months: float = 36.0
+    watts: float = 0.0  # on-prem draw under load
+    kwh_usd: float = 0.15
+    utilization: float = 0.0  # share of paid hours busy; 0: measured over the window
+    window_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the service needs, built once at start-up and passed down in slices."""
 
@@ -109,6 +124,7 @@ class Config:
     spec: SpecConfig = field(default_factory=SpecConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
 
 # (flag, dataclass slice, attribute, type, help). Each flag's variable is VERISPEC_<FLAG>.
@@ -261,6 +277,28 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "spans per draft/verify step: on, off, or a sampling ratio in (0, 1]",
     ),
     ("metrics-port", "telemetry", "metrics_port", int, "Prometheus /metrics port (0: off)"),
+    (
+        "cost-profile",
+        "cost",
+        "profile",
+        str,
+        "hardware price profile of the live cost per token: a built-in name (2x-rtx4090-onprem, "
+        "2x-a100-80g-cloud, 1x-h200-cloud, cpu-2vcpu-cloud) or a JSON file of its fields (empty: the price flags)",
+    ),
+    ("cost-gpu-hour-usd", "cost", "gpu_hour_usd", float, "cloud price per GPU-hour in $ (without --cost-profile)"),
+    ("cost-gpus", "cost", "num_gpus", int, "GPUs the cloud price is paid for"),
+    ("cost-purchase-usd", "cost", "purchase_usd", float, "on-prem: purchase price of the machine in $"),
+    ("cost-amortization-months", "cost", "amortization_months", float, "on-prem: months the purchase is spread over"),
+    ("cost-watts", "cost", "watts", float, "on-prem: power the machine draws under load"),
+    ("cost-kwh-usd", "cost", "kwh_usd", float, "on-prem: electricity price per kWh in $"),
+    (
+        "cost-utilization",
+        "cost",
+        "utilization",
+        float,
+        "share of paid hours the hardware is busy, in (0, 1] (0: the busy share measured over the window)",
+    ),
+    ("cost-window", "cost", "window_s", float, "seconds of the sliding window throughput is measured over"),
 )
 
 
@@ -306,7 +344,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     """Flags win over VERISPEC_* variables, which win over defaults; every value is validated."""
     env = os.environ if environ is None else environ
-    values: dict[str, dict[str, Any]] = {s: {} for s in ("server", "model", "spec", "engine", "telemetry")}
+    values: dict[str, dict[str, Any]] = {s: {} for s in ("server", "model", "spec", "engine", "telemetry", "cost")}
     options = [(f, s, a, k) for f, s, a, k, _ in _OPTIONS]
     for flag, section, attr, kind in options:
         raw = getattr(args, f"{section}.{attr}", None)
@@ -327,6 +365,7 @@ def build_config(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         spec=SpecConfig(**values["spec"]),
         engine=EngineConfig(**values["engine"]),
         telemetry=TelemetryConfig(**values["telemetry"]),
+        cost=CostConfig(**values["cost"]),
     )
     validate(config)
     return config
@@ -426,11 +465,27 @@ def validate(config: Config) -> None:
     _require(t.log_level in ("debug", "info", "warning", "error"), "--log-level", f"unknown level {t.log_level!r}")
     _require(t.log_format in ("json", "console"), "--log-format", f"unknown format {t.log_format!r}")
     _require(0 <= t.metrics_port <= 65535, "--metrics-port", f"{t.metrics_port} is not a TCP port")
+    _validate_cost(config.cost)
     _require(
         step_span_ratio(t.step_spans) is not None,
         "--step-spans",
         f"{t.step_spans!r} is not on, off or a ratio in (0, 1]",
     )
+
+
+def _validate_cost(c: CostConfig) -> None:
+    prices = (c.gpu_hour_usd, c.purchase_usd, c.watts)
+    _require(min(prices) >= 0, "--cost-gpu-hour-usd", "prices and watts must be >= 0")
+    _require(
+        not c.profile or not any(prices),
+        "--cost-profile",
+        "set the price by a profile or by the price flags, not both",
+    )
+    _require(c.num_gpus >= 1, "--cost-gpus", "must be >= 1")
+    _require(c.amortization_months > 0, "--cost-amortization-months", "must be > 0")
+    _require(c.kwh_usd >= 0, "--cost-kwh-usd", "must be >= 0")
+    _require(0 <= c.utilization <= 1, "--cost-utilization", "must be in [0, 1] (0: measured)")
+    _require(c.window_s > 0, "--cost-window", "must be > 0")
 
 
 def parse_fault_injection(spec: str) -> tuple[int, int]:

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from verispec.cost import CostMeter
 from verispec.request import FinishReason
 
 if TYPE_CHECKING:  # the engine imports torch; this module is read by the loop side only
+    from verispec.cost import CostSnapshot
     from verispec.engine.core import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -22,8 +24,9 @@ _BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 class Metrics:
     """Every verispec metric, in one registry; safe to update from the engine thread and the loop."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, cost: CostMeter | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.cost = cost or CostMeter(None)
         r = self.registry
         self.requests = Counter(
             "verispec_requests", "Finished requests by finish reason.", ["finish_reason"], registry=r
@@ -89,6 +92,7 @@ class Metrics:
         )
         self.engine = EngineCollector()
         r.register(self.engine)
+        r.register(CostCollector(self.cost))
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
         """One speculative step of one request (engine thread)."""
@@ -108,6 +112,11 @@ class Metrics:
         self.batch_size.observe(batch_size)
         self.batch_tokens.observe(batch_tokens)
         self.batch_seconds.observe(seconds)
+        self.cost.record_busy(seconds)
+
+    def on_tokens(self, count: int) -> None:
+        """Tokens streamed to a caller (loop side): the throughput the cost per token is priced on."""
+        self.cost.record_tokens(count)
 
     def on_finish(self, reason: FinishReason, prompt_tokens: int, generated_tokens: int) -> None:
         self.requests.labels(reason.value).inc()
@@ -176,3 +185,48 @@ def _engine_families(stats: EngineStats | None) -> list[Metric]:
         if total_bytes:
             total.add_metric([device], total_bytes)
     return [*families, used, total]
+
+
+class CostCollector:
+    """The live cost per token from the cost meter's window, read at scrape time; absent without a profile."""
+
+    def __init__(self, meter: CostMeter) -> None:
+        self.meter = meter
+
+    def describe(self) -> Iterable[Metric]:
+        return _cost_families(None, "")
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self.meter.snapshot()
+        return [] if snapshot is None else _cost_families(snapshot, snapshot.profile)
+
+
+def _cost_families(snapshot: CostSnapshot | None, profile: str) -> list[Metric]:
+    values: dict[str, float | None] = {
+        "verispec_cost_usd_per_million_tokens": None,
+        "verispec_cost_utilization": None,
+        "verispec_cost_tokens_per_second": None,
+        "verispec_cost_hourly_usd": None,
+    }
+    if snapshot is not None:
+        values = {
+            "verispec_cost_usd_per_million_tokens": snapshot.usd_per_million_tokens,
+            "verispec_cost_utilization": snapshot.utilization,
+            "verispec_cost_tokens_per_second": snapshot.tokens_per_s,
+            "verispec_cost_hourly_usd": snapshot.hourly_usd,
+        }
+    docs = {
+        "verispec_cost_usd_per_million_tokens": "Hardware $ per 1M generated tokens over the cost window, at the "
+        "utilisation of verispec_cost_utilization (absent while the window holds no token).",
+        "verispec_cost_utilization": "Share of paid hardware time the cost assumes busy: measured over the window, "
+        "or --cost-utilization.",
+        "verispec_cost_tokens_per_second": "Generated tokens per second of busy engine time over the cost window.",
+        "verispec_cost_hourly_usd": "Hourly price of the hardware price profile in $.",
+    }
+    families: list[Metric] = []
+    for name, value in values.items():
+        family = GaugeMetricFamily(name, docs[name], labels=["profile"])
+        if value is not None:
+            family.add_metric([profile], value)
+        families.append(family)
+    return families

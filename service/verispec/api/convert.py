@@ -26,6 +26,7 @@ from verispec.tokenizer import Tokenizer
 from verispec_proto.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
+    from verispec.cost import CostSnapshot
     from verispec.engine.core import EngineStats
 
 MAX_TOP_LOGPROBS = 5
@@ -336,3 +337,16 @@ def health_from_stats(response: pb.HealthResponse, stats: EngineStats) -> None:
     response.batch_size = stats.batch_size
     response.batch_tokens = stats.batch_tokens
     response.num_preemptions = stats.num_preemptions
+
+
+def health_from_cost(response: pb.HealthResponse, cost: CostSnapshot | None) -> None:
+    """Fills Health's cost fields from the cost meter's window (negative cost: no profile or no token)."""
+    response.cost_usd_per_million_tokens = -1.0
+    if cost is None:
+        return
+    response.cost_profile = cost.profile
+    response.cost_hourly_usd = cost.hourly_usd
+    response.cost_utilization = cost.utilization
+    response.cost_tokens_per_second = cost.tokens_per_s
+    if cost.usd_per_million_tokens is not None:
+        response.cost_usd_per_million_tokens = cost.usd_per_million_tokens

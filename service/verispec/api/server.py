@@ -17,6 +17,7 @@ from verispec.api.auth import OPEN_SERVICES, BearerTokenInterceptor, load_tokens
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.api.wire import MalformedRequestInterceptor
 from verispec.config import Config
+from verispec.cost import meter_from_config
 from verispec.engine.speculative import StepObserver
 from verispec.errors import EngineDeadError
 from verispec.loader import LoadedModels
@@ -35,7 +36,7 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = ServiceState(config)
-        self.metrics = Metrics()
+        self.metrics = Metrics(cost=meter_from_config(config.cost))
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
         self.port = 0

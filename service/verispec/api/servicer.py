@@ -221,6 +221,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         if models is not None:
             convert.health_from_stats(response, models.engine.stats())
+        convert.health_from_cost(response, self.metrics.cost.snapshot())
             requests = response.active_requests + response.queue_depth
             response.load = max(response.kv_utilization, requests / self.state.config.engine.max_active_requests)
         return response
@@ -283,6 +284,7 @@ class _Timing:
     def observe(self, out: StepOutput) -> None:
         if not out.token_ids:
             return
+        self.metrics.on_tokens(len(out.token_ids))
         now = time.monotonic()
         if self.first:
             self.metrics.ttft.observe(now - self.previous)

@@ -38,6 +38,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_soak_arguments(kinds)
     add_exl2_arguments(kinds)
     add_batch_arguments(kinds)
+    from verispec.tools.bench_cost import add_cost_arguments
+    from verispec.tools.bench_quality import add_quality_arguments
+
+    add_cost_arguments(kinds)
+    add_quality_arguments(kinds)
 
 
 def add_soak_arguments(kinds: Any) -> None:
@@ -140,6 +145,14 @@ def run_bench(args: argparse.Namespace) -> int:
         from verispec.tools.bench_batch import run_batch
 
         result = run_batch(args, _progress)
+    elif args.bench == "cost":
+        from verispec.tools.bench_cost import run_cost
+
+        result = run_cost(args, _progress)
+    elif args.bench == "quality":
+        from verispec.tools.bench_quality import run_quality
+
+        result = run_quality(args, _progress)
     else:  # pragma: no cover - argparse only accepts the kinds above
         raise SystemExit(f"unknown benchmark {args.bench}")
     text = json.dumps(result, indent=2)
