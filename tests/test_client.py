@@ -7,10 +7,13 @@ import inspect
 import json
 import time
 
+import grpc
 import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
 
 from tests.conftest import RunningServer
-from verispec_client import AsyncVerispecClient, VerispecClient, build_request, channel_options
+from verispec_client import AsyncVerispecClient, VerispecClient, build_request, channel_options, error_details
 from verispec_proto.v1 import generation_pb2 as pb
 
 FRANCE = [("user", "What is the capital of France?")]
@@ -101,3 +104,26 @@ def test_health_reports_load(server: RunningServer) -> None:
     assert health.active_requests + health.queue_depth >= 1
     expected = max(health.kv_utilization, (health.active_requests + health.queue_depth) / limit)
     assert health.load == pytest.approx(expected) and health.load > 0
+
+
+def test_error_details_decode_the_google_rpc_status(server: RunningServer) -> None:
+    """A bad field comes back as INVALID_ARGUMENT with a BadRequest naming it, from either client."""
+    with VerispecClient(server.address, timeout=60) as client, pytest.raises(grpc.RpcError) as info:
+        client.generate("hi", temperature=-0.5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [bad] = error_details(info.value)
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert bad.field_violations[0].field == "sampling.temperature"
+
+    async def scenario() -> list[Message]:
+        async with AsyncVerispecClient(server.address, timeout=60) as client:
+            try:
+                await client.generate("hi", top_p=1.5)
+            except grpc.RpcError as exc:
+                return error_details(exc)
+        raise AssertionError("the call succeeded")
+
+    [bad] = asyncio.run(scenario())
+    assert isinstance(bad, error_details_pb2.BadRequest)
+    assert bad.field_violations[0].field == "sampling.top_p"
+    assert error_details(grpc.RpcError()) == []

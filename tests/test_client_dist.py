@@ -25,7 +25,8 @@ SCRIPT = """
 import asyncio, importlib.util, json, sys
 from importlib import metadata
 
-from verispec_client import AsyncVerispecClient, VerispecClient
+import grpc
+from verispec_client import AsyncVerispecClient, VerispecClient, error_details
 from verispec_proto.v1 import generation_pb2 as pb
 
 target = sys.argv[1]
@@ -35,6 +36,10 @@ with VerispecClient(target, timeout=60) as client:
                                                      max_new_tokens=12))
     count = client.tokenize("Hello there").count
     health = client.health().status == pb.SERVING_STATUS_SERVING
+    try:
+        client.generate("hi", temperature=-0.5)
+    except grpc.RpcError as exc:  # google.rpc details, decoded with googleapis-common-protos
+        bad_field = [v.field for d in error_details(exc) for v in d.field_violations]
 
 
 async def main():
@@ -44,7 +49,7 @@ async def main():
 async_count, vocab = asyncio.run(main())
 print(json.dumps({
     "text": reply.text, "streamed": streamed, "count": count, "async_count": async_count, "vocab": vocab,
-    "health": health, "prefix": sys.prefix,
+    "health": health, "bad_field": bad_field, "prefix": sys.prefix,
     "missing": [m for m in ("torch", "transformers", "verispec", "gguf", "numpy")
                 if importlib.util.find_spec(m) is None],
     "distributions": sorted(d.metadata["Name"].lower() for d in metadata.distributions()),
@@ -90,6 +95,7 @@ def test_client_wheel_in_a_fresh_venv_calls_a_live_server(
     assert Path(report["prefix"]) == venv
     assert "Paris" in report["text"] and report["streamed"] == report["text"]
     assert report["count"] == report["async_count"] > 0 and report["vocab"] == 49152 and report["health"]
+    assert report["bad_field"] == ["sampling.temperature"]
     assert report["missing"] == ["torch", "transformers", "verispec", "gguf", "numpy"], "nothing of the server"
     assert {"verispec-client", *RUNTIMES} <= set(report["distributions"])
     assert not {"torch", "transformers", "verispec"} & set(report["distributions"])

@@ -155,7 +155,8 @@ def test_engine_batches_on_gpu_and_returns_every_page(exl2: Any, runner: Any, ti
 
 def test_warm_up_runs_every_decode_shape_and_leaves_no_trace(runner: Any) -> None:
     """The CUDA warm-up at engine build (decode batches of 1, 2, 4 ... sequences, a full token budget of
-    prefill) leaves a sequence's logits as they were: it writes only pages that are rewritten before use."""
+    prefill) leaves a sequence's logits as they were, to fp16 noise: it writes only pages that are
+    rewritten before use."""
     from verispec.loader import warm_up
 
     pool = runner.kv.new_pool()
@@ -164,4 +165,6 @@ def test_warm_up_runs_every_decode_shape_and_leaves_no_trace(runner: Any) -> Non
     before = runner.forward([BatchEntry(0, PROMPTS[0], 0, table.pages, 1)])[0]
     warm_up(runner, SMALL_KV.max_active_requests, SMALL_KV.max_batch_tokens)
     after = runner.forward([BatchEntry(0, PROMPTS[0], 0, table.pages, 1)])[0]
-    assert torch.equal(before, after)
+    relative, agree = _close(after, before)  # kernels may pick other fp16 algorithms once warm
+    print(f"after the warm-up: relative {relative:.2e}, argmax agreement {agree:.3f}")
+    assert relative < 1e-3 and agree == 1.0

@@ -8,6 +8,7 @@ from verispec_client.client import (
     build_tokenize_request,
     channel_credentials,
     channel_options,
+    error_details,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "build_tokenize_request",
     "channel_credentials",
     "channel_options",
+    "error_details",
 ]

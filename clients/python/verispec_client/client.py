@@ -9,6 +9,8 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from verispec_proto.v1 import generation_pb2 as pb
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
@@ -93,6 +95,40 @@ def build_request(
         response=pb.ResponseOptions(**response),
         speculation=spec,
     )
+
+
+_DETAIL_TYPES: dict[str, type[Message]] = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        error_details_pb2.BadRequest,
+        error_details_pb2.RetryInfo,
+        error_details_pb2.ErrorInfo,
+        error_details_pb2.ResourceInfo,
+        error_details_pb2.QuotaFailure,
+        error_details_pb2.PreconditionFailure,
+        error_details_pb2.RequestInfo,
+        error_details_pb2.DebugInfo,
+        error_details_pb2.Help,
+        error_details_pb2.LocalizedMessage,
+    )
+}
+
+
+def error_details(error: grpc.RpcError) -> list[Message]:
+    """The google.rpc details a failed call carries, decoded: a BadRequest naming the invalid field, the
+    RetryInfo of a full queue, ... (empty when it carries none). Works for sync and asyncio errors."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == "grpc-status-details-bin":
+            details = []
+            for detail in status_pb2.Status.FromString(value).details:
+                cls = _DETAIL_TYPES.get(detail.TypeName())
+                if cls is not None:
+                    message = cls()
+                    detail.Unpack(message)
+                    details.append(message)
+            return details
+    return []
 
 
 def build_tokenize_request(
