@@ -221,9 +221,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         if models is not None:
             convert.health_from_stats(response, models.engine.stats())
-        convert.health_from_cost(response, self.metrics.cost.snapshot())
             requests = response.active_requests + response.queue_depth
             response.load = max(response.kv_utilization, requests / self.state.config.engine.max_active_requests)
+        convert.health_from_cost(response, self.metrics.cost.snapshot())
         return response
 
     async def Tokenize(  # noqa: N802
