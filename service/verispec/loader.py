@@ -149,10 +149,10 @@ def warm_up(runner: ModelRunner, max_running: int, max_batch_tokens: int) -> Non
     """On CUDA, one untimed pass over each decode batch shape the engine meets first (1, 2, 4 ... up to
     max_running sequences of one token) and over a full token budget of prefill.
 
-    Measured on the H200 with the 70B shape, the first pass over a new batch shape cost 2-3x a later
-    one (the caching allocator grows, kernels are picked per shape); without this the first requests
-    under load pay it, and the early step costs AUTO prices with are skewed. On the CPU a first pass
-    costs what later ones do, so nothing runs there.
+    The first passes over new shapes cost more than later ones (the caching allocator grows, kernels
+    load on first use); without this the first requests pay it, and the early step costs that AUTO
+    and the scheduler price with are skewed. On the CPU a first pass costs what later ones do, so
+    nothing runs there.
     """
     if not any(device.startswith("cuda") for device in runner.info.devices):
         return

@@ -167,4 +167,4 @@ def test_warm_up_runs_every_decode_shape_and_leaves_no_trace(runner: Any) -> Non
     after = runner.forward([BatchEntry(0, PROMPTS[0], 0, table.pages, 1)])[0]
     relative, agree = _close(after, before)  # kernels may pick other fp16 algorithms once warm
     print(f"after the warm-up: relative {relative:.2e}, argmax agreement {agree:.3f}")
-    assert relative < 1e-3 and agree == 1.0
+    assert relative < 0.005 and agree == 1.0, "fp16 noise is ~1e-3; an overwritten page gives O(1)"

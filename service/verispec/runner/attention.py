@@ -119,15 +119,24 @@ def paged_attention(
     v_cache: torch.Tensor,  # [slots, kv_heads, head_dim]
     plan: AttentionPlan,
     scale: float,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Causal attention of every new token over its own sequence; returns [T, heads * head_dim]."""
+    """Causal attention of every new token over its own sequence; returns [T, heads * head_dim].
+
+    compute_dtype float64 (the torch runner of an int4-kernel model uses it) makes a token's result
+    independent of the batch around it: how many queries and keys share the call changes SDPA's reduction
+    order, which in float32 moves last bits, and the bfloat16 linear layer after it can turn a last bit into
+    a rounding step, so a verify pass, a batch or another prefill chunking would not reproduce plain
+    decoding. In float64 those differences (~1e-16) vanish when the result is rounded back to float32.
+    """
     num_tokens, heads, head_dim = q.shape
     out = q.new_empty(num_tokens, heads, head_dim)
+    dtype = compute_dtype or q.dtype
     for group in plan.groups:
-        queries = q[group.query_rows].transpose(1, 2)  # [B, heads, Q, D]
-        keys = k_cache[group.key_slots].transpose(1, 2)  # [B, kv_heads, L, D]
-        values = v_cache[group.key_slots].transpose(1, 2)
-        attended = _attend(queries, keys, values, group.mask, scale)
+        queries = q[group.query_rows].transpose(1, 2).to(dtype)  # [B, heads, Q, D]
+        keys = k_cache[group.key_slots].transpose(1, 2).to(dtype)  # [B, kv_heads, L, D]
+        values = v_cache[group.key_slots].transpose(1, 2).to(dtype)
+        attended = _attend(queries, keys, values, group.mask, scale).to(q.dtype)
         attended = attended.transpose(1, 2).reshape(-1, heads, head_dim)  # [B * Q, heads, D]
         out[group.valid_rows] = attended[group.valid_flat]
     return out.reshape(num_tokens, heads * head_dim)
