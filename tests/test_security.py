@@ -105,6 +105,9 @@ def test_bearer_token_required_for_generation(make_server: ServerFactory, token_
     assert _code(lambda: list(stub.StreamGenerate(stream))) == grpc.StatusCode.UNAUTHENTICATED
     good = [("authorization", f"Bearer {TOKEN}")]
     assert stub.Generate(REQUEST, metadata=good).usage.completion_tokens == 2
+    # The deep Health RPC is part of the service: it needs a token like the rest of it.
+    assert _code(lambda: stub.Health(pb.HealthRequest())) == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.Health(pb.HealthRequest(), metadata=good).status == pb.SERVING_STATUS_SERVING
     with VerispecClient(running.address, token=TOKEN, timeout=60) as client:
         assert client.generate("Hello", max_new_tokens=2).usage.completion_tokens == 2
     # Probes and discovery stay open by default.

@@ -33,6 +33,15 @@ class ServerConfig:
     health_port: int = 0  # 0: grpc.health.v1 only on the main port
     grace_period_s: float = 30.0
     max_message_bytes: int = 4 * 1024 * 1024
+    stream_stall_timeout_s: float = 30.0  # a stream that cannot send for this long is cancelled (0: never)
+    # Connection hygiene, with gRPC's own server settings.
+    max_concurrent_streams: int = 100  # per connection
+    max_connection_idle_s: float = 300.0  # a connection without calls this long gets GOAWAY
+    max_connection_age_s: float = 1800.0  # every connection gets GOAWAY at this age (clients reconnect)
+    max_connection_age_grace_s: float = 300.0  # then its calls have this long before it is closed
+    keepalive_time_s: float = 60.0  # the server pings a quiet connection this often
+    keepalive_timeout_s: float = 20.0  # and closes it when the ping is not answered this fast
+    keepalive_min_ping_interval_s: float = 10.0  # clients pinging more often are told to go away
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -84,6 +93,7 @@ class EngineConfig:
     default_max_new_tokens: int = 256
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
+    max_stop_token_ids: int = 64
     fault_injection: str = ""  # test only: step_error:N, fatal:N
 
 
@@ -147,6 +157,57 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "seconds in-flight requests may finish after SIGTERM",
     ),
     ("max-message-bytes", "server", "max_message_bytes", int, "largest gRPC message accepted"),
+    (
+        "stream-stall-timeout",
+        "server",
+        "stream_stall_timeout_s",
+        float,
+        "seconds a stream may be unable to send (its reader stopped reading) before it is cancelled and "
+        "its engine slot, KV pages and buffered output are freed (0: never)",
+    ),
+    ("max-concurrent-streams", "server", "max_concurrent_streams", int, "most calls in flight on one connection"),
+    (
+        "max-connection-idle",
+        "server",
+        "max_connection_idle_s",
+        float,
+        "seconds a connection without calls stays open before GOAWAY",
+    ),
+    (
+        "max-connection-age",
+        "server",
+        "max_connection_age_s",
+        float,
+        "seconds after which any connection gets GOAWAY (clients reconnect; spreads load, reaps stuck ones)",
+    ),
+    (
+        "max-connection-age-grace",
+        "server",
+        "max_connection_age_grace_s",
+        float,
+        "seconds the calls of an aged connection may finish before it is closed",
+    ),
+    (
+        "keepalive-time",
+        "server",
+        "keepalive_time_s",
+        float,
+        "seconds between the server's keepalive pings on a quiet connection",
+    ),
+    (
+        "keepalive-timeout",
+        "server",
+        "keepalive_timeout_s",
+        float,
+        "seconds a keepalive ping may go unanswered before the connection is closed",
+    ),
+    (
+        "keepalive-min-ping-interval",
+        "server",
+        "keepalive_min_ping_interval_s",
+        float,
+        "shortest interval between a client's pings; clients pinging faster (or without calls) get GOAWAY",
+    ),
     ("tls-cert", "server", "tls_cert", Path, "PEM certificate chain: serve TLS (with --tls-key)"),
     ("tls-key", "server", "tls_key", Path, "PEM private key of --tls-cert"),
     ("tls-client-ca", "server", "tls_client_ca", Path, "PEM CA bundle: require client certificates (mTLS)"),
@@ -417,6 +478,17 @@ def validate(config: Config) -> None:
     _require(s.health_port == 0 or s.health_port != s.port, "--health-port", "must differ from --port")
     _require(s.grace_period_s >= 0, "--grace-period", "must be >= 0")
     _require(s.max_message_bytes >= 1024, "--max-message-bytes", "must be >= 1024")
+    _require(s.stream_stall_timeout_s >= 0, "--stream-stall-timeout", "must be >= 0 (0: never)")
+    _require(s.max_concurrent_streams >= 1, "--max-concurrent-streams", "must be >= 1")
+    for setting, seconds in (
+        ("--max-connection-idle", s.max_connection_idle_s),
+        ("--max-connection-age", s.max_connection_age_s),
+        ("--max-connection-age-grace", s.max_connection_age_grace_s),
+        ("--keepalive-time", s.keepalive_time_s),
+        ("--keepalive-timeout", s.keepalive_timeout_s),
+        ("--keepalive-min-ping-interval", s.keepalive_min_ping_interval_s),
+    ):
+        _require(seconds > 0, setting, "must be > 0 seconds")
     _require(m.backend in ("torch_ref", "exl2"), "--backend", f"unknown backend {m.backend!r}")
     _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
     _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")

@@ -48,5 +48,9 @@ class ConfigError(VerispecError):
         self.setting = setting
 
 
+class SamplingError(VerispecError):
+    """A distribution with NaN or infinite values: no token may be drawn from it (the request fails)."""
+
+
 class DeviceFatalError(VerispecError):
     """The compute device stopped working (out of memory, a CUDA fault); the process must restart."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from verispec.errors import SamplingError
 from verispec.request import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -33,8 +35,15 @@ def uniform(seed: int, position: int, stream: int) -> float:
 
 
 def draw(probs: torch.Tensor, u: float) -> int:
-    """Inverse-CDF draw from `probs` [vocab] (need not sum to 1) with the uniform `u`."""
+    """Inverse-CDF draw from `probs` [vocab] (need not sum to 1) with the uniform `u`.
+
+    Raises SamplingError when `probs` holds NaN or infinity or no mass: such a distribution must
+    never turn into a token (the last index is what a NaN cdf would give).
+    """
     cdf = torch.cumsum(probs.double(), dim=0)
+    total = float(cdf[-1])
+    if not math.isfinite(total) or total <= 0.0:
+        raise SamplingError(f"cannot sample: the distribution sums to {total}")
     target = torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
     index = int(torch.searchsorted(cdf, target, right=True)[0])
     index = min(index, probs.shape[0] - 1)
@@ -89,6 +98,7 @@ class Sampler:
         if self.suppress_token_ids and self.num_generated < self.min_new_tokens:
             rows = min(n, self.min_new_tokens - self.num_generated)
             scores[:rows, self.suppress_token_ids] = float("-inf")
+        check_scores(scores)
         return scores
 
     def probs(self, scores: torch.Tensor) -> torch.Tensor:
@@ -100,6 +110,12 @@ class Sampler:
 
     def uniform(self, position: int, stream: int = STREAM_ACCEPT) -> float:
         return uniform(self.params.seed, position, stream)
+
+
+def check_scores(scores: torch.Tensor) -> None:
+    """Raises SamplingError when `scores` [n, vocab] hold NaN or +inf, or a row is all -inf (masked)."""
+    if bool(scores.isnan().any()) or bool(scores.isposinf().any()) or bool(scores.amax(-1).isneginf().any()):
+        raise SamplingError("cannot sample: the scores hold NaN or infinite values")
 
 
 def _apply_penalties(

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 MAX_TOP_LOGPROBS = 5
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3  # smaller positive values are degenerate: use 0 for greedy
+MIN_REPETITION_PENALTY = 0.01  # dividing logits by less overflows them
+MAX_REPETITION_PENALTY = 10.0
+VALID_ROLES = ("system", "user", "assistant")
 
 FINISH_REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -99,13 +103,19 @@ def _check_range(value: float, field: str, low: float, high: float, low_open: bo
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """Validated sampling settings; an unset seed becomes a fresh random one (returned to the caller)."""
     _check_range(msg.temperature, "sampling.temperature", 0.0, MAX_TEMPERATURE)
+    # Below MIN_TEMPERATURE, logits / temperature overflow float32 into inf and the softmax into NaN.
+    _check(
+        msg.temperature == 0.0 or msg.temperature >= MIN_TEMPERATURE,
+        "sampling.temperature",
+        f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {msg.temperature}",
+    )
     top_p = msg.top_p if msg.HasField("top_p") else 1.0
     _check_range(top_p, "sampling.top_p", 0.0, 1.0, low_open=True)
     _check_range(msg.min_p, "sampling.min_p", 0.0, 1.0)
     typical_p = msg.typical_p if msg.HasField("typical_p") else 1.0
     _check_range(typical_p, "sampling.typical_p", 0.0, 1.0, low_open=True)
     repetition = msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
-    _check_range(repetition, "sampling.repetition_penalty", 0.0, 10.0, low_open=True)
+    _check_range(repetition, "sampling.repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
     _check_range(msg.presence_penalty, "sampling.presence_penalty", -2.0, 2.0)
     _check_range(msg.frequency_penalty, "sampling.frequency_penalty", -2.0, 2.0)
     return SamplingParams(
@@ -122,22 +132,74 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 
 def messages_from_proto(messages: Sequence[pb.ChatMessage], field: str = "messages") -> list[tuple[str, str]]:
+    """(role, content) pairs; a role is exactly one of VALID_ROLES (content is text, never control tokens)."""
     result = []
     for i, message in enumerate(messages):
-        _check(bool(message.role.strip()), f"{field}[{i}].role", "must not be empty")
+        _check(bool(message.role), f"{field}[{i}].role", "must not be empty")
+        _check(
+            message.role in VALID_ROLES,
+            f"{field}[{i}].role",
+            f"must be one of {', '.join(VALID_ROLES)}, got {message.role[:40]!r}",
+        )
         result.append((message.role, message.content))
     return result
 
 
+def input_chars(msg: AnyGenerateRequest | pb.TokenizeRequest) -> int:
+    """Characters a request asks to tokenize (prompt or text, plus every message's content)."""
+    text = msg.text if isinstance(msg, pb.TokenizeRequest) else msg.prompt
+    return len(text) + sum(len(m.role) + len(m.content) for m in msg.messages)
+
+
+def chars_to_tokenize(msg: AnyGenerateRequest, tokenizer: Tokenizer, limits: Limits) -> int:
+    """Characters a generation request will tokenize (a truncated prompt's tail only). Input that
+    cannot fit the context window is refused here, by its size: cheap enough for the event loop."""
+    if msg.truncate_input_tokens:
+        if msg.messages:
+            return input_chars(msg)
+        return len(tail(msg.prompt, _tail_bytes(msg.truncate_input_tokens, tokenizer, limits)))
+    field, num_bytes = "prompt", len(msg.prompt.encode())
+    if msg.messages and not msg.prompt:
+        field, num_bytes = "messages", sum(len(m.content.encode()) for m in msg.messages)
+    _check_fits(num_bytes, field, tokenizer, limits)
+    return input_chars(msg)
+
+
+def _check_fits(text_bytes: int, field: str, tokenizer: Tokenizer, limits: Limits) -> None:
+    """Refuses, before tokenizing, input too long for the context window whatever its tokens: no token
+    spans more than tokenizer.max_token_bytes bytes, so the input has at least that many tokens."""
+    longest = limits.max_context_length - 1
+    fewest = -(-text_bytes // tokenizer.max_token_bytes)
+    _check(
+        fewest <= longest,
+        field,
+        f"{text_bytes} bytes are at least {fewest} tokens, more than the context window takes ({longest} input "
+        "tokens at most); set truncate_input_tokens to keep the last ones",
+    )
+
+
 def prompt_token_ids(msg: AnyGenerateRequest, tokenizer: Tokenizer, limits: Limits) -> list[int]:
-    """Tokenizes the prompt or chat, applies truncation and checks the context window."""
+    """Tokenizes the prompt or chat, applies truncation and checks the context window.
+
+    Input that cannot fit is refused by its size before it is tokenized. With truncate_input_tokens
+    only the prompt's tail that n tokens can span is tokenized (max_token_bytes per token, with a
+    margin), so a long prompt costs no more than a short one.
+    """
     has_prompt, has_messages = bool(msg.prompt), bool(msg.messages)
     _check(not (has_prompt and has_messages), "prompt", "set prompt or messages, not both")
     _check(has_prompt or has_messages, "prompt", "empty: set prompt or messages")
     if has_prompt:
-        field, ids = "prompt", tokenizer.encode(msg.prompt)
+        field, text = "prompt", msg.prompt
+        if msg.truncate_input_tokens:
+            text = tail(text, _tail_bytes(msg.truncate_input_tokens, tokenizer, limits))
+        else:
+            _check_fits(len(text.encode()), field, tokenizer, limits)
+        ids = tokenizer.encode(text)
     else:
-        field, ids = "messages", tokenizer.encode_chat(messages_from_proto(msg.messages))
+        messages = messages_from_proto(msg.messages)
+        if not msg.truncate_input_tokens:
+            _check_fits(sum(len(c.encode()) for _, c in messages), "messages", tokenizer, limits)
+        field, ids = "messages", tokenizer.encode_chat(messages)
     _check(bool(ids), field, "tokenizes to nothing")
     if msg.truncate_input_tokens and len(ids) > msg.truncate_input_tokens:
         ids = ids[-msg.truncate_input_tokens :]
@@ -149,6 +211,23 @@ def prompt_token_ids(msg: AnyGenerateRequest, tokenizer: Tokenizer, limits: Limi
         " set truncate_input_tokens to keep the last ones",
     )
     return ids
+
+
+_TAIL_MARGIN_TOKENS = 16  # tokens of slack where a truncated prompt's tail is cut before tokenizing
+
+
+def _tail_bytes(keep_tokens: int, tokenizer: Tokenizer, limits: Limits) -> int:
+    """Bytes of a prompt's end that hold its last keep_tokens tokens (more than the window takes is refused)."""
+    keep = min(keep_tokens, limits.max_context_length - 1)
+    return (keep + _TAIL_MARGIN_TOKENS) * tokenizer.max_token_bytes
+
+
+def tail(text: str, max_bytes: int) -> str:
+    """The end of `text` holding at most about max_bytes bytes of UTF-8 (all of it when shorter)."""
+    if len(text) * 4 <= max_bytes:  # no character takes more than 4 bytes
+        return text
+    data = text.encode()
+    return text if len(data) <= max_bytes else data[-max_bytes:].decode(errors="ignore")
 
 
 def request_from_proto(
@@ -184,6 +263,11 @@ def request_from_proto(
             f"stop[{i}]",
             f"{len(stop)} characters, at most {engine.max_stop_sequence_chars}",
         )
+    _check(
+        len(msg.stop_token_ids) <= engine.max_stop_token_ids,
+        "stop_token_ids",
+        f"{len(msg.stop_token_ids)} stop token ids, at most {engine.max_stop_token_ids}",
+    )
     for i, token_id in enumerate(msg.stop_token_ids):
         _check(
             token_id < limits.vocab_size,

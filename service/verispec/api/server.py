@@ -16,7 +16,7 @@ from verispec import telemetry
 from verispec.api.auth import OPEN_SERVICES, BearerTokenInterceptor, load_tokens, server_credentials
 from verispec.api.servicer import SERVICE_NAME, GenerationServicer, ServiceState
 from verispec.api.wire import MalformedRequestInterceptor
-from verispec.config import Config
+from verispec.config import Config, ServerConfig
 from verispec.cost import meter_from_config
 from verispec.engine.speculative import StepObserver
 from verispec.errors import EngineDeadError
@@ -28,6 +28,28 @@ from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 log = structlog.get_logger(__name__)
 
 _HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def server_options(settings: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC's own limits: message size, streams per connection, idle and age limits (with a grace
+    for the calls in flight), keepalive pings both ways."""
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.max_connection_age_grace_s)),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_s)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(settings.keepalive_min_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
 
 
 class Server:
@@ -61,10 +83,7 @@ class Server:
         interceptors.append(MalformedRequestInterceptor())  # after auth: strangers learn nothing
         self.grpc = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-            ],
+            options=server_options(settings),
         )
         step_spans = telemetry.StepSpans(self.config.telemetry.step_spans)
         servicer = GenerationServicer(self.state, step_spans, self.metrics)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -16,11 +16,14 @@ from opentelemetry import propagate, trace
 from verispec import __version__, telemetry
 from verispec.api import convert
 from verispec.api.status import internal, to_status
+from verispec.api.tokenizing import SMALL_INPUT_CHARS, TokenizerLane
 from verispec.config import Config
+from verispec.engine.async_engine import OutputStream
 from verispec.errors import InvalidRequestError, NotReadyError, VerispecError
 from verispec.loader import LoadedModels
 from verispec.metrics import Metrics
 from verispec.request import FinishReason, Request, ResultAccumulator, SpeculationMode, StepOutput
+from verispec.tokenizer import Tokenizer
 from verispec_proto.v1 import generation_pb2 as pb
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
@@ -67,30 +70,44 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.step_spans = step_spans
         self.metrics = metrics
         self.tracer = trace.get_tracer(telemetry.TRACER_NAME, __version__)
+        # Large inputs are tokenized one at a time; what waits for it is bounded in characters.
+        self.tokenizing = TokenizerLane(max_queued_chars=4 * state.config.server.max_message_bytes)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         result = ResultAccumulator()
-        validated: Request | None = None
-        async for domain, out in self._run("Generate", request, context):
-            validated = domain
+
+        async def collect(_: Request, out: StepOutput) -> None:
             result.add(out)
-        assert validated is not None
+
+        validated = await self._run("Generate", request, context, collect)
         return convert.unary_response(validated, result, self._models().tokenizer)
 
-    async def StreamGenerate(  # noqa: N802
+    async def StreamGenerate(  # type: ignore[override]  # noqa: N802 (grpc.aio's writer API: the stubs type only generators)
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+    ) -> None:
+        # A coroutine that writes, not an async generator: a stream that is reset or cancelled
+        # unwinds here, in its own task and context (spans and log context are left where they were
+        # entered), and the engine request is aborted at once rather than when a generator is collected.
         first = True
-        async for domain, out in self._run("StreamGenerate", request, context):
-            yield convert.stream_response(out, domain, self._models().tokenizer, first)
+
+        async def send(domain: Request, out: StepOutput) -> None:
+            nonlocal first
+            message = convert.stream_response(out, domain, self._models().tokenizer, first)
             first = False
+            await context.write(message)
+
+        await self._run("StreamGenerate", request, context, send)
 
     async def _run(
-        self, method: str, msg: convert.AnyGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[tuple[Request, StepOutput]]:
-        """Validates, submits and yields the engine's outputs inside the request's span."""
+        self,
+        method: str,
+        msg: convert.AnyGenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        emit: Callable[[Request, StepOutput], Awaitable[None]],
+    ) -> Request:
+        """Validates, submits and hands each engine output to `emit`, inside the request's span."""
         arrived = time.monotonic()
         parent = propagate.extract(dict(context.invocation_metadata() or ()))
         request_id = uuid.uuid4().hex
@@ -102,25 +119,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         ):
             try:
                 request = await self._validate(msg, request_id, context)
+                self._log_start(method, request, span)
+                stream = self._models().engine.stream(request, self.state.config.server.stream_stall_timeout_s)
             except VerispecError as exc:
                 await self._reject(context, span, exc)
-            self._log_start(method, request, span)
             timing = _Timing(arrived, self.metrics)
-            last: StepOutput | None = None
-            completion: list[str] = []
+            run = _RunState()
             try:
-                async for out in self._models().engine.generate(request):
-                    last = out
-                    timing.observe(out)
-                    completion.append(out.text)
-                    if out.finish_reason is FinishReason.ERROR:
-                        break
-                    yield request, out
-            except VerispecError as exc:
-                await self._reject(context, span, exc)
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        run.observe(out)
+                        timing.observe(out)
+                        if out.finish_reason is FinishReason.ERROR:
+                            break
+                        await emit(request, out)
             finally:
-                if last is not None and last.finished:
-                    self._finish(span, last, "".join(completion))
+                # Every request that started ends with one finish line and one requests_total count,
+                # cancelled, timed out and stalled ones included.
+                self._finish(span, request, run, _cause(stream, request, context))
+            last = run.last
             if last is not None and last.finish_reason is FinishReason.ERROR:
                 span.set_status(trace.StatusCode.ERROR, last.error)
                 await _abort(context, internal(f"generation failed: {last.error}"))
@@ -129,6 +146,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {last.num_generated_tokens} tokens"
                 )
+            return request
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError
@@ -161,24 +179,37 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         deadline = None if remaining is None else time.monotonic() + remaining
         limits = self.state.limits(models)
         record = self.step_spans.wanted()
-        # Tokenizing a long prompt takes a while: keep it off the event loop.
-        return await asyncio.to_thread(
-            convert.request_from_proto, msg, request_id, models.tokenizer, limits, deadline, record
+        if convert.input_chars(msg) >= SMALL_INPUT_CHARS:
+            self.tokenizing.release_memory_soon()
+        # Tokenizing a long prompt takes a while: off the event loop, bounded (see TokenizerLane).
+        return await self.tokenizing.run(
+            convert.chars_to_tokenize(msg, models.tokenizer, limits),
+            convert.request_from_proto,
+            msg,
+            request_id,
+            models.tokenizer,
+            limits,
+            deadline,
+            record,
         )
 
-    def _finish(self, span: trace.Span, last: StepOutput, completion: str) -> None:
-        """Step spans, final attributes, the finish log line and metrics of one request."""
-        assert last.finish_reason is not None
-        self.metrics.on_finish(last.finish_reason, last.num_prompt_tokens, last.num_generated_tokens)
-        self.step_spans.emit(span, last.records)
-        spec = last.spec
+    def _finish(self, span: trace.Span, request: Request, run: _RunState, cause: str) -> None:
+        """Step spans, final attributes, the finish log line and metrics of one request; a request
+        whose outputs stopped before the last (caller gone, deadline, stalled) counts as cancelled."""
+        last = run.last if run.last is not None and run.last.finished else None
+        reason = last.finish_reason if last is not None and last.finish_reason is not None else FinishReason.CANCELLED
+        prompt_tokens = len(request.prompt_token_ids)
+        self.metrics.on_finish(reason, prompt_tokens, run.num_generated)
         span.set_attributes(
             {
-                telemetry.ATTR_RESPONSE_FINISH_REASONS: [last.finish_reason.value],
-                telemetry.ATTR_USAGE_INPUT: last.num_prompt_tokens,
-                telemetry.ATTR_USAGE_OUTPUT: last.num_generated_tokens,
+                telemetry.ATTR_RESPONSE_FINISH_REASONS: [reason.value],
+                telemetry.ATTR_USAGE_INPUT: prompt_tokens,
+                telemetry.ATTR_USAGE_OUTPUT: run.num_generated,
             }
         )
+        spec = last.spec if last is not None else None
+        if last is not None:
+            self.step_spans.emit(span, last.records)
         if spec is not None:
             span.set_attributes(
                 {
@@ -191,14 +222,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     telemetry.ATTR_SPEC_VERIFY_SECONDS: spec.verify_seconds,
                 }
             )
+        extra: dict[str, Any] = {"cause": cause} if cause else {}
+        if self.state.config.telemetry.log_prompts:
+            extra["completion"] = "".join(run.completion)
         log.info(
             "request.finish",
-            finish_reason=last.finish_reason.value,
-            prompt_tokens=last.num_prompt_tokens,
-            completion_tokens=last.num_generated_tokens,
+            finish_reason=reason.value,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=run.num_generated,
             steps=spec.num_steps if spec else 0,
             accepted=spec.num_accepted_tokens if spec else 0,
-            **({"completion": completion} if self.state.config.telemetry.log_prompts else {}),
+            **extra,
         )
 
     def _models(self) -> LoadedModels:
@@ -231,11 +265,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.TokenizeResponse:
         try:
             tokenizer = self.state.ready().tokenizer
-            ids = await asyncio.to_thread(_tokenize, tokenizer.encode, tokenizer.encode_chat, request)
+            max_bytes = self.state.config.server.max_message_bytes
+            if convert.input_chars(request) >= SMALL_INPUT_CHARS:
+                self.tokenizing.release_memory_soon()
+            # The whole answer, per-token text included, is built off the event loop.
+            return await self.tokenizing.run(convert.input_chars(request), _tokenize, tokenizer, request, max_bytes)
         except VerispecError as exc:
             await _abort(context, to_status(exc))
-        tokens = [tokenizer.token_text(t) for t in ids] if request.return_tokens else []
-        return pb.TokenizeResponse(token_ids=ids, tokens=tokens, count=len(ids))
 
     async def ModelInfo(  # noqa: N802
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -273,6 +309,31 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
 
+@dataclass
+class _RunState:
+    """What one request has produced so far, for its finish line."""
+
+    last: StepOutput | None = None
+    num_generated: int = 0
+    completion: list[str] = field(default_factory=list)
+
+    def observe(self, out: StepOutput) -> None:
+        self.last = out
+        self.num_generated = out.num_generated_tokens
+        self.completion.append(out.text)
+
+
+def _cause(stream: OutputStream, request: Request, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """Why a request ended before its last output: the reader stalled, the deadline, or the caller left."""
+    if stream.finished:
+        return ""
+    if stream.stalled:
+        return "stalled"
+    if _past(request.deadline):
+        return "deadline"
+    return "caller_cancelled"
+
+
 class _Timing:
     """Time to first token and inter-token latency of one request, as its outputs arrive."""
 
@@ -298,16 +359,48 @@ def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
 
-def _tokenize(
-    encode: Callable[[str], list[int]],
-    encode_chat: Callable[[list[tuple[str, str]]], list[int]],
-    request: pb.TokenizeRequest,
-) -> list[int]:
+def _tokenize(tokenizer: Tokenizer, request: pb.TokenizeRequest, max_bytes: int) -> pb.TokenizeResponse:
+    """Tokenize's answer, refused (from its size, before it is built) when it would not fit in one
+    message of max_bytes. Built in slices: no single call holds the GIL for long."""
     if request.text and request.messages:
         raise InvalidRequestError("text", "set text or messages, not both")
     if request.messages:
-        return encode_chat(convert.messages_from_proto(request.messages))
-    return encode(request.text)
+        field, ids = "messages", tokenizer.encode_chat(convert.messages_from_proto(request.messages))
+    else:
+        field, ids = "text", tokenizer.encode(request.text)
+    tokens = [tokenizer.token_text(t) for t in ids] if request.return_tokens else []
+    size = _answer_bytes(ids, tokens)
+    if size > max_bytes:
+        num_ids = len(ids)
+        del ids, tokens  # nothing large stays referenced from the error
+        hint = "; return_tokens=false shortens it" if request.return_tokens else ""
+        raise InvalidRequestError(
+            field,
+            f"{num_ids} tokens: the answer would take {size} bytes, more than the largest message "
+            f"({max_bytes} bytes, --max-message-bytes); send less text{hint}",
+        )
+    response = pb.TokenizeResponse(count=len(ids))
+    for start in range(0, len(ids), _SLICE):
+        response.token_ids.extend(ids[start : start + _SLICE])
+        response.tokens.extend(tokens[start : start + _SLICE])
+    return response
+
+
+_SLICE = 16_384
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _answer_bytes(ids: list[int], tokens: list[str]) -> int:
+    """Serialized size of a TokenizeResponse (packed ids, one length-prefixed string per token)."""
+    packed = sum(map(_varint_bytes, ids))
+    strings = 0
+    for text in tokens:
+        n = len(text.encode())
+        strings += 1 + _varint_bytes(n) + n
+    return 1 + _varint_bytes(packed) + packed + strings + 1 + _varint_bytes(len(ids))
 
 
 def _request_attributes(span: trace.Span, request: Request, model: str) -> None:

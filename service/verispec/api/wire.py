@@ -7,8 +7,10 @@ field that is not UTF-8, and rejects the call with a google.rpc.BadRequest namin
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -137,10 +139,15 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return grpc.unary_unary_rpc_method_handler(unary, **codec)
         streaming = handler.unary_stream
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        # A coroutine that writes (as the servicer's streams are), so a reset stream unwinds in its task.
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             if isinstance(request, _Malformed):
                 await _reject(context, request.error)
-            async for response in streaming(request, context):
-                yield response
+            if inspect.isasyncgenfunction(streaming):
+                async with contextlib.aclosing(streaming(request, context)) as responses:
+                    async for response in responses:
+                        await context.write(response)
+            else:
+                await streaming(request, context)
 
         return grpc.unary_stream_rpc_method_handler(stream, **codec)

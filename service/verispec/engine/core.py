@@ -28,13 +28,13 @@ from verispec.engine.scheduler import ScheduledSequence, Scheduler
 from verispec.engine.sequence import Sequence, Sink
 from verispec.engine.speculative import SpeculativeStep, StepObserver, StepTiming
 from verispec.engine.text import TextStream
-from verispec.errors import CapacityError, EngineDeadError, NotReadyError, OverloadedError
+from verispec.errors import CapacityError, EngineDeadError, NotReadyError, OverloadedError, SamplingError
 from verispec.request import FinishReason, Request, SpecStats, SpeculationMode, StepOutput
 from verispec.runner.base import BatchEntry, ModelRunner
 from verispec.sampling import Sampler
 from verispec.spec.adaptive import CostModel
 from verispec.spec.drafters import Drafter
-from verispec.spec.verify import Proposal
+from verispec.spec.verify import Proposal, Verdict
 from verispec.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -95,6 +95,8 @@ class EngineCore:
         self._cond = threading.Condition()
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._aborted: set[str] = set()
+        self._flow: dict[str, bool] = {}  # request id -> park (True) or resume (False), latest wins
+        self._parked: dict[str, Sequence] = {}  # out of the scheduler: their reader fell behind
         self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._ids = itertools.count()
         self._outbox: list[tuple[Sink, StepOutput]] = []  # outputs of this loop iteration, sent after publishing
@@ -189,6 +191,19 @@ class EngineCore:
             self._aborted.add(request_id)
             self._cond.notify()
 
+    def park(self, request_id: str) -> None:
+        """Stops stepping the request and frees its slot and KV pages (its reader fell behind); its
+        output so far is kept, and resume() recomputes its cache and goes on where it stopped."""
+        with self._cond:
+            self._flow[request_id] = True
+            self._cond.notify()
+
+    def resume(self, request_id: str) -> None:
+        """Queues a parked request again (a no-op for any other)."""
+        with self._cond:
+            self._flow[request_id] = False
+            self._cond.notify()
+
     def stats(self) -> EngineStats:
         """The snapshot the engine thread published last (safe from any thread)."""
         with self._cond:
@@ -227,12 +242,15 @@ class EngineCore:
             self._publish()  # memory and pool figures before the first request
             while True:
                 with self._cond:
-                    while not (self._stopping or self._inbox or self._calls or self._aborted or self._busy()):
+                    while not (
+                        self._stopping or self._inbox or self._calls or self._aborted or self._flow or self._busy()
+                    ):
                         self._cond.wait()
                     if self._stopping:
                         break
                     arrived, self._inbox = self._inbox, collections.deque()
                     aborted, self._aborted = self._aborted, set()
+                    flow, self._flow = self._flow, {}
                     calls, self._calls = self._calls, collections.deque()
                 for fn, future in calls:
                     if future.set_running_or_notify_cancel():
@@ -242,6 +260,7 @@ class EngineCore:
                             future.set_exception(exc)
                 for seq in arrived:
                     self.scheduler.add(seq)
+                self._apply_flow(flow)
                 self._expire(aborted)
                 if self._busy():
                     self._step()
@@ -261,10 +280,25 @@ class EngineCore:
     def _busy(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
+    def _apply_flow(self, flow: dict[str, bool]) -> None:
+        """Parks the requests whose readers fell behind (like a preemption, but out of the queue too)
+        and queues the resumed ones again, to be recomputed from prompt and output."""
+        if not flow:
+            return
+        by_id = {seq.request_id: seq for seq in self.scheduler.sequences()}
+        for request_id, park in flow.items():
+            if park and (seq := by_id.get(request_id)) is not None:
+                self.scheduler.remove(seq)
+                self._forget_cache(seq)
+                seq.num_computed = 0
+                self._parked[request_id] = seq
+            elif not park and (seq := self._parked.pop(request_id, None)) is not None:
+                self.scheduler.add(seq)
+
     def _expire(self, aborted: set[str]) -> None:
-        """Ends cancelled requests and those past their deadline or time limit, running or waiting."""
+        """Ends cancelled requests and those past their deadline or time limit: running, waiting or parked."""
         now = time.monotonic()
-        for seq in list(self.scheduler.sequences()):
+        for seq in [*self.scheduler.sequences(), *self._parked.values()]:
             request = seq.request
             reason: FinishReason | None = None
             if request.request_id in aborted or (request.deadline is not None and now >= request.deadline):
@@ -304,7 +338,7 @@ class EngineCore:
             return
         # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
         # own; (4) the rejected drafts are forgotten by moving the sequence's length.
-        verdicts = [speculation.verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
+        verdicts = [self._verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
         step.t2 = time.time_ns()
         self._last_step = time.monotonic()
         self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9)
@@ -319,6 +353,15 @@ class EngineCore:
                 self._finish(s.seq, out)
             else:
                 self._outbox.append((s.seq.sink, out))
+
+    def _verify(self, s: ScheduledSequence, proposal: Proposal, logits: Any) -> Verdict | None:
+        """speculation.verify; a distribution with NaN or infinity fails that request alone."""
+        try:
+            return self.speculation.verify(s, proposal, logits)
+        except SamplingError as exc:
+            log.error("engine.sampling_failed", request_id=s.seq.request_id, error=str(exc))
+            self._finish(s.seq, final(s.seq, FinishReason.ERROR, error=str(exc)))
+            return None
 
     def _prepare(self, s: ScheduledSequence) -> bool:
         """First-schedule set-up and the test-only fault hook; False drops the sequence from the step."""
@@ -358,6 +401,7 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, out: StepOutput) -> None:
         self.scheduler.remove(seq)
+        self._parked.pop(seq.request_id, None)
         self._forget_cache(seq)
         if out.finish_reason in (
             FinishReason.LENGTH,
@@ -409,7 +453,7 @@ class EngineCore:
     def _fail_all(self, reason: FinishReason, error: str) -> None:
         with self._cond:
             arrived, self._inbox = list(self._inbox), collections.deque()
-        for seq in [*self.scheduler.sequences(), *arrived]:
+        for seq in [*self.scheduler.sequences(), *self._parked.values(), *arrived]:
             self._finish(seq, final(seq, reason, error=error))
 
 

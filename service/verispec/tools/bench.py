@@ -56,6 +56,12 @@ def add_soak_arguments(kinds: Any) -> None:
     soak.add_argument("--cancel-fraction", type=float, default=0.3, help="streams cancelled mid-way")
     soak.add_argument("--deadline-fraction", type=float, default=0.1, help="calls with a 50-300 ms deadline")
     soak.add_argument("--bad-fraction", type=float, default=0.1, help="calls with an invalid field")
+    soak.add_argument(
+        "--attack-fraction",
+        type=float,
+        default=0.1,
+        help="hostile calls: large Tokenize, huge prompts, stalled readers, degenerate floats, role injection",
+    )
     soak.add_argument("--max-new-tokens", type=int, default=12, help="upper bound per request")
     soak.add_argument("--time-limit", type=float, default=900, help="seconds before the run stops itself")
     soak.add_argument("--seed", type=int, default=0, help="seed of the request mix")
