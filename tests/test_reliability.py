@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from tests.conftest import BIN, RunningServer, ServerFactory, free_port, spawn_serve
+from tests.conftest import BIN, RunningServer, ServerFactory, free_port, spawn_serve, start_serve
 from verispec_proto.v1 import generation_pb2 as pb
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
@@ -237,3 +238,85 @@ def test_dead_device_turns_both_healths_off(make_server: ServerFactory) -> None:
     with pytest.raises(grpc.RpcError) as refused:
         failing.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=2), timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_calls_arriving_during_the_drain_get_unavailable(tmp_path: Path) -> None:
+    """Calls sent at and after the instant of SIGTERM, while a stream is still in flight, are answered
+    UNAVAILABLE (which clients retry on another replica), never CANCELLED."""
+    serve = spawn_serve(tmp_path / "serve.log", "--grace-period", "60")
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            request = pb.GenerateRequest(prompt="Tell a story.", max_new_tokens=200, min_new_tokens=200)
+            stream = stub.StreamGenerate(_stream(request), timeout=120)
+            next(stream)
+            codes: list[grpc.StatusCode] = []
+            until = time.monotonic() + 1.5
+
+            def hammer() -> None:
+                while time.monotonic() < until:
+                    try:
+                        stub.Tokenize(pb.TokenizeRequest(text="hi"), timeout=5)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code())
+
+            threads = [threading.Thread(target=hammer) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.2)
+            serve.process.send_signal(signal.SIGTERM)
+            for thread in threads:
+                thread.join(30)
+            stream.cancel()
+        refused = [code for code in codes if code != grpc.StatusCode.OK]
+        assert refused and set(refused) == {grpc.StatusCode.UNAVAILABLE}, collections.Counter(codes)
+        assert serve.process.wait(60) == 0
+    finally:
+        serve.stop()
+
+
+def test_sigterm_during_a_long_prefill_exits_after_the_grace(tmp_path: Path) -> None:
+    """SIGTERM with a 1 s grace while an 8k-token prompt is prefilled: the call is cancelled at the end
+    of the grace and the engine stops after its current chunk, not after the whole prefill."""
+    serve = spawn_serve(tmp_path / "serve.log", "--grace-period", "1")
+    try:
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            prompt = " ".join(f"w{i % 97}" for i in range(4000))  # about 11,500 tokens, the last 8,000 kept
+            request = pb.GenerateRequest(prompt=prompt, max_new_tokens=4, truncate_input_tokens=8000)
+            call = stub.Generate.future(request, timeout=120)
+            deadline = time.monotonic() + 10
+            while stub.Health(pb.HealthRequest()).active_requests == 0:
+                assert not call.done(), call.exception()
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.3)  # well inside the prefill
+            start = time.monotonic()
+            serve.process.send_signal(signal.SIGTERM)
+            assert serve.process.wait(60) == 0
+            seconds = time.monotonic() - start
+            with pytest.raises(grpc.RpcError):
+                call.result(10)
+        assert seconds < 1 + 3, f"exited {seconds:.1f}s after SIGTERM (grace 1 s, then one chunk's forward pass)"
+    finally:
+        serve.stop()
+
+
+def test_sigterm_while_loading_exits_promptly(tmp_path: Path) -> None:
+    """A signal during model load (or calibration) ends the process within seconds, exit 0."""
+    serve = start_serve(tmp_path / "serve.log")
+    try:
+        deadline = time.monotonic() + 60
+        while '"server.listening"' not in serve.log_path.read_text():
+            assert serve.process.poll() is None and time.monotonic() < deadline, serve.log_path.read_text()
+            time.sleep(0.05)
+        assert '"server.serving"' not in serve.log_path.read_text(), "still loading when signalled"
+        start = time.monotonic()
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(30) == 0
+        seconds = time.monotonic() - start
+        assert '"server.serving"' not in serve.log_path.read_text()
+        assert seconds < 3, f"exited {seconds:.1f}s after SIGTERM"
+    finally:
+        serve.stop()

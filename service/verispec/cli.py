@@ -128,19 +128,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     assert config is not None
     from verispec import telemetry
-    from verispec.api.server import serve
+    from verispec.api.server import LoadInterruptedError, serve
     from verispec.loader import load
 
     telemetry.configure_logging(config.telemetry)
     for name in unknown_variables(os.environ):
         log.warning("config.unknown_variable", variable=name, hint="no setting has this name; see serve --help")
-    telemetry.configure_tracing(config.telemetry.traces_exporters, config.telemetry.otlp_protocol)
+    tracing = telemetry.configure_tracing(config.telemetry.traces_exporters, config.telemetry.otlp_protocol)
     try:
         asyncio.run(serve(config, load))
     except (ModelLoadError, ConfigError, EngineDeadError) as exc:
         log.error("server.failed", error=str(exc))
         return 1
-    return 0
+    except LoadInterruptedError:
+        log.info("server.stopped", while_loading=True)
+    # Drained and stopped (or signalled while loading, the loading thread still in torch). Leave without
+    # finalizing the interpreter: collecting the model's objects takes seconds after the grace period,
+    # and an interpreter that finalizes under a thread still in torch can abort. Spans and logs are
+    # flushed first.
+    tracing.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 import grpc
@@ -28,6 +29,13 @@ from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 log = structlog.get_logger(__name__)
 
 _HEALTH_NAMES = ("", SERVICE_NAME)
+DRAIN_REFUSE_S = 1.0  # the least time a drain goes on listening, answering new calls UNAVAILABLE
+_DRAIN_POLL_S = 0.02
+
+
+class LoadInterruptedError(Exception):
+    """SIGTERM or SIGINT arrived while the models were loading: nothing to drain, the process exits
+    without waiting for the loading thread."""
 
 
 def server_options(settings: ServerConfig) -> list[tuple[str, int]]:
@@ -123,14 +131,40 @@ class Server:
 
     async def load(self, loader: Callable[[Config, StepObserver], LoadedModels]) -> None:
         """Loads the models on a worker thread, the engine reporting its steps to this server's
-        metrics; health turns SERVING when done."""
+        metrics; health turns SERVING when done.
+
+        The thread is a daemon of its own, not the loop's executor: a signal during loading ends the
+        process at once instead of waiting for the load and calibration to finish.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[LoadedModels] = loop.create_future()
+
+        def settle(result: LoadedModels | None, exc: BaseException | None) -> None:
+            if done.cancelled():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        def loading() -> None:
+            try:
+                result = loader(self.config, self.metrics)
+            except BaseException as exc:  # handed to the loop, raised by the await below
+                loop.call_soon_threadsafe(settle, None, exc)
+                return
+            loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=loading, name="verispec-load", daemon=True).start()
         try:
-            models = await asyncio.to_thread(loader, self.config, self.metrics)
+            models = await done
+        except asyncio.CancelledError:
+            raise
         except BaseException:
             self.state.phase = pb.SERVING_STATUS_FAILED
             raise
         core = models.engine.core
-        loop = asyncio.get_running_loop()
 
         def on_failure(exc: BaseException) -> None:  # engine thread -> event loop
             loop.call_soon_threadsafe(self._engine_failed, exc)
@@ -151,16 +185,36 @@ class Server:
         self.failed.set()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, new calls refused, in-flight calls given `grace` seconds, engine stopped."""
+        """Health NOT_SERVING, new calls refused with UNAVAILABLE, in-flight calls given `grace`
+        seconds, engine stopped.
+
+        The gRPC server goes on listening through the drain (at least DRAIN_REFUSE_S, bounded by the
+        grace) so that a call arriving at the instant of the signal reaches the servicer and is answered
+        UNAVAILABLE, which clients retry on another replica; only once the engine has no request left
+        (or the grace is spent) is the server stopped, with what remains of the grace. A call that
+        arrives while gRPC itself shuts down would be cancelled by it instead.
+        """
+        grace = self.config.server.grace_period_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         if self.state.phase != pb.SERVING_STATUS_FAILED:
             self.state.phase = pb.SERVING_STATUS_DRAINING
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(self.config.server.grace_period_s if grace is None else grace)
+        refuse_until = loop.time() + min(grace, DRAIN_REFUSE_S)
+        while loop.time() < deadline and (loop.time() < refuse_until or self._engine_busy()):
+            await asyncio.sleep(_DRAIN_POLL_S)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
         if self.health_grpc is not None:  # answered NOT_SERVING through the whole drain
             await self.health_grpc.stop(0)
         if self.state.models is not None:
             await asyncio.to_thread(self.state.models.engine.core.stop, 10.0)
         log.info("server.stopped")
+
+    def _engine_busy(self) -> bool:
+        if self.state.models is None or self.failure is not None:
+            return False
+        stats = self.state.models.engine.stats()
+        return stats.active_requests + stats.queue_depth > 0
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in _HEALTH_NAMES:
@@ -179,7 +233,12 @@ async def serve(config: Config, loader: Callable[[Config, StepObserver], LoadedM
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(server.failed.wait())
     done, _ = await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    failure = loading.exception() if loading in done else None
+    if loading not in done:  # signalled while loading: no call was served, nothing to drain
+        loading.cancel()
+        log.info("server.stopping_while_loading")
+        await server.stop(0)
+        raise LoadInterruptedError("signalled while loading")
+    failure = loading.exception()
     if failure is not None:
         await server.stop(0)
         raise failure
@@ -188,5 +247,4 @@ async def serve(config: Config, loader: Callable[[Config, StepObserver], LoadedM
         await server.stop(1.0)  # a moment for the failed calls' statuses to go out
         raise EngineDeadError(f"engine failed: {server.failure}")
     log.info("server.draining", grace_period_s=config.server.grace_period_s)
-    loading.cancel()
     await server.stop()
