@@ -253,13 +253,15 @@ def test_calls_arriving_during_the_drain_get_unavailable(tmp_path: Path) -> None
             codes: list[grpc.StatusCode] = []
             until = time.monotonic() + 1.5
 
-            def hammer() -> None:
+            def hammer() -> None:  # bursts of calls in flight together, through the instant of the signal
                 while time.monotonic() < until:
-                    try:
-                        stub.Tokenize(pb.TokenizeRequest(text="hi"), timeout=5)
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.RpcError as exc:
-                        codes.append(exc.code())
+                    calls = [stub.Tokenize.future(pb.TokenizeRequest(text="hi"), timeout=5) for _ in range(16)]
+                    for call in calls:
+                        try:
+                            call.result()
+                            codes.append(grpc.StatusCode.OK)
+                        except grpc.RpcError as exc:
+                            codes.append(exc.code())
 
             threads = [threading.Thread(target=hammer) for _ in range(4)]
             for thread in threads:
