@@ -59,8 +59,9 @@ print(json.dumps({
 
 def _run(*command: str | Path, cwd: Path | None = None) -> str:
     """Runs a command (from `cwd`: away from the checkout, whose folders are no part of the fresh venv)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # nothing leaks in
     result = subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, timeout=240, check=False, cwd=cwd
+        [str(c) for c in command], capture_output=True, text=True, timeout=240, check=False, cwd=cwd, env=env
     )
     assert result.returncode == 0, f"{' '.join(map(str, command))}:\n{result.stdout}{result.stderr}"
     return result.stdout
