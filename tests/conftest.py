@@ -38,7 +38,17 @@ class Target:
 
 @pytest.fixture(scope="session")
 def target() -> Target:
+    """The embedded model as served by default: on CPU, its own GGUF blocks on the int4 kernel."""
     backend, tokenizer = load_backend(ModelConfig(), DEFAULT_MODEL)
+    assert isinstance(backend, TorchRefBackend)
+    return Target(backend, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Target:
+    """The embedded model dequantized to float32 (`--weights float32`): the reference the native weights
+    are checked against, and the exact weights for tests that compare two float32 code paths."""
+    backend, tokenizer = load_backend(ModelConfig(weights="float32"), DEFAULT_MODEL)
     assert isinstance(backend, TorchRefBackend)
     return Target(backend, tokenizer)
 

@@ -58,6 +58,7 @@ class ModelConfig:
     backend: str = "torch_ref"
     device: str = "auto"
     dtype: str = "auto"
+    weights: str = "auto"  # auto (native on CPU), native (the GGUF's own blocks), float32 (dequantized)
     max_context_length: int = 0  # 0: the model's own
     cache_dir: Path = field(default_factory=default_cache_dir)
     gpu_split: tuple[float, ...] = ()  # exl2: GB of weights per GPU; empty: autosplit
@@ -239,6 +240,14 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("cache-mode", "model", "cache_mode", str, "exl2 KV cache: fp16, q8, q6 or q4"),
     ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),
     ("dtype", "model", "dtype", str, "activation dtype: auto, float32, float16, bfloat16"),
+    (
+        "weights",
+        "model",
+        "weights",
+        str,
+        "weights of a GGUF model: native (its own 4-bit blocks on torch's int4 CPU kernel), float32 "
+        "(dequantized, the reference), auto (native on CPU, float32 elsewhere)",
+    ),
     (
         "max-context-length",
         "model",
@@ -491,6 +500,7 @@ def validate(config: Config) -> None:
         _require(seconds > 0, setting, "must be > 0 seconds")
     _require(m.backend in ("torch_ref", "exl2"), "--backend", f"unknown backend {m.backend!r}")
     _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
+    _require(m.weights in ("auto", "native", "float32"), "--weights", f"unknown weights {m.weights!r}")
     _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
     _require(all(gb > 0 for gb in m.gpu_split + sp.draft_gpu_split), "--gpu-split", "every share must be > 0 GB")
     _require(m.reserve_gb >= 0, "--reserve-gb", "must be >= 0")

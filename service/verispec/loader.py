@@ -16,7 +16,7 @@ from verispec.engine.core import EngineCore
 from verispec.engine.speculative import StepObserver
 from verispec.errors import ConfigError, ModelLoadError
 from verispec.kv.pages import PageTable, pages_for
-from verispec.models import resolve_model
+from verispec.models import gguf_source, resolve_model
 from verispec.request import SamplingParams, SpeculationMode
 from verispec.runner import build_runner
 from verispec.runner.base import ModelRunner, scratch_entry
@@ -49,7 +49,10 @@ def load_backend(
     if model.backend == "torch_ref":
         from verispec.backends.torch_ref import TorchRefBackend
 
-        backend = TorchRefBackend(model_dir, spec, model.device, model.dtype, model.max_context_length)
+        gguf = gguf_source(spec, model.cache_dir)
+        backend = TorchRefBackend(
+            model_dir, spec, model.device, model.dtype, model.max_context_length, model.weights, gguf
+        )
         tokenizer.add_eos_token_ids(backend.generation_eos)
         return backend, tokenizer
     if model.backend == "exl2":

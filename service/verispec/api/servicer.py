@@ -255,6 +255,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         if models is not None:
             convert.health_from_stats(response, models.engine.stats())
+            response.weight_bytes = models.target.weight_bytes
             requests = response.active_requests + response.queue_depth
             response.load = max(response.kv_utilization, requests / self.state.config.engine.max_active_requests)
         convert.health_from_cost(response, self.metrics.cost.snapshot())
@@ -306,6 +307,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             kv_cache_bytes=stats.kv_pages_total * stats.kv_page_size * stats.kv_bytes_per_token,
             max_batch_tokens=engine.max_batch_tokens,
             scheduling=engine.scheduling,
+            weight_bytes=target.weight_bytes,
         )
 
 

@@ -22,6 +22,7 @@ class BackendInfo:
     bits_per_weight: float = 0.0
     cache_mode: str = ""
     gpu_split_gb: tuple[float, ...] = ()
+    weight_bytes: int = 0  # resident bytes of the weights as held (quantized layers at their packed size)
 
 
 class SequenceCache(Protocol):

@@ -85,6 +85,12 @@ def checkpoint_sizes(model_dir: Path) -> tuple[list[int], int]:
     return [per_layer[i] for i in sorted(per_layer)], other
 
 
+def _checkpoint_bytes(model_dir: Path) -> int:
+    """The checkpoint's tensor bytes: what ExLlamaV2 holds of the weights (on GPUs and, the embedding, host)."""
+    per_layer, other = checkpoint_sizes(model_dir)
+    return sum(per_layer) + other
+
+
 def _numel(shape: list[int]) -> int:
     count = 1
     for dim in shape:
@@ -163,6 +169,7 @@ class Exl2Backend:
             bits_per_weight=_bits_per_weight(model_dir),
             cache_mode=cache_mode,
             gpu_split_gb=tuple(gpu_split),
+            weight_bytes=_checkpoint_bytes(model_dir),
         )
         log.info("model.load.done", model=model_id, devices=devices, vram=self.memory())
 

@@ -133,6 +133,11 @@ def paged_attention(
     out = q.new_empty(num_tokens, heads, head_dim)
     dtype = compute_dtype or q.dtype
     for group in plan.groups:
+        if dtype == torch.float64 and group.query_rows.shape == (1, 1) and not q.is_cuda:
+            # One sequence decoding one token: every key is visible, so two batched products in float64
+            # (faster here than a masked SDPA call, and the same to float32 precision after rounding).
+            out[group.valid_rows] = _attend_one(q[group.query_rows[0]], k_cache, v_cache, group.key_slots[0], scale)
+            continue
         queries = q[group.query_rows].transpose(1, 2).to(dtype)  # [B, heads, Q, D]
         keys = k_cache[group.key_slots].transpose(1, 2).to(dtype)  # [B, kv_heads, L, D]
         values = v_cache[group.key_slots].transpose(1, 2).to(dtype)
@@ -148,6 +153,22 @@ def paged_attention(
 # The memory-efficient kernel takes a mask and has no such set-up, but no grouped heads: keys and
 # values are expanded to the query heads first.
 _CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attend_one(
+    query: torch.Tensor,  # [1, heads, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [L]
+    scale: float,
+) -> torch.Tensor:
+    """One query over its sequence's L keys, in float64; returns [1, heads, D] in the query's dtype."""
+    heads, head_dim = query.shape[1:]
+    keys, values = k_cache[slots].double(), v_cache[slots].double()  # [L, kv_heads, D]
+    kv_heads = keys.shape[1]
+    grouped = query[0].double().view(kv_heads, heads // kv_heads, head_dim)  # GQA: query heads per KV head
+    weights = (torch.bmm(grouped, keys.permute(1, 2, 0)) * scale).softmax(-1)  # [kv_heads, group, L]
+    return torch.bmm(weights, values.transpose(0, 1)).view(1, heads, head_dim).to(query.dtype)
 
 
 def _attend(

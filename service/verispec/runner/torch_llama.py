@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
 from verispec.backends.base import BackendInfo
+from verispec.quant.int4 import Int4Linear
 from verispec.runner.attention import AttentionPlan, paged_attention
 from verispec.runner.base import BatchEntry, KVLayout, logits_rows, plan_num_pages, split_logits
 
@@ -35,6 +37,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # The same in fewer ops: rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2], exactly (a sign moved).
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class TorchLlamaRunner:
@@ -61,7 +68,12 @@ class TorchLlamaRunner:
         shape = (slots, self.kv_heads, self.head_dim)
         self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        self.kv.log_ready("torch_llama")
+        # Int4-kernel models attend in float64 (see paged_attention): batch-invariant tokens.
+        quantized = any(isinstance(m, Int4Linear) for m in model.modules())
+        self.attention_dtype = torch.float64 if quantized and self.dtype == torch.float32 else None
+        fused = getattr(model, "verispec_fused", None)
+        self.fused = [(pair[0], pair[1]) for pair in fused] if fused is not None else None
+        self.kv.log_ready("torch_llama", fused_int4_projections=self.fused is not None)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
@@ -72,17 +84,38 @@ class TorchLlamaRunner:
         cos, sin = inner.rotary_emb(x.unsqueeze(0), plan.positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim], broadcast over heads
         num_tokens = ids.shape[0]
+        half = self.head_dim // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         for index, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = _rotate(attn.q_proj(h).view(num_tokens, self.heads, self.head_dim), cos, sin)
-            k = _rotate(attn.k_proj(h).view(num_tokens, self.kv_heads, self.head_dim), cos, sin)
-            v = attn.v_proj(h).view(num_tokens, self.kv_heads, self.head_dim)
+            if self.fused is not None:
+                # Native weights: one kernel call for q|k|v, one rotary over q and k together, and torch's
+                # fused RMSNorm (fewer ops a layer; Python's per-op cost is a large share of a decode step).
+                h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+                # Kernel outputs stay bfloat16 where the next op promotes them exactly (rotary, residual adds).
+                qkv = self.fused[index][0].forward_bf16(h).view(num_tokens, -1, self.head_dim)
+                qk = _rotate_signed(qkv[:, : self.heads + self.kv_heads], cos, signed_sin)
+                q, k = qk[:, : self.heads], qk[:, self.heads :]
+                v = qkv[:, self.heads + self.kv_heads :].to(self.dtype)
+            else:
+                h = layer.input_layernorm(x)
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+                q = _rotate(q.reshape(num_tokens, self.heads, self.head_dim), cos, sin)
+                k = _rotate(k.reshape(num_tokens, self.kv_heads, self.head_dim), cos, sin)
+                v = v.reshape(num_tokens, self.kv_heads, self.head_dim)
             self.k_cache[index][plan.write_slots] = k
             self.v_cache[index][plan.write_slots] = v
-            attended = paged_attention(q, self.k_cache[index], self.v_cache[index], plan, attn.scaling)
-            x = x + attn.o_proj(attended)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            attended = paged_attention(
+                q, self.k_cache[index], self.v_cache[index], plan, attn.scaling, self.attention_dtype
+            )
+            x = x + (attn.o_proj.forward_bf16(attended) if self.fused is not None else attn.o_proj(attended))
+            if self.fused is not None:
+                norm, mlp = layer.post_attention_layernorm, layer.mlp
+                h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+                gate, up = self.fused[index][1].forward_bf16(h).chunk(2, dim=-1)
+                x = x + mlp.down_proj.forward_bf16(F.silu(gate.to(self.dtype)) * up)
+            else:
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
         rows = logits_rows(batch)
         if not rows:
             return split_logits(batch, x.new_empty(0, self.info.vocab_size))
@@ -98,6 +131,31 @@ class TorchLlamaRunner:
             free, total = torch.cuda.mem_get_info(self.device)
             return [(str(self.device), int(total - free), int(total))]
         return [("cpu", _resident_bytes(), 0)]
+
+
+def fuse_projections(model: Any) -> int:
+    """Per layer, q|k|v and gate|up as one Int4Linear each when every projection is one (native GGUF
+    weights), kept on the model as `verispec_fused` for the runner: 4 kernel calls a layer instead of 7,
+    and one bfloat16 conversion of each input. Returns the number of layers fused (0: none)."""
+    if not supports(model):
+        return 0
+    fused = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        if not all(isinstance(m, Int4Linear) and m.kind == "int4" and m.bias is None for m in qkv + gate_up):
+            return 0
+        if not (isinstance(attn.o_proj, Int4Linear) and isinstance(mlp.down_proj, Int4Linear)):
+            return 0
+        if gate_up[0].out_features != gate_up[1].out_features:
+            return 0
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(hasattr(n, "variance_epsilon") for n in norms) or mlp.act_fn.__class__.__name__ != "SiLUActivation":
+            return 0
+        fused.append(torch.nn.ModuleList([Int4Linear.fused(qkv), Int4Linear.fused(gate_up)]))
+    model.verispec_fused = torch.nn.ModuleList(fused)
+    return len(fused)
 
 
 def _resident_bytes() -> int:

@@ -39,9 +39,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_exl2_arguments(kinds)
     add_batch_arguments(kinds)
     from verispec.tools.bench_cost import add_cost_arguments
+    from verispec.tools.bench_cpu_peer import add_cpu_peer_arguments
     from verispec.tools.bench_quality import add_quality_arguments
 
     add_cost_arguments(kinds)
+    add_cpu_peer_arguments(kinds)
     add_quality_arguments(kinds)
 
 
@@ -151,6 +153,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from verispec.tools.bench_batch import run_batch
 
         result = run_batch(args, _progress)
+    elif args.bench == "cpu-peer":
+        from verispec.tools.bench_cpu_peer import run_cpu_peer
+
+        result = run_cpu_peer(args, _progress)
     elif args.bench == "cost":
         from verispec.tools.bench_cost import run_cost
 
@@ -256,6 +262,9 @@ async def _overhead(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "overhead",
         "model": models.target.model_id,
         "device": ",".join(models.target.devices),
+        "quantization": models.target.quantization,
+        "bits_per_weight": models.target.bits_per_weight,
+        "weight_bytes": models.target.weight_bytes,
         "max_new_tokens": n,
         "repeats": args.repeats,
         "direct_tokens_per_s": round(direct_tps, 2),
@@ -381,6 +390,9 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
         "model": target.info.model_id,
         "drafter": models.auto_drafter,
         "device": ",".join(target.info.devices),
+        "quantization": target.info.quantization,
+        "bits_per_weight": target.info.bits_per_weight,
+        "weight_bytes": target.info.weight_bytes,
         "max_new_tokens": args.max_new_tokens,
         "max_num_draft_tokens": args.num_draft_tokens,
         "sets": {},

@@ -809,6 +809,7 @@ class HealthResponse(_message.Message):
     COST_HOURLY_USD_FIELD_NUMBER: _builtins.int
     COST_PROFILE_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
     status: Global___ServingStatus.ValueType
     """Status is the overall state."""
     version: _builtins.str
@@ -859,6 +860,10 @@ class HealthResponse(_message.Message):
     kv_utilization and (active_requests + queue_depth) / the server's maximum of active requests. 0 is idle,
     1 is full, above 1 requests wait in the queue.
     """
+    weight_bytes: _builtins.int
+    """WeightBytes is the memory the target's weights take as held: quantized layers at their packed size
+    (codes, scales and zero points), layers kept dense at their full size.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMemory]:
         """Devices lists memory use per device."""
@@ -888,10 +893,11 @@ class HealthResponse(_message.Message):
         cost_hourly_usd: _builtins.float = ...,
         cost_profile: _builtins.str = ...,
         load: _builtins.float = ...,
+        weight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "cost_hourly_usd", b"cost_hourly_usd", "cost_profile", b"cost_profile", "cost_tokens_per_second", b"cost_tokens_per_second", "cost_usd_per_million_tokens", b"cost_usd_per_million_tokens", "cost_utilization", b"cost_utilization", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "load", b"load", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_requests", b"active_requests", "batch_size", b"batch_size", "batch_tokens", b"batch_tokens", "cost_hourly_usd", b"cost_hourly_usd", "cost_profile", b"cost_profile", "cost_tokens_per_second", b"cost_tokens_per_second", "cost_usd_per_million_tokens", b"cost_usd_per_million_tokens", "cost_utilization", b"cost_utilization", "devices", b"devices", "draft_loaded", b"draft_loaded", "kv_pages_total", b"kv_pages_total", "kv_pages_used", b"kv_pages_used", "kv_utilization", b"kv_utilization", "last_step_age_seconds", b"last_step_age_seconds", "load", b"load", "model_loaded", b"model_loaded", "num_preemptions", b"num_preemptions", "queue_depth", b"queue_depth", "recent_acceptance_rate", b"recent_acceptance_rate", "status", b"status", "uptime_seconds", b"uptime_seconds", "version", b"version", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1009,14 +1015,19 @@ class ModelInfoResponse(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     SCHEDULING_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """ModelId names the target model."""
     backend: _builtins.str
     """Backend is the runtime serving the target: "torch_ref" or "exl2"."""
     quantization: _builtins.str
-    """Quantization describes the weights, e.g. "exl2", "gptq", "gguf-q4_1-dequantized", "none"."""
+    """Quantization describes the weights as served, e.g. "gguf-q4_1" (the GGUF's own blocks),
+    "gguf-q4_1-dequantized" (its float32 reference), "exl2", "gptq", "none".
+    """
     bits_per_weight: _builtins.float
-    """BitsPerWeight is the mean stored bits per weight of the target's linear layers."""
+    """BitsPerWeight is the mean stored bits per weight of the target's linear layers (for a GGUF, the decoder
+    blocks' projections as the file stores them, e.g. 5.0 for Q4_1; 32 when served dequantized to float32).
+    """
     max_context_length: _builtins.int
     """MaxContextLength is the longest sequence (prompt plus completion) the server accepts."""
     vocab_size: _builtins.int
@@ -1051,6 +1062,10 @@ class ModelInfoResponse(_message.Message):
     """MaxBatchTokens is the token budget of one forward pass (decodes, drafts and prefill chunks)."""
     scheduling: _builtins.str
     """Scheduling is the engine's policy: "batched" (continuous batching) or "round_robin" (one request per pass)."""
+    weight_bytes: _builtins.int
+    """WeightBytes is the memory the target's weights take as held: quantized layers at their packed size
+    (codes, scales and zero points), layers kept dense at their full size.
+    """
     @_builtins.property
     def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Devices lists where the target lives, e.g. ["cpu"] or ["cuda:0", "cuda:1"]."""
@@ -1085,10 +1100,11 @@ class ModelInfoResponse(_message.Message):
         kv_cache_bytes: _builtins.int = ...,
         max_batch_tokens: _builtins.int = ...,
         scheduling: _builtins.str = ...,
+        weight_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "bits_per_weight", b"bits_per_weight", "cache_mode", b"cache_mode", "default_num_draft_tokens", b"default_num_draft_tokens", "default_speculation_mode", b"default_speculation_mode", "devices", b"devices", "draft_model_id", b"draft_model_id", "drafter", b"drafter", "dtype", b"dtype", "gpu_split_gb", b"gpu_split_gb", "kv_bytes_per_token", b"kv_bytes_per_token", "kv_cache_bytes", b"kv_cache_bytes", "kv_page_size", b"kv_page_size", "kv_pages_total", b"kv_pages_total", "max_batch_tokens", b"max_batch_tokens", "max_context_length", b"max_context_length", "max_new_tokens", b"max_new_tokens", "max_num_draft_tokens", b"max_num_draft_tokens", "model_id", b"model_id", "quantization", b"quantization", "scheduling", b"scheduling", "version", b"version", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "bits_per_weight", b"bits_per_weight", "cache_mode", b"cache_mode", "default_num_draft_tokens", b"default_num_draft_tokens", "default_speculation_mode", b"default_speculation_mode", "devices", b"devices", "draft_model_id", b"draft_model_id", "drafter", b"drafter", "dtype", b"dtype", "gpu_split_gb", b"gpu_split_gb", "kv_bytes_per_token", b"kv_bytes_per_token", "kv_cache_bytes", b"kv_cache_bytes", "kv_page_size", b"kv_page_size", "kv_pages_total", b"kv_pages_total", "max_batch_tokens", b"max_batch_tokens", "max_context_length", b"max_context_length", "max_new_tokens", b"max_new_tokens", "max_num_draft_tokens", b"max_num_draft_tokens", "model_id", b"model_id", "quantization", b"quantization", "scheduling", b"scheduling", "version", b"version", "vocab_size", b"vocab_size", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -522,6 +522,11 @@ export interface HealthResponse {
    * 1 is full, above 1 requests wait in the queue.
    */
   load: number;
+  /**
+   * WeightBytes is the memory the target's weights take as held: quantized layers at their packed size
+   * (codes, scales and zero points), layers kept dense at their full size.
+   */
+  weightBytes: bigint;
 }
 
 /** TokenizeRequest asks for the tokens of a text or conversation. Exactly one of text and messages is set. */
@@ -554,9 +559,15 @@ export interface ModelInfoResponse {
   modelId: string;
   /** Backend is the runtime serving the target: "torch_ref" or "exl2". */
   backend: string;
-  /** Quantization describes the weights, e.g. "exl2", "gptq", "gguf-q4_1-dequantized", "none". */
+  /**
+   * Quantization describes the weights as served, e.g. "gguf-q4_1" (the GGUF's own blocks),
+   * "gguf-q4_1-dequantized" (its float32 reference), "exl2", "gptq", "none".
+   */
   quantization: string;
-  /** BitsPerWeight is the mean stored bits per weight of the target's linear layers. */
+  /**
+   * BitsPerWeight is the mean stored bits per weight of the target's linear layers (for a GGUF, the decoder
+   * blocks' projections as the file stores them, e.g. 5.0 for Q4_1; 32 when served dequantized to float32).
+   */
   bitsPerWeight: number;
   /** MaxContextLength is the longest sequence (prompt plus completion) the server accepts. */
   maxContextLength: number;
@@ -596,6 +607,11 @@ export interface ModelInfoResponse {
   maxBatchTokens: number;
   /** Scheduling is the engine's policy: "batched" (continuous batching) or "round_robin" (one request per pass). */
   scheduling: string;
+  /**
+   * WeightBytes is the memory the target's weights take as held: quantized layers at their packed size
+   * (codes, scales and zero points), layers kept dense at their full size.
+   */
+  weightBytes: bigint;
 }
 
 function createBaseChatMessage(): ChatMessage {
@@ -3037,6 +3053,7 @@ function createBaseHealthResponse(): HealthResponse {
     costHourlyUsd: 0,
     costProfile: "",
     load: 0,
+    weightBytes: 0n,
   };
 }
 
@@ -3110,6 +3127,12 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     }
     if (message.load !== 0) {
       writer.uint32(177).double(message.load);
+    }
+    if (message.weightBytes !== 0n) {
+      if (BigInt.asUintN(64, message.weightBytes) !== message.weightBytes) {
+        throw new globalThis.Error("value provided for field message.weightBytes of type uint64 too large");
+      }
+      writer.uint32(184).uint64(message.weightBytes);
     }
     return writer;
   },
@@ -3303,6 +3326,14 @@ export const HealthResponse: MessageFns<HealthResponse> = {
             message.load = reader.double();
             continue;
           }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.weightBytes = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3413,6 +3444,11 @@ export const HealthResponse: MessageFns<HealthResponse> = {
         ? globalThis.String(object.cost_profile)
         : "",
       load: isSet(object.load) ? globalThis.Number(object.load) : 0,
+      weightBytes: isSet(object.weightBytes)
+        ? BigInt(object.weightBytes)
+        : isSet(object.weight_bytes)
+        ? BigInt(object.weight_bytes)
+        : 0n,
     };
   },
 
@@ -3484,6 +3520,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     if (message.load !== 0) {
       obj.load = floatToJson(message.load);
     }
+    if (message.weightBytes !== 0n) {
+      obj.weightBytes = message.weightBytes.toString();
+    }
     return obj;
   },
 
@@ -3516,6 +3555,9 @@ export const HealthResponse: MessageFns<HealthResponse> = {
     message.costHourlyUsd = object.costHourlyUsd ?? 0;
     message.costProfile = object.costProfile ?? "";
     message.load = object.load ?? 0;
+    message.weightBytes = (object.weightBytes !== undefined && object.weightBytes !== null)
+      ? BigInt(object.weightBytes)
+      : 0n;
     return message;
   },
 };
@@ -3823,6 +3865,7 @@ function createBaseModelInfoResponse(): ModelInfoResponse {
     kvCacheBytes: 0n,
     maxBatchTokens: 0,
     scheduling: "",
+    weightBytes: 0n,
   };
 }
 
@@ -3906,6 +3949,12 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     }
     if (message.scheduling !== "") {
       writer.uint32(186).string(message.scheduling);
+    }
+    if (message.weightBytes !== 0n) {
+      if (BigInt.asUintN(64, message.weightBytes) !== message.weightBytes) {
+        throw new globalThis.Error("value provided for field message.weightBytes of type uint64 too large");
+      }
+      writer.uint32(192).uint64(message.weightBytes);
     }
     return writer;
   },
@@ -4117,6 +4166,14 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
             message.scheduling = reader.string();
             continue;
           }
+          case 24: {
+            if (tag !== 192) {
+              break;
+            }
+
+            message.weightBytes = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4220,6 +4277,11 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
         ? globalThis.Number(object.max_batch_tokens)
         : 0,
       scheduling: isSet(object.scheduling) ? globalThis.String(object.scheduling) : "",
+      weightBytes: isSet(object.weightBytes)
+        ? BigInt(object.weightBytes)
+        : isSet(object.weight_bytes)
+        ? BigInt(object.weight_bytes)
+        : 0n,
     };
   },
 
@@ -4294,6 +4356,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
     if (message.scheduling !== "") {
       obj.scheduling = message.scheduling;
     }
+    if (message.weightBytes !== 0n) {
+      obj.weightBytes = message.weightBytes.toString();
+    }
     return obj;
   },
 
@@ -4329,6 +4394,9 @@ export const ModelInfoResponse: MessageFns<ModelInfoResponse> = {
       : 0n;
     message.maxBatchTokens = object.maxBatchTokens ?? 0;
     message.scheduling = object.scheduling ?? "";
+    message.weightBytes = (object.weightBytes !== undefined && object.weightBytes !== null)
+      ? BigInt(object.weightBytes)
+      : 0n;
     return message;
   },
 };
