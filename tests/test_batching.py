@@ -490,24 +490,12 @@ def test_prefill_beside_decodes_keeps_the_step_within_the_slack() -> None:
 
 
 def test_a_short_prompt_beside_decodes_is_prefilled_in_one_step() -> None:
-    """The slack never splits a short prompt: it is scheduled whole even when the slack allows less."""
-    pool = PagePool(512, 16)
-
-    def cost(tokens: int) -> float:
-        return 0.1 * tokens  # every token costs: the slack alone would allow 2 prompt tokens beside 8 decodes
-
-    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.25)
-    make = _Plain(pool)
-    decoding = [make.sequence(4, emitted=1) for _ in range(8)]
-    for seq in decoding:
-        scheduler.add(seq)
-    scheduler.schedule(_no_drafts)
-    for seq in decoding:
-        seq.num_computed = len(seq.context) - 1
-    short = make.sequence(30)
-    scheduler.add(short)
-    plan = scheduler.schedule(_no_drafts)
-    assert next(s.num_new_tokens for s in plan.scheduled if s.seq is short) == 30
+    """The slack never splits a short prompt: it is scheduled whole beside the decodes even when the slack
+    allows less (a fixed cost per pass makes a pass of its own too dear: it rides with the decodes)."""
+    scheduler, decoding, short = _eight_decoding_and_a_new_prompt(lambda tokens: 0.1 + 0.01 * tokens)
+    plan = scheduler.schedule(_no_drafts)  # the slack alone would allow 4 prompt tokens beside 8 decodes
+    assert [s.seq for s in plan.scheduled] == [*decoding, short]
+    assert plan.scheduled[-1].num_new_tokens == 30
 
 
 def _eight_decoding_and_a_new_prompt(

@@ -8,6 +8,7 @@ without CUDA. The speculative loop, sampling and spans stay the engine's own: th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,22 +67,28 @@ def plan_split(layer_bytes: list[int], fixed_bytes: int, split_gb: list[float]) 
     return placement
 
 
-def checkpoint_sizes(model_dir: Path) -> tuple[list[int], int]:
-    """(bytes per decoder layer, bytes of everything else) from the safetensors headers."""
+def tensor_bytes(model_dir: Path) -> Iterator[tuple[str, int, int | None]]:
+    """(tensor name, bytes, decoder layer index or None) of every tensor, from the safetensors headers."""
     from safetensors import safe_open
 
-    per_layer: dict[int, int] = {}
-    other = 0
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 info = handle.get_slice(key)
-                size = _numel(info.get_shape()) * _dtype_bytes(info.get_dtype())
                 parts = key.split(".")
-                if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-                    per_layer[int(parts[2])] = per_layer.get(int(parts[2]), 0) + size
-                else:
-                    other += size
+                layer = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
+                yield key, _numel(info.get_shape()) * _dtype_bytes(info.get_dtype()), layer
+
+
+def checkpoint_sizes(model_dir: Path) -> tuple[list[int], int]:
+    """(bytes per decoder layer, bytes of everything else) from the safetensors headers."""
+    per_layer: dict[int, int] = {}
+    other = 0
+    for _, size, layer in tensor_bytes(model_dir):
+        if layer is None:
+            other += size
+        else:
+            per_layer[layer] = per_layer.get(layer, 0) + size
     return [per_layer[i] for i in sorted(per_layer)], other
 
 

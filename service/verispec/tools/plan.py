@@ -128,25 +128,18 @@ def checkpoint_shape(model_dir: Path) -> tuple[Shape, float]:
 
 def checkpoint_sizes(model_dir: Path) -> ModelSizes:
     """Sizes read from the safetensors headers of a checkpoint directory."""
-    from safetensors import safe_open
-
-    from verispec.backends.exl2 import _dtype_bytes, _numel
+    from verispec.backends.exl2 import tensor_bytes
 
     shape, bits = checkpoint_shape(model_dir)
     per_layer = [0] * shape.layers
     head = embedding = 0
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                info = handle.get_slice(key)
-                size = _numel(info.get_shape()) * _dtype_bytes(info.get_dtype())
-                parts = key.split(".")
-                if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
-                    per_layer[int(parts[2])] += size
-                elif "embed_tokens" in key:
-                    embedding += size
-                else:
-                    head += size
+    for key, size, layer in tensor_bytes(model_dir):
+        if layer is not None:
+            per_layer[layer] += size
+        elif "embed_tokens" in key:
+            embedding += size
+        else:
+            head += size
     if not head:  # tied embeddings: the head reads the embedding, and ExLlamaV2 puts a copy on the GPU
         head = embedding
     return ModelSizes(model_dir.name, shape, bits, tuple(per_layer), head, embedding)
