@@ -227,8 +227,7 @@ class Scheduler:
         (and `keep_free` pages stay free after)."""
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            needed = pages_for(len(seq.context), self.pool.page_size) - len(seq.pages.pages)
-            if not self.pool.can_reserve(seq.pages, len(seq.context)) or self.pool.num_free - needed < keep_free:
+            if not self.pool.can_reserve(seq.pages, len(seq.context), keep_free):
                 break
             self.pool.reserve(seq.pages, len(seq.context))
             self.running.append(self.waiting.popleft())

@@ -62,8 +62,9 @@ class PagePool:
         for _ in range(max(needed, 0)):
             table.pages.append(self._free.pop())
 
-    def can_reserve(self, table: PageTable, num_tokens: int) -> bool:
-        return pages_for(num_tokens, self.page_size) - len(table.pages) <= len(self._free)
+    def can_reserve(self, table: PageTable, num_tokens: int, keep_free: int = 0) -> bool:
+        """Whether `table` can grow to num_tokens positions and still leave `keep_free` pages free."""
+        return pages_for(num_tokens, self.page_size) - len(table.pages) + keep_free <= len(self._free)
 
     def truncate(self, table: PageTable, num_tokens: int) -> None:
         """Keeps the pages holding the first num_tokens positions; the rest return to the pool."""
