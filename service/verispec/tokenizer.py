@@ -39,6 +39,12 @@ class Tokenizer:
         self._content_lock = threading.Lock()
         self._content_tok: Any = None
 
+    def warm_up(self) -> None:
+        """Builds now what the first request would otherwise wait for: the per-token text table
+        (~140 ms of Python) and the content tokenizer (~120 ms, the GIL held throughout)."""
+        self.token_text(0)
+        self._content_tokenizer()
+
     def add_eos_token_ids(self, token_ids: Sequence[int]) -> None:
         """Adds end-of-sequence ids the model's generation config declares."""
         self.eos_token_ids = self.eos_token_ids | frozenset(token_ids)

@@ -251,22 +251,24 @@ async def _drive(address: str, args: argparse.Namespace, progress: Callable[[str
         stalled_stub = pb_grpc.GenerationServiceStub(stalled_channel)
         done = asyncio.Event()
         probe = asyncio.create_task(_probe_health(health_pb2_grpc.HealthStub(channel), tally, done))
-        semaphore = asyncio.Semaphore(args.concurrency)
+        indices = iter(range(args.requests))  # shared: each index is taken by one worker
 
-        async def guarded(index: int) -> None:
+        async def worker() -> None:
+            # `concurrency` workers, not a task per request: a hundred thousand tasks made up front
+            # grow this process's heap, and the collector's full passes over it stall both loops.
             nonlocal finished
-            async with semaphore:
+            for index in indices:
                 if time.monotonic() >= stop_at:  # bounded in time as well as in count
-                    pass
-                elif rng.random() < args.attack_fraction:
+                    return
+                if rng.random() < args.attack_fraction:
                     await _attack(rng.choice(ATTACKS), index, stub, stalled_stub, tally)
                 else:
                     await _one(stub, _plan(rng, index, args), tally)
-            finished += 1
-            if finished % 100 == 0:
-                progress(f"{finished}/{args.requests} requests")
+                finished += 1
+                if finished % 100 == 0:
+                    progress(f"{finished}/{args.requests} requests")
 
-        await asyncio.gather(*(guarded(i) for i in range(args.requests)))
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         done.set()
         await probe
     return {
