@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from verispec.tools.common import PositionCounts, concurrency_list
+
 log = structlog.get_logger(__name__)
 
 OVERHEAD_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -85,17 +87,6 @@ def add_exl2_arguments(kinds: Any) -> None:
     exl2.add_argument("--draft-gpu-split", default="", help="draft GB per GPU (empty: autosplit)")
     exl2.add_argument("--cache-mode", default="fp16", help="KV cache mode of both models: fp16, q8, q6 or q4")
     exl2.add_argument("--output", type=Path, default=None, help="also write the JSON here")
-
-
-def concurrency_list(text: str) -> tuple[int, ...]:
-    """--concurrency: comma-separated stream counts, each >= 1."""
-    try:
-        levels = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"need stream counts >= 1, got {text!r}")
-    return levels
 
 
 def add_batch_arguments(kinds: Any) -> None:
@@ -321,36 +312,6 @@ FREE_WRITING = (
 )
 
 
-class _PositionCounts:
-    """A StepObserver that counts drafts and acceptances per draft position while `enabled`.
-
-    The engine is given it at construction; the bench turns it on for AUTO runs and `clear`s it per set.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.drafted: dict[int, int] = {}
-        self.accepted: dict[int, int] = {}
-
-    def clear(self) -> None:
-        self.drafted.clear()
-        self.accepted.clear()
-
-    def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
-        if not self.enabled:
-            return
-        for position in range(1, num_draft_tokens + 1):
-            self.drafted[position] = self.drafted.get(position, 0) + 1
-            if position <= num_accepted:
-                self.accepted[position] = self.accepted.get(position, 0) + 1
-
-    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
-        """Batch sizes are not this bench's concern."""
-
-    def rates(self) -> dict[str, float]:
-        return {str(p): round(self.accepted.get(p, 0) / n, 4) for p, n in sorted(self.drafted.items())}
-
-
 def add_spec_arguments(kinds: Any) -> None:
     spec = kinds.add_parser(
         "spec",
@@ -381,7 +342,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--model", args.model or DEFAULT_MODEL, "--max-num-draft-tokens", str(args.num_draft_tokens)]
     if args.draft_model:
         flags += ["--draft-model", args.draft_model]
-    counts = _PositionCounts()
+    counts = PositionCounts()
     _progress("loading the model")
     models = load(config_from_argv(flags), observer=counts)
     core, tokenizer, target = models.engine.core, models.tokenizer, models.engine.core.runner

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from verispec.cost import PROFILES, PriceProfile, cost_per_million, load_profile
+from verispec.tools.common import concurrency_list
 
 DEFAULT_PROFILES = ",".join(PROFILES)
 
@@ -170,7 +171,6 @@ def _price_terms(profile: PriceProfile) -> dict[str, float]:
 
 def _sweep(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
     """A bench batch sweep on this machine (no TTFT probe)."""
-    from verispec.tools.bench import concurrency_list
     from verispec.tools.bench_batch import run_batch
 
     batch_args = argparse.Namespace(

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from verispec.tools.common import PositionCounts
+
 if TYPE_CHECKING:  # torch is imported by the functions that run: building the CLI's parser stays cheap
     import torch
 
@@ -359,14 +361,13 @@ class DraftBench:
             SpeculationParams,
             StoppingCriteria,
         )
-        from verispec.tools.bench import _PositionCounts
 
         flags = ["--model", self.reference, "--draft-model", str(draft_dir)]
         # A small pass budget keeps the start-up calibration to the sizes these runs use (1..k+1, 16, 32).
         flags += ["--max-num-draft-tokens", str(self.num_draft_tokens), "--max-batch-tokens", "32"]
         config = config_from_argv(flags)
         draft, _ = load_backend(config.model, str(draft_dir))
-        counts = _PositionCounts()
+        counts = PositionCounts()
         models = start_engine(config, self.target, self.tokenizer, draft, counts)
         core = models.engine.core
         seconds = {"off": 0.0, "draft_model": 0.0, "auto": 0.0}
