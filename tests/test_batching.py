@@ -33,6 +33,7 @@ from verispec.request import (
     StoppingCriteria,
 )
 from verispec.runner import build_runner
+from verispec.runner.attention import AttentionPlan, paged_attention
 from verispec.runner.base import BatchEntry, KVLayout
 from verispec.runner.sequential import SequentialRunner
 from verispec.runner.torch_llama import TorchLlamaRunner
@@ -439,6 +440,32 @@ def test_runner_logits_match_the_transformers_reference(weights: str, target: Ta
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
 
 
+def test_cpu_attention_splits_unlike_shapes_and_each_token_attends_as_alone() -> None:
+    """On CPU a 16-token chunk deep in a long prompt and a 3-token verify get padded calls apart from
+    8 one-token decodes (at most twice the query-key pairs they need); in float64 every entry's attention
+    equals what it gets alone, bit for bit."""
+    torch.manual_seed(3)
+    k_cache, v_cache = torch.randn(4096, 3, 64), torch.randn(4096, 3, 64)
+    decodes = [BatchEntry(i, [1], 40 + 7 * i, range(8 * i, 8 * i + 8), 1) for i in range(8)]
+    chunk = BatchEntry(8, [1] * 16, 900, range(100, 160), 0)
+    verify = BatchEntry(9, [1, 2, 3], 50, range(200, 208), 3)
+    batch = [decodes[0], chunk, *decodes[1:4], verify, *decodes[4:]]
+    cpu = torch.device("cpu")
+    plan = AttentionPlan.build(batch, 16, cpu)
+    shapes = sorted(tuple(g.query_rows.shape) for g in plan.groups)
+    assert shapes[-1] == (8, 1) and len(shapes) > 1, "the decodes pad neither to 3 nor to 16 queries"
+    q = torch.randn(sum(len(e.token_ids) for e in batch), 9, 64)
+    together = paged_attention(q, k_cache, v_cache, plan, 0.125, torch.float64)
+    offset = 0
+    for entry in batch:
+        n = len(entry.token_ids)
+        alone = paged_attention(
+            q[offset : offset + n], k_cache, v_cache, AttentionPlan.build([entry], 16, cpu), 0.125, torch.float64
+        )
+        assert torch.equal(together[offset : offset + n], alone), entry.seq_id
+        offset += n
+
+
 def test_sequential_fallback_serves_the_same_tokens(reference: Target) -> None:
     """Architectures without a batched runner go through the backend one sequence at a time. Compared on
     the float32 weights: two code paths over the same exact weights give the same greedy tokens."""
@@ -527,6 +554,15 @@ def test_a_new_short_prompt_goes_alone_where_passes_cost_by_the_token() -> None:
     after = scheduler.schedule(_no_drafts)
     assert {s.seq.request_id for s in after.scheduled} == {s.request_id for s in [*decoding, new]}
     assert all(s.decode for s in after.scheduled), "the next pass decodes everyone, the new request too"
+
+
+def test_a_new_short_prompt_goes_alone_where_each_decode_loses_less_than_it_saves() -> None:
+    """A pass with a fixed cost besides its per-token cost (the CPU runner's measured shape): alone, the new
+    prompt's first token comes T(38) - T(30) sooner and each decode waits T(30) + T(8) - T(38) longer, which
+    is less; request for request it goes alone, though summed over 8 decodes the loss would be larger."""
+    scheduler, _decoding, new = _eight_decoding_and_a_new_prompt(lambda tokens: 0.01 + 0.002 * tokens)
+    plan = scheduler.schedule(_no_drafts)
+    assert [(s.seq, s.num_new_tokens, s.decode) for s in plan.scheduled] == [(new, 30, False)]
 
 
 def test_a_new_short_prompt_rides_with_the_decodes_where_passes_cost_the_same() -> None:

@@ -151,10 +151,14 @@ class Scheduler:
         than it costs the decoding requests (by the measured pass costs); else nothing.
 
         With p prompt tokens and d decodes, the new requests get their first token T(d + p) - T(p) sooner
-        each, and every decoding request waits T(p) + T(d) - T(d + p) longer for its next one. Where a
-        pass costs in proportion to its tokens (a CPU) the decodes lose nothing and the prompts go alone;
-        where a pass costs about the same for few or many tokens (a GPU at small batches) they ride along
-        with the decodes. The pages every decode needs for its next token are kept free.
+        each, and every decoding request waits T(p) + T(d) - T(d + p) longer for its next one. The prompts
+        go alone when what each of them saves is at least what each decoding request loses: request for
+        request, not summed, so that a new request's time to first token stays within its own pass plus
+        the one in flight however many requests decode (summed, 8 decodes outweigh one prompt whenever a
+        pass has any fixed cost, and the prompt waits for a pass of 8 + p tokens). Where a pass costs in
+        proportion to its tokens (a CPU) the decodes lose little and the prompts go alone; where a pass
+        costs about the same for few or many tokens (a GPU at small batches) they ride along with the
+        decodes. The pages every decode needs for its next token are kept free.
         """
         if not decoding or self.step_cost is None or self.decode_step_slack <= 0:
             return []
@@ -175,8 +179,8 @@ class Scheduler:
         if not chosen:
             return []
         cost = self.step_cost
-        saved = len(chosen) * (cost(num_decoding + tokens) - cost(tokens))
-        lost = num_decoding * max(0.0, cost(tokens) + cost(num_decoding) - cost(num_decoding + tokens))
+        saved = cost(num_decoding + tokens) - cost(tokens)  # per new request
+        lost = max(0.0, cost(tokens) + cost(num_decoding) - cost(num_decoding + tokens))  # per decoding request
         if lost > saved:
             return []
         return [ScheduledSequence(seq, seq.num_pending) for seq in chosen]
