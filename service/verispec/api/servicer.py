@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import structlog
@@ -15,7 +15,7 @@ from opentelemetry import propagate, trace
 
 from verispec import __version__, telemetry
 from verispec.api import convert
-from verispec.api.status import internal, to_status
+from verispec.api.status import deadline_exceeded, internal, refuse, to_status
 from verispec.api.tokenizing import SMALL_INPUT_CHARS, TokenizerLane
 from verispec.config import Config
 from verispec.engine.async_engine import OutputStream
@@ -57,11 +57,6 @@ class ServiceState:
         )
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
-    raise AssertionError("unreachable: abort raises")
-
-
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """Serves the contract; domain errors become statuses here and nowhere else."""
 
@@ -82,6 +77,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             result.add(out)
 
         validated = await self._run("Generate", request, context, collect)
+        if validated is None:  # refused: the status is set on the context, this response discarded
+            return pb.GenerateResponse()
         return convert.unary_response(validated, result, self._models().tokenizer)
 
     async def StreamGenerate(  # type: ignore[override]  # noqa: N802 (grpc.aio's writer API: the stubs type only generators)
@@ -106,8 +103,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         msg: convert.AnyGenerateRequest,
         context: grpc.aio.ServicerContext[Any, Any],
         emit: Callable[[Request, StepOutput], Awaitable[None]],
-    ) -> Request:
-        """Validates, submits and hands each engine output to `emit`, inside the request's span."""
+    ) -> Request | None:
+        """Validates, submits and hands each engine output to `emit`, inside the request's span; the
+        request served, or None when the call was refused (its status set on the context)."""
         arrived = time.monotonic()
         parent = propagate.extract(dict(context.invocation_metadata() or ()))
         request_id = uuid.uuid4().hex
@@ -122,7 +120,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self._log_start(method, request, span)
                 stream = self._models().engine.stream(request, self.state.config.server.stream_stall_timeout_s)
             except VerispecError as exc:
-                await self._reject(context, span, exc)
+                self._reject(context, span, exc)
+                return None
             timing = _Timing(arrived, self.metrics)
             run = _RunState()
             try:
@@ -140,22 +139,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             last = run.last
             if last is not None and last.finish_reason is FinishReason.ERROR:
                 span.set_status(trace.StatusCode.ERROR, last.error)
-                await _abort(context, internal(f"generation failed: {last.error}"))
+                refuse(context, internal(f"generation failed: {last.error}"))
+                return None
             if last is not None and last.finish_reason is FinishReason.CANCELLED and _past(request.deadline):
                 # The engine stopped at the caller's deadline: say so, rather than send a late OK.
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline passed after {last.num_generated_tokens} tokens"
-                )
+                refuse(context, deadline_exceeded(f"deadline passed after {last.num_generated_tokens} tokens"))
+                return None
             return request
 
-    async def _reject(
-        self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError
-    ) -> NoReturn:
+    def _reject(self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError) -> None:
         status = to_status(exc)
         log.info("request.rejected", code=status.code.name, error=str(exc))
         span.set_status(trace.StatusCode.ERROR, str(exc))
         self.metrics.rejected.labels(status.code.name).inc()
-        await _abort(context, status)
+        refuse(context, status)
 
     def _log_start(self, method: str, request: Request, span: trace.Span) -> None:
         _request_attributes(span, request, self.state.config.model.model)
@@ -272,7 +269,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # The whole answer, per-token text included, is built off the event loop.
             return await self.tokenizing.run(convert.input_chars(request), _tokenize, tokenizer, request, max_bytes)
         except VerispecError as exc:
-            await _abort(context, to_status(exc))
+            refuse(context, to_status(exc))
+            return pb.TokenizeResponse()
 
     async def ModelInfo(  # noqa: N802
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -280,7 +278,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             models = self.state.ready()
         except VerispecError as exc:
-            await _abort(context, to_status(exc))
+            refuse(context, to_status(exc))
+            return pb.ModelInfoResponse()
         target, draft, spec, engine = models.target, models.draft, self.state.config.spec, self.state.config.engine
         stats = models.engine.stats()
         return pb.ModelInfoResponse(

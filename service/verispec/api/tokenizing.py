@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from verispec.errors import OverloadedError
+from verispec.errors import OverloadedError, VerispecError
 
 T = TypeVar("T")
 
@@ -87,15 +87,18 @@ class TokenizerLane:
             self._slots = asyncio.Semaphore(self.workers)  # made inside the loop that uses it
         slots = self._slots
         await slots.acquire()
-        result: asyncio.Future[T] = loop.create_future()
 
-        def work() -> None:
+        def work(result: asyncio.Future[T]) -> None:
             started = loop.time()
             try:
                 value: T | None = fn(*args)
                 error: BaseException | None = None
             except BaseException as exc:
                 value, error = None, exc
+                if isinstance(exc, VerispecError):
+                    # A refusal's frames (holding the input) serve nobody, and this frame holding the
+                    # error would keep them in a reference cycle until the collector's next full pass.
+                    exc.__traceback__ = None
             trim_heap()
 
             def finish() -> None:
@@ -111,6 +114,13 @@ class TokenizerLane:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(finish)
 
+        result: asyncio.Future[T] = loop.create_future()
         # A daemon thread: a shutdown never waits for a tokenization nobody needs any more.
-        threading.Thread(target=work, name="verispec-tokenize", daemon=True).start()
-        return await result
+        threading.Thread(target=work, args=(result,), name="verispec-tokenize", daemon=True).start()
+        try:
+            return await result
+        finally:
+            # An error raised from the future holds this frame in its traceback, and this frame the
+            # future that holds the error: a reference cycle (with the input in it) until the
+            # collector's next full pass, unless the frame lets go of the future.
+            del result
