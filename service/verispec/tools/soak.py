@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import threading
 import time
@@ -45,6 +46,23 @@ def _percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _CollectorPauses:
+    """Durations of the cyclic collector's passes over the oldest generation, on any thread (each
+    holds the GIL: every thread of the process waits it out)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds.append(time.perf_counter() - self._started)
 
 
 class _ServerThread:
@@ -95,7 +113,12 @@ def run_soak(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[
     server_thread.run(server.load(lambda _config, _observer: models))
     lag_task = asyncio.run_coroutine_threadsafe(server_thread.sample_lag(), server_thread.loop)
     rss_before = _rss_mib()
-    result = asyncio.run(_drive(f"127.0.0.1:{port}", args, progress))
+    pauses = _CollectorPauses()
+    gc.callbacks.append(pauses)
+    try:
+        result = asyncio.run(_drive(f"127.0.0.1:{port}", args, progress))
+    finally:
+        gc.callbacks.remove(pauses)
     server_thread.running = False
     lag_task.result(5)
     stats = models.engine.stats()
@@ -111,6 +134,10 @@ def run_soak(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[
                 "p50": _round(_percentile(lags_ms, 0.5)),
                 "p99": _round(_percentile(lags_ms, 0.99)),
                 "max": _round(max(lags_ms, default=0.0)),
+            },
+            "full_collections": {
+                "count": len(pauses.seconds),
+                "max_ms": _round(max(pauses.seconds, default=0.0) * 1000),
             },
             "rss_mib": {
                 "before": round(rss_before, 1),
