@@ -29,7 +29,7 @@ from verispec.request import (
 )
 from verispec.runner import build_runner
 from verispec.sampling import Sampler, draw
-from verispec.spec.adaptive import CostModel, KController, best_k, expected_tokens
+from verispec.spec.adaptive import _PROBE_MAX, PROBE_EVERY, CostModel, KController, best_k, expected_tokens
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter, lookup
 from verispec.spec.verify import Proposal, verify
 from verispec.tokenizer import Tokenizer
@@ -356,6 +356,35 @@ def test_ngram_misses_do_not_carry_over(target: Target, cores: dict[str, EngineC
         ids = target.tokenizer.encode_chat([("user", prompt)])
         run_to_completion(cores["ngram"], _request(ids, SpeculationMode.AUTO, 4, 24, SamplingParams(), "auto"))
     assert "ngram" not in cores["ngram"].speculation.probe_every
+
+
+def test_a_draft_in_a_batch_is_priced_by_passes_of_the_batch_shape() -> None:
+    """Single-sequence passes (calibration) say a 9th token is nearly free; once a pass of 8 sequences and
+    9 tokens has run, its own cost prices drafts at that batch, and even drafts that are always accepted
+    stop paying there (the CPU int4 kernel's shape, in ms: 26, 28, 31 for 1, 2, 4 tokens of one
+    sequence, 53 for 8 decodes, 64 for 8 decodes and one draft)."""
+    costs = _costs([26, 28, 29, 31, 32, 33, 34, 35, 36])
+    costs.record_verify(8, 0.053, num_seqs=8)
+    unseen = costs.pass_cost(8, 9)
+    assert 0.053 <= unseen == 0.053 + max(0.0, costs.verify_cost(9) - costs.verify_cost(8)) < 0.064
+    assert best_k([1.0], 4, costs, "ngram", batch_tokens=8, batch_size=8) > 0
+    costs.record_verify(9, 0.064, num_seqs=8)
+    assert costs.pass_cost(8, 9) == pytest.approx(0.064)
+    assert best_k([1.0], 1, costs, "ngram", batch_tokens=8, batch_size=8) == 0
+    assert best_k([1.0], 4, costs, "ngram", batch_tokens=1, batch_size=1) == 4, "alone, drafts still pay"
+
+
+def test_no_probe_where_an_accepted_draft_could_not_pay() -> None:
+    """At k = 0 a request probes with one draft every probe_every steps only while one accepted draft
+    would pay in its pass; in a batch where it cannot, a probe comes at the longest interval only."""
+    costs = _costs([26, 28, 29, 31, 32])
+    costs.record_verify(8, 0.053, num_seqs=8)
+    costs.record_verify(9, 0.064, num_seqs=8)
+    alone, batched = (KController(k_max=4, adapt=True, prior=0.0) for _ in range(2))
+    ks_alone = [alone.choose(costs, "ngram") for _ in range(PROBE_EVERY)]
+    ks_batched = [batched.choose(costs, "ngram", batch_tokens=8, batch_size=8) for _ in range(_PROBE_MAX)]
+    assert ks_alone == [0] * (PROBE_EVERY - 1) + [1]
+    assert ks_batched == [0] * (_PROBE_MAX - 1) + [1]
 
 
 def test_controller_starts_from_a_carried_probe_interval() -> None:

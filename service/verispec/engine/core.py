@@ -341,7 +341,7 @@ class EngineCore:
         verdicts = [self._verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
         step.t2 = time.time_ns()
         self._last_step = time.monotonic()
-        self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9)
+        self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9, step.batch_size)
         if self.observer is not None:
             self.observer.on_batch(step.batch_size, step.batch_tokens, (step.t2 - step.t0) / 1e9)
         for s, proposal, verdict, rows in zip(scheduled, proposals, verdicts, logits, strict=True):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+_Key = TypeVar("_Key", int, tuple[int, int])
 _EMA = 0.1  # weight of a new measurement
 PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
 _PROBE_MAX = 256  # ... doubling after each rejected probe, up to this many steps
@@ -15,16 +17,26 @@ _DECAY = 0.9  # per step, of a request's acceptance evidence
 
 @dataclass
 class CostModel:
-    """Measured seconds of one target pass over n tokens and of one draft step, per drafter."""
+    """Measured seconds of one target pass over n tokens (and over n tokens of s sequences), and of one
+    draft step, per drafter.
+
+    The pass cost by tokens alone mixes shapes: on the CPU int4 kernel (2-core CI machine) one sequence
+    of 4 tokens took 31 ms against 26 for 1, 8 sequences of 1 token 53 ms, and a 9th token beside those
+    8 (one draft) 64 ms, where the single-sequence figures put it at +1 ms. AUTO prices drafts in a batch
+    by the passes of its own shape (`pass_cost`), so what a draft adds to a batch is measured, not
+    inferred from single-sequence passes.
+    """
 
     verify_s: dict[int, float] = field(default_factory=dict)
     draft_s: dict[str, float] = field(default_factory=dict)
+    batch_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (sequences, tokens) -> seconds
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_verify(self, num_tokens: int, seconds: float) -> None:
+    def record_verify(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
+        """One pass over num_tokens tokens of num_seqs sequences."""
         with self._lock:
-            old = self.verify_s.get(num_tokens)
-            self.verify_s[num_tokens] = seconds if old is None else old + _EMA * (seconds - old)
+            _average_in(self.verify_s, num_tokens, seconds)
+            _average_in(self.batch_s, (num_seqs, num_tokens), seconds)
 
     def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens <= 0:
@@ -54,8 +66,30 @@ class CostModel:
         frac = (num_tokens - lower) / (upper - lower)
         return self.verify_s[lower] + frac * (self.verify_s[upper] - self.verify_s[lower])
 
+    def pass_cost(self, num_seqs: int, num_tokens: int) -> float:
+        """Seconds for a pass over num_tokens tokens of num_seqs sequences: measured for that shape, else
+        the nearest measured pass of as many sequences and fewer tokens plus what the extra tokens add by
+        tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
+        tokens alone."""
+        with self._lock:
+            exact = self.batch_s.get((num_seqs, num_tokens))
+            below = [t for (s, t) in self.batch_s if s == num_seqs and t < num_tokens]
+            base = max(below, default=None)
+            base_s = self.batch_s[(num_seqs, base)] if base is not None else 0.0
+        if exact is not None:
+            return exact
+        if base is None:
+            return self.verify_cost(num_tokens)
+        return base_s + max(0.0, self.verify_cost(num_tokens) - self.verify_cost(base))
+
     def draft_cost(self, drafter: str) -> float:
         return self.draft_s.get(drafter, 0.0)
+
+
+def _average_in(table: dict[_Key, float], key: _Key, seconds: float) -> None:
+    """The first measurement of a key, then an exponential moving average."""
+    old = table.get(key)
+    table[key] = seconds if old is None else old + _EMA * (seconds - old)
 
 
 def expected_tokens(chain: Sequence[float], k: int) -> float:
@@ -85,9 +119,9 @@ def best_k(
     """
     draft = costs.draft_cost(drafter)
     others = batch_size - 1
-    best, best_rate = 0, batch_size / costs.verify_cost(batch_tokens)
+    best, best_rate = 0, batch_size / costs.pass_cost(batch_size, batch_tokens)
     for k in range(1, k_max + 1):
-        rate = (others + expected_tokens(chain, k)) / (k * draft + costs.verify_cost(batch_tokens + k))
+        rate = (others + expected_tokens(chain, k)) / (k * draft + costs.pass_cost(batch_size, batch_tokens + k))
         if rate > best_rate * 1.02:  # demand a margin over noise before speculating deeper
             best, best_rate = k, rate
     return best
@@ -123,13 +157,21 @@ class KController:
         self._probing = False
         if k == 0:
             self._steps_at_zero += 1
-            if self._steps_at_zero >= self.probe_every:
+            if self._steps_at_zero >= self._interval(costs, drafter, batch_tokens, batch_size):
                 self._steps_at_zero = 0
                 self._probing = True
                 return 1
         else:
             self._steps_at_zero = 0
         return k
+
+    def _interval(self, costs: CostModel, drafter: str, batch_tokens: int, batch_size: int) -> int:
+        """Steps at k = 0 before a probe: probe_every while one accepted draft would pay in this pass,
+        else the longest interval (a probe that cannot pay even when accepted only costs the batch, but
+        one now and then re-measures a pass cost that may have been an outlier)."""
+        if best_k([1.0], 1, costs, drafter, batch_tokens, batch_size):
+            return self.probe_every
+        return _PROBE_MAX
 
     def update(self, num_draft_tokens: int, num_accepted: int) -> None:
         """Draft i+1 was evaluated iff drafts 1..i were accepted; decay so old text weighs less."""
