@@ -18,7 +18,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from verispec.api.status import to_status
+from verispec.api.status import refuse, to_status
 from verispec.errors import InvalidRequestError
 
 _TWIN_PACKAGE = "verispec_wire_twin"
@@ -104,11 +104,6 @@ def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-async def _reject(context: grpc.aio.ServicerContext[Any, Any], error: InvalidRequestError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
-
-
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Parses unary requests leniently so malformed ones get INVALID_ARGUMENT, not UNKNOWN."""
 
@@ -133,7 +128,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if isinstance(request, _Malformed):
-                    await _reject(context, request.error)
+                    refuse(context, to_status(request.error))  # set, not raised: see status.refuse
+                    return None
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **codec)
@@ -142,7 +138,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         # A coroutine that writes (as the servicer's streams are), so a reset stream unwinds in its task.
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             if isinstance(request, _Malformed):
-                await _reject(context, request.error)
+                refuse(context, to_status(request.error))
+                return
             if inspect.isasyncgenfunction(streaming):
                 async with contextlib.aclosing(streaming(request, context)) as responses:
                     async for response in responses:
