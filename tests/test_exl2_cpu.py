@@ -73,3 +73,14 @@ def test_bench_exl2_refuses_bad_input_before_gpu_work(tmp_path: Path) -> None:
         return
     no_gpu = subprocess.run(bench, capture_output=True, text=True, timeout=120, check=False)
     assert no_gpu.returncode == 1 and "needs a CUDA device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+
+
+def test_bench_gemm_refuses_bad_rows_and_says_plainly_that_it_needs_cuda() -> None:
+    """--rows is checked by the parser (exit 2); without a CUDA device the bench says so (exit 1)."""
+    bench = [str(BIN / "verispec"), "bench", "gemm"]
+    bad = subprocess.run([*bench, "--rows", "1,x"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "--rows" in bad.stderr, bad.stderr
+    if torch.cuda.is_available():
+        return
+    no_gpu = subprocess.run(bench, capture_output=True, text=True, timeout=120, check=False)
+    assert no_gpu.returncode == 1 and "needs a CUDA device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr

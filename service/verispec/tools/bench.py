@@ -42,10 +42,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_batch_arguments(kinds)
     from verispec.tools.bench_cost import add_cost_arguments
     from verispec.tools.bench_cpu_peer import add_cpu_peer_arguments
+    from verispec.tools.bench_gemm import add_gemm_arguments
     from verispec.tools.bench_quality import add_quality_arguments
 
     add_cost_arguments(kinds)
     add_cpu_peer_arguments(kinds)
+    add_gemm_arguments(kinds)
     add_quality_arguments(kinds)
 
 
@@ -144,6 +146,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from verispec.tools.bench_batch import run_batch
 
         result = run_batch(args, _progress)
+    elif args.bench == "gemm":
+        from verispec.tools.bench_gemm import run_gemm
+
+        result = run_gemm(args)
     elif args.bench == "cpu-peer":
         from verispec.tools.bench_cpu_peer import run_cpu_peer
 

@@ -1,0 +1,318 @@
+"""A weight-only 4-bit GEMM in Triton whose cost stays flat in the number of rows (1 to 64).
+
+Decode and verify put 1 to ~40 rows through each weight matrix; at those sizes the work is reading the
+weights, so the kernel streams each 4-bit tile from memory once, turns it into fp16 in registers and
+hands it to the tensor cores (`tl.dot`) against every row at once. The weights are read as ExLlamaV2
+loaded them (no copy, nothing re-quantized):
+
+- `qweight` int32 [K/8, N]: eight 4-bit codes of consecutive rows (of the sorted order) per word, in
+  ExLlamaV2's load-time nibble order: rows 0, 2, 4, 6 in nibbles 0-3 and rows 1, 3, 5, 7 in nibbles 4-7.
+- EXL2 scales: `scale_codes` int32 [G, N/8] (4-bit codes, plain nibble order) and `scale_max` fp16 [G];
+  the scale of group g, column n is fp16((code + 1)^2) * scale_max[g], and the zero point is 8.
+- GPTQ scales: `scales` fp16 [G, N] and `zeros` int32 [G, N/8] (4-bit, plain order); zero = code + 1.
+
+Every weight is dequantized as fp16(q - zero) * fp16 scale, one rounding, the arithmetic of ExLlamaV2's
+`reconstruct`, so the matrix the kernel multiplies by is the one `get_weight_tensor_dq()` returns, bit
+for bit (the GPU tests check it through this kernel). Products accumulate in fp32.
+
+Rows of the matrix are in ExLlamaV2's sorted order; `perm` (int64 [K]) gathers the input's columns into
+that order when the checkpoint has one that is not the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from verispec.kernels import MAX_Q4_ROWS
+
+
+@dataclass(frozen=True)
+class Q4Weights:
+    """One 4-bit linear as the kernel reads it: the tensors ExLlamaV2 holds, plus what they mean."""
+
+    qweight: torch.Tensor  # int32 [K/8, N]
+    scales: torch.Tensor  # EXL2: int32 [G, N/8] scale codes; GPTQ: fp16 [G, N]
+    scale_max: torch.Tensor | None  # EXL2: fp16 [G]; GPTQ: None
+    zeros: torch.Tensor | None  # GPTQ: int32 [G, N/8]; EXL2: None (zero point 8)
+    perm: torch.Tensor | None  # int64 [K]: input column of each sorted row; None: identity
+    group_size: int
+    in_features: int  # K
+    out_features: int  # N
+
+    @property
+    def gptq(self) -> bool:
+        return self.zeros is not None
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes of one launch; `split_k` > 1 sums partial products over K slices in a second step."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    half2: bool = False  # two weights per dequantize instruction (CUDA only: inline PTX)
+    swap_ab: bool = False  # weights as the MMA's left operand
+
+
+@triton.jit
+def _dequant_pair(words, offset2, scale2):  # type: ignore[no-untyped-def]
+    """Two weights per instruction, as ExLlamaV2 does: codes in bits 0-3 and 16-19 of `words` become the
+    fp16 pair (1024 + q) by OR-ing in the exponent, minus (1024 + zero) (exact), times the scale."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; "
+        "sub.rn.f16x2 t, t, $3; mul.rn.f16x2 t, t, $4; mov.b32 {$0, $1}, t; }",
+        constraints="=h,=h,r,r,r",
+        args=[words, offset2, scale2],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _fp16_pairs(values):  # type: ignore[no-untyped-def]
+    """An fp16 vector as int32 words holding each value twice (the operand of the f16x2 instructions)."""
+    bits = values.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _q4_gemm_kernel(  # type: ignore[no-untyped-def]  # Triton reads pointers and sizes untyped
+    x_ptr,  # fp16 [M, K], row stride stride_xm, columns already in sorted order
+    qweight_ptr,  # int32 [K/8, N]
+    scales_ptr,  # EXL2 int32 [G, N/8] / GPTQ fp16 [G, N]
+    scale_max_ptr,  # EXL2 fp16 [G]
+    zeros_ptr,  # GPTQ int32 [G, N/8]
+    residual_ptr,  # fp16 [M, N] added to the result (HAS_RESIDUAL)
+    out_ptr,  # fp16 [M, N], or fp32 [SPLIT_K, M, N] partials when SPLIT_K > 1
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_om,
+    GPTQ: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HALF2: tl.constexpr,  # dequantize two weights per instruction (inline PTX)
+    SWAP_AB: tl.constexpr,  # weights as the MMA's left operand: acc is [BLOCK_N, BLOCK_M]
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_word = tl.arange(0, BLOCK_K // 8)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    scale_shift = (offs_n % 8) * 4
+    k_per_split = K // SPLIT_K
+    k_begin = pid_k * k_per_split
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+        packed = tl.load(
+            qweight_ptr + (k0 // 8 + offs_word)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0
+        )  # [BLOCK_K/8, BLOCK_N]: word i holds rows k0 + 8i .. k0 + 8i + 7
+        group = k0 // group_size  # BLOCK_K divides group_size: one group per tile
+        if GPTQ:
+            scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+            zero_word = tl.load(zeros_ptr + group * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+            zero = ((zero_word >> scale_shift) & 0xF) + 1
+        else:
+            code_word = tl.load(scales_ptr + group * (N // 8) + offs_n // 8, mask=mask_n, other=0)
+            code = ((code_word >> scale_shift) & 0xF) + 1
+            scale = (code * code).to(tl.float16) * tl.load(scale_max_ptr + group)
+            zero = tl.full((BLOCK_N,), 8, tl.int32)
+        offset = (zero + 1024).to(tl.float16)  # exact: integers below 2048
+        if HALF2:
+            offset2 = tl.broadcast_to(_fp16_pairs(offset)[None, :], (BLOCK_K // 8, BLOCK_N))
+            scale2 = tl.broadcast_to(_fp16_pairs(scale)[None, :], (BLOCK_K // 8, BLOCK_N))
+        # Row r of the eight in a word sits in nibble r // 2 + 4 * (r % 2) (ExLlamaV2's shuffled order):
+        # one sub-tile per r, multiplying the input columns k0 + 8i + r.
+        for pair in tl.static_range(4):
+            if HALF2:
+                low, high = _dequant_pair(packed >> (4 * pair), offset2, scale2)
+            else:
+                low = ((packed >> (4 * pair)) & 0xF) | 0x6400  # fp16 bits of 1024 + q
+                high = ((packed >> (4 * pair + 16)) & 0xF) | 0x6400
+                low = (low.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
+                high = (high.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
+            for half in tl.static_range(2):
+                weights = low if half == 0 else high  # rows 8i + 2 * pair + half: (q - zero) * scale
+                a = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_word + 2 * pair + half)[None, :],
+                    mask=mask_m[:, None],
+                    other=0.0,
+                )  # [BLOCK_M, BLOCK_K/8]
+                if SWAP_AB:
+                    acc += tl.dot(tl.trans(weights), tl.trans(a))  # fp32 sums
+                else:
+                    acc += tl.dot(a, weights)
+    if SWAP_AB:
+        result = tl.trans(acc)
+    else:
+        result = acc
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        out_offsets = offs_m[:, None] * stride_om + offs_n[None, :]
+        if HAS_RESIDUAL:
+            result += tl.load(residual_ptr + out_offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_offsets, result.to(tl.float16), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], result, mask=mask)
+
+
+def default_config(weights: Q4Weights, num_sms: int) -> LaunchConfig:
+    """The tiles that measured fastest on the 70B shapes (`verispec bench gemm` sweeps them): wide N
+    tiles, and K cut into up to eight slices so that every SM streams several tiles at once."""
+    n = weights.out_features
+    block_n = 256 if n >= 32 * num_sms else 128 if n >= 8 * num_sms else 64
+    split_k = 8
+    while split_k > 1 and (weights.in_features % (128 * split_k) or weights.in_features // split_k < 512):
+        split_k //= 2
+    return LaunchConfig(block_n=block_n, block_k=128, split_k=split_k)
+
+
+@triton.jit  # type: ignore[untyped-decorator]
+def _sum_slices_kernel(  # type: ignore[no-untyped-def]
+    partial_ptr,  # fp32 [SPLIT_K, M * N]
+    residual_ptr,  # fp16 [M * N] (HAS_RESIDUAL)
+    out_ptr,  # fp16 [M * N]
+    size,
+    HAS_RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for index in tl.static_range(SPLIT_K):  # a fixed order: a row's sums do not depend on its batch
+        total += tl.load(partial_ptr + index * size + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        total += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, total.to(tl.float16), mask=mask)
+
+
+def check_weights(weights: Q4Weights) -> str | None:
+    """Why the kernel cannot take these weights, or None when it can."""
+    if weights.group_size < 128 or weights.group_size & (weights.group_size - 1):
+        return f"group size {weights.group_size}: the kernel takes power-of-two groups of 128 rows or more"
+    if weights.in_features % weights.group_size != 0:
+        return f"in_features {weights.in_features} is not a multiple of group size {weights.group_size}"
+    if weights.out_features % 8 != 0:
+        return f"out_features {weights.out_features} is not a multiple of 8"
+    return None
+
+
+def q4_matmul(
+    x: torch.Tensor,
+    weights: Q4Weights,
+    residual: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] fp16 @ W [K, N] (+ residual [M, N]) -> [M, N] fp16, for M <= MAX_Q4_ROWS."""
+    rows = x.shape[0]
+    if weights.perm is not None:
+        x = x.index_select(1, weights.perm)
+    x = x.contiguous()
+    n = weights.out_features
+    if config is None:
+        config = default_config(weights, _num_sms(x.device))
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(rows, block_m))
+    if config.split_k == 1:
+        out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
+    else:
+        out = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
+    _q4_gemm_kernel[grid](
+        x,
+        weights.qweight,
+        weights.scales,
+        weights.scale_max if weights.scale_max is not None else weights.scales,
+        weights.zeros if weights.zeros is not None else weights.qweight,
+        residual if residual is not None and config.split_k == 1 else x,
+        out,
+        rows,
+        n,
+        weights.in_features,
+        weights.group_size,
+        x.stride(0),
+        n,
+        GPTQ=weights.gptq,
+        HAS_RESIDUAL=residual is not None and config.split_k == 1,
+        HALF2=config.half2,
+        SWAP_AB=config.swap_ab,
+        BLOCK_M=block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=config.split_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if config.split_k == 1:
+        return out
+    result = torch.empty((rows, n), dtype=torch.float16, device=x.device)
+    size = rows * n
+    _sum_slices_kernel[(triton.cdiv(size, 1024),)](
+        out,
+        residual if residual is not None else result,
+        result,
+        size,
+        HAS_RESIDUAL=residual is not None,
+        SPLIT_K=config.split_k,
+        BLOCK=1024,
+    )
+    return result
+
+
+def dequantize(weights: Q4Weights, config: LaunchConfig | None = None) -> torch.Tensor:
+    """The fp16 matrix [K, N] in the input's own row order, as the kernel itself sees it: the product
+    with an identity matrix is exact (one nonzero fp16 term per sum), so this is the kernel's weights."""
+    size = weights.in_features
+    eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
+    sorted_rows = torch.cat(
+        [q4_matmul(eye[i : i + MAX_Q4_ROWS], _unpermuted(weights), config=config) for i in range(0, size, MAX_Q4_ROWS)]
+    )
+    if weights.perm is None:
+        return sorted_rows
+    result = torch.empty_like(sorted_rows)
+    result[weights.perm] = sorted_rows
+    return result
+
+
+def _unpermuted(weights: Q4Weights) -> Q4Weights:
+    return Q4Weights(
+        weights.qweight,
+        weights.scales,
+        weights.scale_max,
+        weights.zeros,
+        None,
+        weights.group_size,
+        weights.in_features,
+        weights.out_features,
+    )
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
