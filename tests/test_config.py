@@ -45,6 +45,7 @@ def test_environment_parses_types() -> None:
         (["--default-max-new-tokens", "5000"], {}, "--default-max-new-tokens"),
         (["--step-spans", "2"], {}, "--step-spans"),
         (["--dtype", "int3"], {}, "--dtype"),
+        (["--exl2-gemm", "cutlass"], {}, "--exl2-gemm"),
         ([], {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER"),
         ([], {"VERISPEC_LOG_PROMPTS": "maybe"}, "VERISPEC_LOG_PROMPTS"),
         (["--fault-injection", "explode:3"], {}, "--fault-injection"),

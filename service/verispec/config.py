@@ -64,6 +64,7 @@ class ModelConfig:
     gpu_split: tuple[float, ...] = ()  # exl2: GB of weights per GPU; empty: autosplit
     reserve_gb: float = 1.0  # exl2 autosplit: GB left free on each GPU
     cache_mode: str = "fp16"  # exl2 KV cache: fp16, q8, q6, q4
+    exl2_gemm: str = "auto"  # exl2 4-bit GEMM of passes up to 64 rows: auto (measured), triton, exllamav2
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,14 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("gpu-split", "model", "gpu_split", tuple, "exl2: GB of target weights per GPU, e.g. 21,23 (empty: autosplit)"),
     ("reserve-gb", "model", "reserve_gb", float, "exl2 autosplit: GB kept free on each GPU"),
     ("cache-mode", "model", "cache_mode", str, "exl2 KV cache: fp16, q8, q6 or q4"),
+    (
+        "exl2-gemm",
+        "model",
+        "exl2_gemm",
+        str,
+        "exl2 4-bit GEMM of passes up to 64 rows: auto (per row count, the faster of the Triton kernel and "
+        "ExLlamaV2's, timed at start-up), triton (always the Triton kernel) or exllamav2 (its own kernels)",
+    ),
     ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),
     ("dtype", "model", "dtype", str, "activation dtype: auto, float32, float16, bfloat16"),
     (
@@ -502,6 +511,11 @@ def validate(config: Config) -> None:
     _require(m.dtype in ("auto", "float32", "float16", "bfloat16"), "--dtype", f"unknown dtype {m.dtype!r}")
     _require(m.weights in ("auto", "native", "float32"), "--weights", f"unknown weights {m.weights!r}")
     _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
+    _require(
+        m.exl2_gemm in ("auto", "triton", "exllamav2"),
+        "--exl2-gemm",
+        f"{m.exl2_gemm!r} is not one of auto, triton, exllamav2",
+    )
     _require(all(gb > 0 for gb in m.gpu_split + sp.draft_gpu_split), "--gpu-split", "every share must be > 0 GB")
     _require(m.reserve_gb >= 0, "--reserve-gb", "must be >= 0")
     _require(m.max_context_length >= 0, "--max-context-length", "must be >= 0")

@@ -15,6 +15,7 @@ from verispec.engine.async_engine import AsyncEngine
 from verispec.engine.core import EngineCore
 from verispec.engine.speculative import StepObserver
 from verispec.errors import ConfigError, ModelLoadError
+from verispec.kernels import MAX_Q4_ROWS
 from verispec.kv.pages import PageTable, pages_for
 from verispec.models import gguf_source, resolve_model
 from verispec.request import SamplingParams, SpeculationMode
@@ -59,7 +60,9 @@ def load_backend(
         from verispec.backends.exl2 import Exl2Backend
 
         split = model.gpu_split if gpu_split is None else gpu_split
-        exl2 = Exl2Backend(model_dir, spec, split, model.reserve_gb, model.cache_mode, model.max_context_length)
+        exl2 = Exl2Backend(
+            model_dir, spec, split, model.reserve_gb, model.cache_mode, model.max_context_length, model.exl2_gemm
+        )
         return exl2, tokenizer
     raise ConfigError("--backend", f"backend {model.backend!r} is not available in this build")
 
@@ -150,7 +153,8 @@ WARM_UP_CONTEXT = 16  # positions each warm-up sequence holds before its decode 
 
 def warm_up(runner: ModelRunner, max_running: int, max_batch_tokens: int) -> None:
     """On CUDA, one untimed pass over each decode batch shape the engine meets first (1, 2, 4 ... up to
-    max_running sequences of one token) and over a full token budget of prefill.
+    max_running sequences of one token), over a verify-shaped pass of 64 rows and over a full token budget
+    of prefill (the Triton GEMM compiles its tile variants then, not in a request).
 
     The first passes over new shapes cost more than later ones (the caching allocator grows, kernels
     load on first use); without this the first requests pay it, and the early step costs that AUTO
@@ -174,6 +178,9 @@ def warm_up(runner: ModelRunner, max_running: int, max_batch_tokens: int) -> Non
             )
         for table in tables:
             pool.release(table)
+        # Verify-shaped: the most rows the exl2 runner's 4-bit GEMM takes, logits on every row.
+        rows = min(MAX_Q4_ROWS, pool.capacity_tokens)
+        runner.forward([scratch_entry(pool, PageTable(), list(range(rows)), 0, rows)])
         prefill = min(max_batch_tokens, pool.capacity_tokens)
         runner.forward([scratch_entry(pool, PageTable(), list(range(prefill)), 0, 1)])
     finally:

@@ -79,3 +79,12 @@ def reference(exl2: Any, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     directory = dequantized_checkpoint(exl2, tiny_dir, tmp_path_factory.mktemp("tiny-dequantized"))
     return TorchRefBackend(directory, "tiny-dequantized", device="cuda", dtype="float32")
+
+
+def paged_runner(backend: Any, engine: Any, gemm: str) -> Any:
+    """The exl2 paged runner with a given 4-bit GEMM mode (auto, triton, exllamav2), sized as build_runner
+    sizes it."""
+    from verispec.runner.exl2 import Exl2Runner
+
+    max_tokens = engine.max_active_requests * (backend.info.max_context_length + engine.kv_page_size)
+    return Exl2Runner(backend, engine.kv_page_size, engine.kv_cache_memory, max_tokens, gemm=gemm)

@@ -27,6 +27,8 @@ from verispec.runner.base import BatchEntry
 from verispec.spec.drafters import ModelDrafter, NgramDrafter
 from verispec.tokenizer import Tokenizer
 
+from .conftest import paged_runner
+
 pytestmark = pytest.mark.gpu
 
 RELATIVE_TOLERANCE = 0.02  # fp16 kernels vs the fp32 reference on the same weights (as test_exl2.py)
@@ -42,11 +44,26 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     return relative, agree
 
 
-@pytest.fixture(scope="module")
-def runner(exl2: Any) -> Any:
-    made = build_runner(exl2, SMALL_KV)
-    assert type(made).__name__ == "Exl2Runner", "the exl2 backend gets the paged runner"
+@pytest.fixture(scope="module", params=["triton", "exllamav2"])
+def runner(exl2: Any, request: pytest.FixtureRequest) -> Any:
+    """The paged runner with each 4-bit GEMM on every batch: the Triton kernel and ExLlamaV2's own."""
+    made = paged_runner(exl2, SMALL_KV, request.param)
+    assert bool(made.q4_layers) == (request.param == "triton")
     return made
+
+
+def test_auto_gemm_measures_both_paths_and_keeps_the_faster(exl2: Any) -> None:
+    """By default the runner times a decode pass of 1 .. 64 sequences with each GEMM and uses, per row
+    count, the one that measured faster."""
+    from verispec.runner.exl2 import Exl2Runner
+
+    made = build_runner(exl2, SMALL_KV)
+    assert isinstance(made, Exl2Runner), "the exl2 backend gets the paged runner"
+    assert made.q4_layers, "the uniform 4-bit model is covered by the Triton GEMM"
+    assert set(made.gemm_calibration) == {str(rows) for rows in (1, 2, 4, 8, 16, 32, 64)}
+    for rows, times in made.gemm_calibration.items():
+        assert made.q4_rows[int(rows)] == (times["triton"] < times["exllamav2"])
+    print(f"pass ms by rows: {made.gemm_calibration}")
 
 
 def test_ragged_batch_matches_the_reference(runner: Any, reference: Any) -> None:

@@ -22,10 +22,11 @@ from verispec.request import (
     SpeculationParams,
     StoppingCriteria,
 )
-from verispec.runner import build_runner
 from verispec.spec.drafters import ModelDrafter, NgramDrafter
 from verispec_proto.v1 import generation_pb2 as pb
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
+
+from .conftest import paged_runner
 
 pytestmark = pytest.mark.gpu
 
@@ -79,8 +80,11 @@ def _request(mode: SpeculationMode, k: int, request_id: str) -> Request:
     )
 
 
+@pytest.mark.parametrize("gemm", ["auto", "triton", "exllamav2"])
 @pytest.mark.parametrize("drafter", ["self", "random", "ngram"])
-def test_greedy_speculative_equals_greedy_plain_on_gpu(exl2: Any, tiny_draft_dir: Path, drafter: str) -> None:
+def test_greedy_speculative_equals_greedy_plain_on_gpu(
+    exl2: Any, tiny_draft_dir: Path, drafter: str, gemm: str
+) -> None:
     from verispec.backends.exl2 import Exl2Backend
     from verispec.tokenizer import Tokenizer
 
@@ -89,9 +93,9 @@ def test_greedy_speculative_equals_greedy_plain_on_gpu(exl2: Any, tiny_draft_dir
         mode = SpeculationMode.NGRAM
     else:
         draft = exl2 if drafter == "self" else Exl2Backend(tiny_draft_dir, "tiny-draft")
-        drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(build_runner(draft, SMALL_KV))}
+        drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(paged_runner(draft, SMALL_KV, gemm))}
         mode = SpeculationMode.DRAFT_MODEL
-    core = EngineCore(build_runner(exl2, SMALL_KV), Tokenizer(tiny_draft_dir), drafters, SMALL_KV)
+    core = EngineCore(paged_runner(exl2, SMALL_KV, gemm), Tokenizer(tiny_draft_dir), drafters, SMALL_KV)
     core.start()
     try:
         plain = [t for o in run_to_completion(core, _request(SpeculationMode.OFF, 0, "plain")) for t in o.token_ids]

@@ -120,6 +120,7 @@ class Exl2Backend:
         reserve_gb: float = 1.0,
         cache_mode: str = "fp16",
         max_context_length: int = 0,
+        gemm: str = "auto",
     ) -> None:
         if not torch.cuda.is_available():
             raise ModelLoadError("the exl2 backend needs a CUDA device, and none is visible")
@@ -150,6 +151,7 @@ class Exl2Backend:
         self.config = config
         self.model = ExLlamaV2(config)
         self.cache_mode = cache_mode
+        self.gemm = gemm  # the paged runner's 4-bit GEMM: auto, triton or exllamav2
         log.info("model.load.start", model=model_id, backend="exl2", gpu_split=list(gpu_split) or "auto")
         if gpu_split:
             self.model.load(list(gpu_split), progress=True)
