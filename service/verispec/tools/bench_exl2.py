@@ -132,6 +132,69 @@ def _pass_cost(backend: Any, tokens: int, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def _pass_figures(target: Any, draft: Any, n: int) -> dict[str, Any]:
+    """ExLlamaV2's own forward (direct decode, passes of 1..9 tokens, the draft step), then the paged
+    runner's passes with each 4-bit GEMM, all in this run."""
+    _progress("direct decode and pass costs")
+    _direct(target, n)  # warm-up
+    result: dict[str, Any] = {"direct_tokens_per_s": round(_direct(target, n), 2)}
+    one = _pass_cost(target, 1)
+    result["verify_pass_ms"] = {str(t): round(1000 * _pass_cost(target, t), 2) for t in range(1, 10)}
+    result["verify_pass_relative"] = {t: round(ms / (1000 * one), 2) for t, ms in result["verify_pass_ms"].items()}
+    result["draft_step_ms"] = round(1000 * _pass_cost(draft, 1), 2)
+    _progress("paged runner passes with each 4-bit GEMM")
+    result["runner_passes"] = {
+        role: {gemm: _runner_pass_costs(model, gemm) for gemm in ("exllamav2", "triton")}
+        for role, model in (("target", target), ("draft", draft))
+    }
+    torch.cuda.empty_cache()
+    return result
+
+
+def _runner_pass_costs(backend: Any, gemm: str, repeats: int = 10) -> dict[str, Any]:
+    """One sequence's verify pass of 1..9 tokens and decode batches of 1..32 sequences through the paged
+    runner with one GEMM everywhere (medians, ms), and each relative to the 1-token pass."""
+    from verispec.config import EngineConfig
+    from verispec.kv.pages import PageTable
+    from verispec.runner.base import scratch_entry
+    from verispec.runner.exl2 import Exl2Runner
+
+    engine = EngineConfig(kv_cache_memory=4.0, max_active_requests=32)
+    runner = Exl2Runner(backend, engine.kv_page_size, engine.kv_cache_memory, 32 * 1024, gemm=gemm)
+    pool = runner.kv.new_pool()
+    tables = [PageTable() for _ in range(32)]
+    for i, table in enumerate(tables):
+        runner.forward([scratch_entry(pool, table, PROMPT_TOKENS, 0, 1, -1 - i)])
+    context = len(PROMPT_TOKENS)
+
+    def timed(batch: list[Any]) -> float:
+        runner.forward(batch)  # compiles and allocates outside the timing
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            runner.forward(batch)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    verify = {}
+    for tokens in range(1, 10):
+        pool.reserve(tables[0], context + tokens)
+        verify[str(tokens)] = round(timed([scratch_entry(pool, tables[0], [7] * tokens, context, tokens, -1)]), 2)
+    decode = {}
+    for size in (1, 2, 4, 8, 16, 32):
+        batch = [scratch_entry(pool, tables[i], [7], context, 1, -1 - i) for i in range(size)]
+        decode[str(size)] = round(timed(batch), 2)
+    return {
+        "verify_pass_ms": verify,
+        "verify_pass_relative": {t: round(ms / verify["1"], 2) for t, ms in verify.items()},
+        "decode_batch_ms": decode,
+        "decode_batch_relative": {b: round(ms / decode["1"], 2) for b, ms in decode.items()},
+        "decode_batch_tokens_per_s": {b: round(int(b) * 1000 / ms, 1) for b, ms in decode.items()},
+    }
+
+
 def _dynamic_generator(target: Any, draft: Any | None, k: int, n: int) -> float:
     from exllamav2 import ExLlamaV2Cache, ExLlamaV2Tokenizer
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2Sampler
@@ -205,18 +268,12 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": n,
     }
     target, draft = _load_models(args, splits, result)
-    _progress("direct decode and pass costs")
-    _direct(target, n)  # warm-up
-    result["direct_tokens_per_s"] = round(_direct(target, n), 2)
-    one = _pass_cost(target, 1)
-    result["verify_pass_ms"] = {str(t): round(1000 * _pass_cost(target, t), 2) for t in range(1, 10)}
-    result["verify_pass_relative"] = {t: round(ms / (1000 * one), 2) for t, ms in result["verify_pass_ms"].items()}
-    result["draft_step_ms"] = round(1000 * _pass_cost(draft, 1), 2)
-
+    result.update(_pass_figures(target, draft, n))
     tokenizer = Tokenizer(args.model)
     costs = CostModel()
     config = EngineConfig()
     runner, draft_runner = build_runner(target, config), build_runner(draft, config)
+    result["auto_gemm_calibration_ms"] = getattr(runner, "gemm_calibration", {})
     calibrate(runner, costs, 9, config.max_batch_tokens)
     calibrate_draft(draft_runner, costs)
     drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft_runner)}
