@@ -60,24 +60,34 @@ def _progress(message: str) -> None:
     print(f"[bench gemm] {message}", file=sys.stderr, flush=True)
 
 
-def _time(call: Callable[[], object], iterations: int, repeats: int) -> dict[str, float]:
-    """Seconds per call, launches included: median, min and max over `repeats` timings of `iterations`
-    back-to-back calls."""
+def _event_seconds(run: Callable[[], object], per_run: int, repeats: int) -> dict[str, float]:
+    """Seconds per call when `run` makes `per_run` calls, by CUDA events: median, min and max of `repeats`."""
     import torch
 
-    call()
-    torch.cuda.synchronize()
     seconds = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record()
-        for _ in range(iterations):
-            call()
+        run()
         end.record()
         end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1000 / iterations)
+        seconds.append(start.elapsed_time(end) / 1000 / per_run)
     return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+
+
+def _time(call: Callable[[], object], iterations: int, repeats: int) -> dict[str, float]:
+    """Seconds per call, launches included: `iterations` back-to-back calls per timing."""
+    import torch
+
+    call()
+    torch.cuda.synchronize()
+
+    def run() -> None:
+        for _ in range(iterations):
+            call()
+
+    return _event_seconds(run, iterations, repeats)
 
 
 def _time_graph(call: Callable[[], object], iterations: int, repeats: int) -> dict[str, float]:
@@ -95,17 +105,7 @@ def _time_graph(call: Callable[[], object], iterations: int, repeats: int) -> di
             call()
     graph.replay()
     torch.cuda.synchronize()
-    seconds = []
-    for _ in range(repeats):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1000 / iterations)
-    del graph
-    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
+    return _event_seconds(graph.replay, iterations, repeats)
 
 
 def _bandwidth(weight_bytes: int, seconds: dict[str, float]) -> dict[str, float]:
