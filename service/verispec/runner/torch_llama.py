@@ -8,6 +8,7 @@ transformers' own forward (TorchRefBackend) stays the reference it is checked ag
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,36 @@ def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+@dataclass(frozen=True)
+class _NativeLayer:
+    """What one decoder layer on native weights reads each pass, looked up once."""
+
+    input_norm: torch.Tensor  # [hidden] RMSNorm weight before attention
+    input_eps: float
+    qkv: Int4Linear  # q|k|v fused
+    o_proj: Int4Linear
+    scaling: float
+    post_norm: torch.Tensor  # [hidden] RMSNorm weight before the MLP
+    post_eps: float
+    gate_up: Int4Linear  # gate|up fused
+    down_proj: Int4Linear
+
+    @staticmethod
+    def of(layer: Any, fused: Any) -> _NativeLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return _NativeLayer(
+            input_norm=layer.input_layernorm.weight,
+            input_eps=layer.input_layernorm.variance_epsilon,
+            qkv=fused[0],
+            o_proj=attn.o_proj,
+            scaling=attn.scaling,
+            post_norm=layer.post_attention_layernorm.weight,
+            post_eps=layer.post_attention_layernorm.variance_epsilon,
+            gate_up=fused[1],
+            down_proj=mlp.down_proj,
+        )
+
+
 class TorchLlamaRunner:
     """One forward over all scheduled sequences: linears see [sum of new tokens, hidden] at once."""
 
@@ -72,8 +103,12 @@ class TorchLlamaRunner:
         quantized = any(isinstance(m, Int4Linear) for m in model.modules())
         self.attention_dtype = torch.float64 if quantized and self.dtype == torch.float32 else None
         fused = getattr(model, "verispec_fused", None)
-        self.fused = [(pair[0], pair[1]) for pair in fused] if fused is not None else None
-        self.kv.log_ready("torch_llama", fused_int4_projections=self.fused is not None)
+        self.native = (
+            [_NativeLayer.of(layer, pair) for layer, pair in zip(model.model.layers, fused, strict=True)]
+            if fused is not None
+            else None
+        )
+        self.kv.log_ready("torch_llama", fused_int4_projections=self.native is not None)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
@@ -83,45 +118,73 @@ class TorchLlamaRunner:
         x = inner.embed_tokens(ids)  # [T, hidden]
         cos, sin = inner.rotary_emb(x.unsqueeze(0), plan.positions.unsqueeze(0))  # [1, T, head_dim]
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim], broadcast over heads
-        num_tokens = ids.shape[0]
         half = self.head_dim // 2
         signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         for index, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            if self.fused is not None:
-                # Native weights: one kernel call for q|k|v, one rotary over q and k together, and torch's
-                # fused RMSNorm (fewer ops a layer; Python's per-op cost is a large share of a decode step).
-                h = F.rms_norm(x, x.shape[-1:], layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-                # Kernel outputs stay bfloat16 where the next op promotes them exactly (rotary, residual adds).
-                qkv = self.fused[index][0].forward_bf16(h).view(num_tokens, -1, self.head_dim)
-                qk = _rotate_signed(qkv[:, : self.heads + self.kv_heads], cos, signed_sin)
-                q, k = qk[:, : self.heads], qk[:, self.heads :]
-                v = qkv[:, self.heads + self.kv_heads :].to(self.dtype)
+            if self.native is not None:
+                x = self._native_layer(self.native[index], index, x, plan, cos, signed_sin)
             else:
-                h = layer.input_layernorm(x)
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-                q = _rotate(q.reshape(num_tokens, self.heads, self.head_dim), cos, sin)
-                k = _rotate(k.reshape(num_tokens, self.kv_heads, self.head_dim), cos, sin)
-                v = v.reshape(num_tokens, self.kv_heads, self.head_dim)
-            self.k_cache[index][plan.write_slots] = k
-            self.v_cache[index][plan.write_slots] = v
-            attended = paged_attention(
-                q, self.k_cache[index], self.v_cache[index], plan, attn.scaling, self.attention_dtype
-            )
-            x = x + (attn.o_proj.forward_bf16(attended) if self.fused is not None else attn.o_proj(attended))
-            if self.fused is not None:
-                norm, mlp = layer.post_attention_layernorm, layer.mlp
-                h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
-                gate, up = self.fused[index][1].forward_bf16(h).chunk(2, dim=-1)
-                x = x + mlp.down_proj.forward_bf16(F.silu(gate.to(self.dtype)) * up)
-            else:
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+                x = self._reference_layer(layer, index, x, plan, cos, sin)
         rows = logits_rows(batch)
         if not rows:
             return split_logits(batch, x.new_empty(0, self.info.vocab_size))
         hidden = inner.norm(x[torch.tensor(rows, device=self.device)])
         logits: torch.Tensor = self.model.lm_head(hidden).float()
         return split_logits(batch, logits)
+
+    def _native_layer(
+        self,
+        layer: _NativeLayer,
+        index: int,
+        x: torch.Tensor,  # [T, hidden]
+        plan: AttentionPlan,
+        cos: torch.Tensor,  # [T, 1, head_dim]
+        signed_sin: torch.Tensor,  # [T, 1, head_dim]
+    ) -> torch.Tensor:
+        """One decoder layer on native weights: one kernel call for q|k|v, one rotary over q and k together,
+        torch's fused RMSNorm, and the layer's parts read once at start-up (fewer ops and attribute look-ups
+        a layer; Python's per-op cost is a large share of a decode step)."""
+        num_tokens = x.shape[0]
+        h = F.rms_norm(x, x.shape[-1:], layer.input_norm, layer.input_eps)
+        # Kernel outputs stay bfloat16 where the next op promotes them exactly (rotary, residual adds).
+        qkv = layer.qkv.forward_bf16(h).view(num_tokens, -1, self.head_dim)
+        qk = _rotate_signed(qkv[:, : self.heads + self.kv_heads], cos, signed_sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, self.heads + self.kv_heads :].to(self.dtype)
+        self.k_cache[index][plan.write_slots] = k
+        self.v_cache[index][plan.write_slots] = v
+        attended = paged_attention(
+            q, self.k_cache[index], self.v_cache[index], plan, layer.scaling, self.attention_dtype
+        )
+        x = x + layer.o_proj.forward_bf16(attended)
+        h = F.rms_norm(x, x.shape[-1:], layer.post_norm, layer.post_eps)
+        gate, up = layer.gate_up.forward_bf16(h).chunk(2, dim=-1)
+        return x + layer.down_proj.forward_bf16(F.silu(gate.to(self.dtype)) * up)
+
+    def _reference_layer(
+        self,
+        layer: Any,
+        index: int,
+        x: torch.Tensor,  # [T, hidden]
+        plan: AttentionPlan,
+        cos: torch.Tensor,  # [T, 1, head_dim]
+        sin: torch.Tensor,  # [T, 1, head_dim]
+    ) -> torch.Tensor:
+        """One decoder layer through the model's own modules (float32 or dequantized weights)."""
+        num_tokens, attn = x.shape[0], layer.self_attn
+        h = layer.input_layernorm(x)
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = _rotate(q.reshape(num_tokens, self.heads, self.head_dim), cos, sin)
+        k = _rotate(k.reshape(num_tokens, self.kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(num_tokens, self.kv_heads, self.head_dim)
+        self.k_cache[index][plan.write_slots] = k
+        self.v_cache[index][plan.write_slots] = v
+        attended = paged_attention(
+            q, self.k_cache[index], self.v_cache[index], plan, attn.scaling, self.attention_dtype
+        )
+        x = x + attn.o_proj(attended)
+        out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
+        return out
 
     def free(self, seq_id: int) -> None:
         return None  # everything a sequence has here lives in its pages
