@@ -443,15 +443,16 @@ def test_runner_logits_match_the_transformers_reference(weights: str, target: Ta
 def test_cpu_attention_splits_unlike_shapes_and_each_token_attends_as_alone() -> None:
     """On CPU a 16-token chunk deep in a long prompt and a 3-token verify get padded calls apart from
     8 one-token decodes (at most twice the query-key pairs they need); in float64 every entry's attention
-    equals what it gets alone, bit for bit."""
+    equals what it gets alone, bit for bit. A plan built on the host for a GPU keeps the one padded call."""
     torch.manual_seed(3)
     k_cache, v_cache = torch.randn(4096, 3, 64), torch.randn(4096, 3, 64)
     decodes = [BatchEntry(i, [1], 40 + 7 * i, range(8 * i, 8 * i + 8), 1) for i in range(8)]
     chunk = BatchEntry(8, [1] * 16, 900, range(100, 160), 0)
     verify = BatchEntry(9, [1, 2, 3], 50, range(200, 208), 3)
     batch = [decodes[0], chunk, *decodes[1:4], verify, *decodes[4:]]
-    cpu = torch.device("cpu")
-    plan = AttentionPlan.build(batch, 16, cpu)
+    host = torch.device("cpu")
+    assert len(AttentionPlan.build(batch, 16, host).groups) == 1, "a plan for a GPU keeps one padded call"
+    plan = AttentionPlan.build(batch, 16, host, cpu=True)
     shapes = sorted(tuple(g.query_rows.shape) for g in plan.groups)
     assert shapes[-1] == (8, 1) and len(shapes) > 1, "the decodes pad neither to 3 nor to 16 queries"
     q = torch.randn(sum(len(e.token_ids) for e in batch), 9, 64)
@@ -460,7 +461,12 @@ def test_cpu_attention_splits_unlike_shapes_and_each_token_attends_as_alone() ->
     for entry in batch:
         n = len(entry.token_ids)
         alone = paged_attention(
-            q[offset : offset + n], k_cache, v_cache, AttentionPlan.build([entry], 16, cpu), 0.125, torch.float64
+            q[offset : offset + n],
+            k_cache,
+            v_cache,
+            AttentionPlan.build([entry], 16, host, cpu=True),
+            0.125,
+            torch.float64,
         )
         assert torch.equal(together[offset : offset + n], alone), entry.seq_id
         offset += n

@@ -61,7 +61,10 @@ class AttentionPlan:
         return AttentionPlan(move(self.write_slots), move(self.positions), move(self.positions_int32), groups)
 
     @staticmethod
-    def build(batch: Sequence[BatchEntry], page_size: int, device: torch.device) -> AttentionPlan:
+    def build(batch: Sequence[BatchEntry], page_size: int, device: torch.device, cpu: bool = False) -> AttentionPlan:
+        """The plan of one forward; `cpu`: attention runs on the CPU (the torch runner there), so few-token
+        entries of unlike shape get padded calls of their own and a group that is the whole pass is marked
+        (a plan built on the CPU for a GPU, as the ExLlamaV2 runner's, keeps one padded call)."""
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         padded: list[_Member] = []
@@ -79,7 +82,7 @@ class AttentionPlan:
             else:
                 groups.append(_group([(offset, entry, all_slots)], device))
             offset += n
-        if padded and device.type == "cpu":
+        if padded and cpu:
             groups[:0] = [_group(members, device) for members in _similar(padded)]
             if len(groups) == 1 and groups[0].valid_flat.numel() == groups[0].query_rows.numel() == offset:
                 groups[0] = dataclasses.replace(groups[0], whole=True)  # members in batch order: rows 0..T-1

@@ -113,7 +113,7 @@ class TorchLlamaRunner:
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
         inner = self.model.model
-        plan = AttentionPlan.build(batch, self.kv.page_size, self.device)
+        plan = AttentionPlan.build(batch, self.kv.page_size, self.device, cpu=self.device.type == "cpu")
         ids = torch.tensor([t for entry in batch for t in entry.token_ids], dtype=torch.long, device=self.device)
         x = inner.embed_tokens(ids)  # [T, hidden]
         cos, sin = inner.rotary_emb(x.unsqueeze(0), plan.positions.unsqueeze(0))  # [1, T, head_dim]
