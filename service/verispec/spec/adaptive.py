@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-_Key = TypeVar("_Key", int, tuple[int, int])
 _EMA = 0.1  # weight of a new measurement
 PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
 _PROBE_MAX = 256  # ... doubling after each rejected probe, up to this many steps
@@ -29,14 +27,14 @@ class CostModel:
 
     verify_s: dict[int, float] = field(default_factory=dict)
     draft_s: dict[str, float] = field(default_factory=dict)
-    batch_s: dict[tuple[int, int], float] = field(default_factory=dict)  # (sequences, tokens) -> seconds
+    batch_s: dict[int, dict[int, float]] = field(default_factory=dict)  # sequences -> tokens -> seconds
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
         """One pass over num_tokens tokens of num_seqs sequences."""
         with self._lock:
             _average_in(self.verify_s, num_tokens, seconds)
-            _average_in(self.batch_s, (num_seqs, num_tokens), seconds)
+            _average_in(self.batch_s.setdefault(num_seqs, {}), num_tokens, seconds)
 
     def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens <= 0:
@@ -72,10 +70,10 @@ class CostModel:
         tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
         tokens alone."""
         with self._lock:
-            exact = self.batch_s.get((num_seqs, num_tokens))
-            below = [t for (s, t) in self.batch_s if s == num_seqs and t < num_tokens]
-            base = max(below, default=None)
-            base_s = self.batch_s[(num_seqs, base)] if base is not None else 0.0
+            shape = self.batch_s.get(num_seqs, {})
+            exact = shape.get(num_tokens)
+            base = max((t for t in shape if t < num_tokens), default=None)
+            base_s = shape[base] if base is not None else 0.0
         if exact is not None:
             return exact
         if base is None:
@@ -86,7 +84,7 @@ class CostModel:
         return self.draft_s.get(drafter, 0.0)
 
 
-def _average_in(table: dict[_Key, float], key: _Key, seconds: float) -> None:
+def _average_in(table: dict[int, float], key: int, seconds: float) -> None:
     """The first measurement of a key, then an exponential moving average."""
     old = table.get(key)
     table[key] = seconds if old is None else old + _EMA * (seconds - old)
