@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
+import statistics
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 _EMA = 0.1  # weight of a new measurement
+_RECENT = 5  # passes of one batch shape whose median prices drafts in it
+_STOP_AFTER = 3  # passes of a shape measured before a probe is judged unable to pay there
 PROBE_EVERY = 8  # steps at k = 0 before a k = 1 probe re-measures acceptance ...
 _PROBE_MAX = 256  # ... doubling after each rejected probe, up to this many steps
 PROBE_CARRY_MAX = 64  # a new request starts from the interval its drafter last reached, up to this
@@ -21,20 +25,22 @@ class CostModel:
     The pass cost by tokens alone mixes shapes: on the CPU int4 kernel (2-core CI machine) one sequence
     of 4 tokens took 31 ms against 26 for 1, 8 sequences of 1 token 53 ms, and a 9th token beside those
     8 (one draft) 64 ms, where the single-sequence figures put it at +1 ms. AUTO prices drafts in a batch
-    by the passes of its own shape (`pass_cost`), so what a draft adds to a batch is measured, not
-    inferred from single-sequence passes.
+    by the passes of its own shape (`pass_cost`, the median of its last few passes, so that one slow
+    pass does not stop AUTO probing), so what a draft adds to a batch is measured, not inferred from
+    single-sequence passes.
     """
 
     verify_s: dict[int, float] = field(default_factory=dict)
     draft_s: dict[str, float] = field(default_factory=dict)
-    batch_s: dict[int, dict[int, float]] = field(default_factory=dict)  # sequences -> tokens -> seconds
+    batch_s: dict[int, dict[int, collections.deque[float]]] = field(default_factory=dict)  # seqs -> tokens -> s
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
         """One pass over num_tokens tokens of num_seqs sequences."""
         with self._lock:
             _average_in(self.verify_s, num_tokens, seconds)
-            _average_in(self.batch_s.setdefault(num_seqs, {}), num_tokens, seconds)
+            shape = self.batch_s.setdefault(num_seqs, {})
+            shape.setdefault(num_tokens, collections.deque(maxlen=_RECENT)).append(seconds)
 
     def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens <= 0:
@@ -68,17 +74,23 @@ class CostModel:
         """Seconds for a pass over num_tokens tokens of num_seqs sequences: measured for that shape, else
         the nearest measured pass of as many sequences and fewer tokens plus what the extra tokens add by
         tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
-        tokens alone."""
+        tokens alone; never less than a measured pass of as many sequences and fewer tokens."""
         with self._lock:
-            shape = self.batch_s.get(num_seqs, {})
-            exact = shape.get(num_tokens)
-            base = max((t for t in shape if t < num_tokens), default=None)
-            base_s = shape[base] if base is not None else 0.0
-        if exact is not None:
-            return exact
+            shape = {t: statistics.median(v) for t, v in self.batch_s.get(num_seqs, {}).items() if t <= num_tokens}
+        base = max((t for t in shape if t < num_tokens), default=None)
+        # Never cheaper than a measured pass of fewer tokens: noise that inverts two shapes would make a
+        # draft that is never accepted look like a gain.
+        floor = max((v for t, v in shape.items() if t < num_tokens), default=0.0)
+        if num_tokens in shape:
+            return max(shape[num_tokens], floor)
         if base is None:
             return self.verify_cost(num_tokens)
-        return base_s + max(0.0, self.verify_cost(num_tokens) - self.verify_cost(base))
+        return max(shape[base] + max(0.0, self.verify_cost(num_tokens) - self.verify_cost(base)), floor)
+
+    def num_passes(self, num_seqs: int, num_tokens: int) -> int:
+        """How many recent passes of that shape pass_cost rests on (0: priced from other shapes)."""
+        with self._lock:
+            return len(self.batch_s.get(num_seqs, {}).get(num_tokens, ()))
 
     def draft_cost(self, drafter: str) -> float:
         return self.draft_s.get(drafter, 0.0)
@@ -164,10 +176,11 @@ class KController:
         return k
 
     def _interval(self, costs: CostModel, drafter: str, batch_tokens: int, batch_size: int) -> int:
-        """Steps at k = 0 before a probe: probe_every while one accepted draft would pay in this pass,
-        else the longest interval (a probe that cannot pay even when accepted only costs the batch, but
-        one now and then re-measures a pass cost that may have been an outlier)."""
-        if best_k([1.0], 1, costs, drafter, batch_tokens, batch_size):
+        """Steps at k = 0 before a probe: probe_every while one accepted draft would pay in this pass, or
+        while the pass with one draft has been measured fewer than _STOP_AFTER times; else the longest
+        interval (a probe that cannot pay even when accepted only costs the batch)."""
+        measured = costs.num_passes(batch_size, batch_tokens + 1) >= _STOP_AFTER
+        if not measured or best_k([1.0], 1, costs, drafter, batch_tokens, batch_size):
             return self.probe_every
         return _PROBE_MAX
 
