@@ -93,9 +93,6 @@ class TorchRefBackend:
 
             report = apply_gguf(self.model, gguf)
             quantization, bits = report.quantization, report.bits_per_weight
-            from verispec.runner.torch_llama import fuse_projections
-
-            fuse_projections(self.model)
             if self.dtype == torch.float32:
                 use_float64_attention(self.model)
         elif gguf is not None:

@@ -102,6 +102,8 @@ class TorchLlamaRunner:
         # Int4-kernel models attend in float64 (see paged_attention): batch-invariant tokens.
         quantized = any(isinstance(m, Int4Linear) for m in model.modules())
         self.attention_dtype = torch.float64 if quantized and self.dtype == torch.float32 else None
+        if getattr(model, "verispec_fused", None) is None:  # once per model, whichever runner comes first
+            fuse_projections(model)
         fused = getattr(model, "verispec_fused", None)
         self.native = (
             [_NativeLayer.of(layer, pair) for layer, pair in zip(model.model.layers, fused, strict=True)]
