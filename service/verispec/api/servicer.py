@@ -120,7 +120,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 self._log_start(method, request, span)
                 stream = self._models().engine.stream(request, self.state.config.server.stream_stall_timeout_s)
             except VerispecError as exc:
-                self._reject(context, span, exc)
+                await self._reject(context, span, exc)
                 return None
             timing = _Timing(arrived, self.metrics)
             run = _RunState()
@@ -139,20 +139,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             last = run.last
             if last is not None and last.finish_reason is FinishReason.ERROR:
                 span.set_status(trace.StatusCode.ERROR, last.error)
-                refuse(context, internal(f"generation failed: {last.error}"))
+                await refuse(context, internal(f"generation failed: {last.error}"))
                 return None
             if last is not None and last.finish_reason is FinishReason.CANCELLED and _past(request.deadline):
                 # The engine stopped at the caller's deadline: say so, rather than send a late OK.
-                refuse(context, deadline_exceeded(f"deadline passed after {last.num_generated_tokens} tokens"))
+                await refuse(context, deadline_exceeded(f"deadline passed after {last.num_generated_tokens} tokens"))
                 return None
             return request
 
-    def _reject(self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError) -> None:
+    async def _reject(self, context: grpc.aio.ServicerContext[Any, Any], span: trace.Span, exc: VerispecError) -> None:
         status = to_status(exc)
         log.info("request.rejected", code=status.code.name, error=str(exc))
         span.set_status(trace.StatusCode.ERROR, str(exc))
         self.metrics.rejected.labels(status.code.name).inc()
-        refuse(context, status)
+        await refuse(context, status)
 
     def _log_start(self, method: str, request: Request, span: trace.Span) -> None:
         _request_attributes(span, request, self.state.config.model.model)
@@ -269,7 +269,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # The whole answer, per-token text included, is built off the event loop.
             return await self.tokenizing.run(convert.input_chars(request), _tokenize, tokenizer, request, max_bytes)
         except VerispecError as exc:
-            refuse(context, to_status(exc))
+            await refuse(context, to_status(exc))
             return pb.TokenizeResponse()
 
     async def ModelInfo(  # noqa: N802
@@ -278,7 +278,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             models = self.state.ready()
         except VerispecError as exc:
-            refuse(context, to_status(exc))
+            await refuse(context, to_status(exc))
             return pb.ModelInfoResponse()
         target, draft, spec, engine = models.target, models.draft, self.state.config.spec, self.state.config.engine
         stats = models.engine.stats()

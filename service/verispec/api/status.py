@@ -56,14 +56,21 @@ def deadline_exceeded(message: str) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=message))
 
 
-def refuse(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+async def refuse(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
     """Makes `status` the call's outcome; the handler then returns (grpc discards a non-OK call's response).
 
-    Not context.abort: the AbortError it raises is also kept on the call's state, so the error, its
-    traceback and the call form a reference cycle through every frame on the way, each holding the
-    request. Only the collector's next full pass frees such a cycle: until then a refused 4 MiB prompt
-    stayed in memory (~30 MiB a round of 24 refused prompts).
+    Not context.abort, except for UNAVAILABLE: the AbortError it raises is also kept on the call's state,
+    so the error, its traceback and the call form a reference cycle through every frame on the way, each
+    holding the request. Only the collector's next full pass frees such a cycle: until then a refused
+    4 MiB prompt stayed in memory (~30 MiB a round of 24 refused prompts).
+
+    UNAVAILABLE (draining, still loading: refused before any work) is the status clients retry on another
+    replica, and grpc retries only a call that got no response headers: a handler that returns sends its
+    (discarded) response message with them, an abort sends the status alone. Those refusals hold no large
+    request worth the cycle, so they abort.
     """
+    if status.code == grpc.StatusCode.UNAVAILABLE:
+        await context.abort(status.code, status.details, status.trailing_metadata)
     context.set_code(status.code)
     context.set_details(status.details)
     context.set_trailing_metadata(status.trailing_metadata)

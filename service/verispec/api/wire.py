@@ -128,7 +128,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if isinstance(request, _Malformed):
-                    refuse(context, to_status(request.error))  # set, not raised: see status.refuse
+                    await refuse(context, to_status(request.error))  # set, not raised: see status.refuse
                     return None
                 return await inner(request, context)
 
@@ -138,7 +138,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         # A coroutine that writes (as the servicer's streams are), so a reset stream unwinds in its task.
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             if isinstance(request, _Malformed):
-                refuse(context, to_status(request.error))
+                await refuse(context, to_status(request.error))
                 return
             if inspect.isasyncgenfunction(streaming):
                 async with contextlib.aclosing(streaming(request, context)) as responses:
