@@ -21,6 +21,8 @@ that order when the checkpoint has one that is not the identity.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -178,10 +180,15 @@ def _q4_gemm_kernel(  # type: ignore[no-untyped-def]  # Triton reads pointers an
 def default_config(weights: Q4Weights, num_sms: int) -> LaunchConfig:
     """The tiles that measured fastest on the 70B shapes (`verispec bench gemm` sweeps them): wide N
     tiles, and K cut into up to eight slices so that every SM streams several tiles at once."""
-    n = weights.out_features
-    block_n = 256 if n >= 32 * num_sms else 128 if n >= 8 * num_sms else 64
+    return _default_tiles(weights.in_features, weights.out_features, num_sms)
+
+
+@functools.cache
+def _default_tiles(in_features: int, out_features: int, num_sms: int) -> LaunchConfig:
+    """default_config by shape, worked out once per shape rather than on every call of a pass."""
+    block_n = 256 if out_features >= 32 * num_sms else 128 if out_features >= 8 * num_sms else 64
     split_k = 8
-    while split_k > 1 and (weights.in_features % (128 * split_k) or weights.in_features // split_k < 512):
+    while split_k > 1 and (in_features % (128 * split_k) or in_features // split_k < 512):
         split_k //= 2
     return LaunchConfig(block_n=block_n, block_k=128, split_k=split_k)
 
@@ -284,26 +291,16 @@ def dequantize(weights: Q4Weights, config: LaunchConfig | None = None) -> torch.
     size = weights.in_features
     eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
     sorted_rows = torch.cat(
-        [q4_matmul(eye[i : i + MAX_Q4_ROWS], _unpermuted(weights), config=config) for i in range(0, size, MAX_Q4_ROWS)]
+        [
+            q4_matmul(eye[i : i + MAX_Q4_ROWS], dataclasses.replace(weights, perm=None), config=config)
+            for i in range(0, size, MAX_Q4_ROWS)
+        ]
     )
     if weights.perm is None:
         return sorted_rows
     result = torch.empty_like(sorted_rows)
     result[weights.perm] = sorted_rows
     return result
-
-
-def _unpermuted(weights: Q4Weights) -> Q4Weights:
-    return Q4Weights(
-        weights.qweight,
-        weights.scales,
-        weights.scale_max,
-        weights.zeros,
-        None,
-        weights.group_size,
-        weights.in_features,
-        weights.out_features,
-    )
 
 
 _SMS: dict[int, int] = {}

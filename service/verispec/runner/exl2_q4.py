@@ -19,8 +19,6 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
 log = structlog.get_logger(__name__)
 
-GEMM_MODES = ("auto", "triton", "exllamav2")
-
 
 @dataclass(frozen=True)
 class LinearPath:
