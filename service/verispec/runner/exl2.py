@@ -116,7 +116,7 @@ class Exl2Runner:
             seconds = {}
             for use_q4 in (False, True):
                 self.q4_rows[rows] = use_q4
-                seconds["triton" if use_q4 else "exllamav2"] = _median_seconds(partial(self.forward, batch), repeats)
+                seconds["triton" if use_q4 else "exllamav2"] = median_seconds(partial(self.forward, batch), repeats)
             self.q4_rows[rows] = seconds["triton"] < seconds["exllamav2"]
             self.gemm_calibration[str(rows)] = {path: round(1000 * t, 3) for path, t in seconds.items()}
             for table in tables:
@@ -216,8 +216,10 @@ def _bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def _median_seconds(call: Any, repeats: int) -> float:
-    call()  # compiles and allocates outside the timing
+def median_seconds(call: Any, repeats: int) -> float:
+    """Median wall seconds of `call` on the GPU (synchronized around each), after one untimed call that
+    compiles and allocates."""
+    call()
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()

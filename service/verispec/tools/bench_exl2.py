@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -157,7 +158,7 @@ def _runner_pass_costs(backend: Any, gemm: str, repeats: int = 10) -> dict[str, 
     from verispec.config import EngineConfig
     from verispec.kv.pages import PageTable
     from verispec.runner.base import scratch_entry
-    from verispec.runner.exl2 import Exl2Runner
+    from verispec.runner.exl2 import Exl2Runner, median_seconds
 
     engine = EngineConfig(kv_cache_memory=4.0, max_active_requests=32)
     runner = Exl2Runner(backend, engine.kv_page_size, engine.kv_cache_memory, 32 * 1024, gemm=gemm)
@@ -168,15 +169,7 @@ def _runner_pass_costs(backend: Any, gemm: str, repeats: int = 10) -> dict[str, 
     context = len(PROMPT_TOKENS)
 
     def timed(batch: list[Any]) -> float:
-        runner.forward(batch)  # compiles and allocates outside the timing
-        times = []
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            runner.forward(batch)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
+        return 1000 * median_seconds(partial(runner.forward, batch), repeats)
 
     verify = {}
     for tokens in range(1, 10):
