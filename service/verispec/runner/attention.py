@@ -184,6 +184,23 @@ def paged_attention(
     return out.reshape(num_tokens, heads * head_dim)
 
 
+def write_and_attend(
+    q: torch.Tensor,  # [T, heads, head_dim], rotary applied
+    k: torch.Tensor,  # [T, kv_heads, head_dim], rotary applied
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
+    v_cache: torch.Tensor,
+    plan: AttentionPlan,
+    scale: float,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Writes this pass's keys and values into their slots of one layer's pages, then attends over them
+    (paged_attention); returns [T, heads * head_dim]."""
+    k_cache[plan.write_slots] = k
+    v_cache[plan.write_slots] = v
+    return paged_attention(q, k_cache, v_cache, plan, scale, compute_dtype)
+
+
 # On CUDA, a masked call with grouped heads went to a kernel whose host-side set-up is paid once per new
 # shape (measured on the H200, 70B shape: ~60 ms more engine CPU per pass, every pass of a request's
 # first 32 tokens, as each step brings a new key length; 30 ms a pass once the shapes had been seen).

@@ -30,7 +30,7 @@ from verispec.backends.exl2 import Exl2Backend
 from verispec.errors import ModelLoadError
 from verispec.kernels import MAX_Q4_ROWS
 from verispec.kv.pages import PageTable, pages_for
-from verispec.runner.attention import AttentionPlan, paged_attention
+from verispec.runner.attention import AttentionPlan, write_and_attend
 from verispec.runner.base import (
     BatchEntry,
     KVLayout,
@@ -193,10 +193,14 @@ class Exl2Runner:
             k = k.view(num_tokens, 1, self.kv_heads, self.head_dim)
             ext_c.rope_(q, sin, cos, 0, self.heads, self.head_dim, plan.positions_int32, self.neox_rope)
             ext_c.rope_(k, sin, cos, 0, self.kv_heads, self.head_dim, plan.positions_int32, self.neox_rope)
-        self.k_cache[layer][plan.write_slots] = k.view(num_tokens, self.kv_heads, self.head_dim)
-        self.v_cache[layer][plan.write_slots] = v.view(num_tokens, self.kv_heads, self.head_dim)
-        attended = paged_attention(
-            q.view(num_tokens, self.heads, self.head_dim), self.k_cache[layer], self.v_cache[layer], plan, attn.scaling
+        attended = write_and_attend(
+            q.view(num_tokens, self.heads, self.head_dim),
+            k.view(num_tokens, self.kv_heads, self.head_dim),
+            v.view(num_tokens, self.kv_heads, self.head_dim),
+            self.k_cache[layer],
+            self.v_cache[layer],
+            plan,
+            attn.scaling,
         )
         if q4 is not None:  # o_proj added to the residual stream
             return o_forward(q4, attended.view(num_tokens, -1), x.view(num_tokens, -1)).unsqueeze(1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
 from verispec.backends.base import BackendInfo
 from verispec.quant.int4 import Int4Linear
-from verispec.runner.attention import AttentionPlan, paged_attention
+from verispec.runner.attention import AttentionPlan, write_and_attend
 from verispec.runner.base import BatchEntry, KVLayout, logits_rows, plan_num_pages, split_logits
 
 # Decoder-only models whose layers are exactly: RMSNorm -> attention (q/k/v/o, rotary, GQA) -> residual
@@ -153,10 +153,8 @@ class TorchLlamaRunner:
         qk = _rotate_signed(qkv[:, : self.heads + self.kv_heads], cos, signed_sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, self.heads + self.kv_heads :].to(self.dtype)
-        self.k_cache[index][plan.write_slots] = k
-        self.v_cache[index][plan.write_slots] = v
-        attended = paged_attention(
-            q, self.k_cache[index], self.v_cache[index], plan, layer.scaling, self.attention_dtype
+        attended = write_and_attend(
+            q, k, v, self.k_cache[index], self.v_cache[index], plan, layer.scaling, self.attention_dtype
         )
         x = x + layer.o_proj.forward_bf16(attended)
         h = F.rms_norm(x, x.shape[-1:], layer.post_norm, layer.post_eps)
@@ -179,10 +177,8 @@ class TorchLlamaRunner:
         q = _rotate(q.reshape(num_tokens, self.heads, self.head_dim), cos, sin)
         k = _rotate(k.reshape(num_tokens, self.kv_heads, self.head_dim), cos, sin)
         v = v.reshape(num_tokens, self.kv_heads, self.head_dim)
-        self.k_cache[index][plan.write_slots] = k
-        self.v_cache[index][plan.write_slots] = v
-        attended = paged_attention(
-            q, self.k_cache[index], self.v_cache[index], plan, attn.scaling, self.attention_dtype
+        attended = write_and_attend(
+            q, k, v, self.k_cache[index], self.v_cache[index], plan, attn.scaling, self.attention_dtype
         )
         x = x + attn.o_proj(attended)
         out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
