@@ -33,14 +33,18 @@ class CostModel:
     verify_s: dict[int, float] = field(default_factory=dict)
     draft_s: dict[str, float] = field(default_factory=dict)
     batch_s: dict[int, dict[int, collections.deque[float]]] = field(default_factory=dict)  # seqs -> tokens -> s
+    # The median of each batch_s window, kept as passes are recorded (once a step) rather than worked out
+    # on every price AUTO asks for (k_max + 1 of them a step).
+    _batch_median: dict[int, dict[int, float]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
         """One pass over num_tokens tokens of num_seqs sequences."""
         with self._lock:
             _average_in(self.verify_s, num_tokens, seconds)
-            shape = self.batch_s.setdefault(num_seqs, {})
-            shape.setdefault(num_tokens, collections.deque(maxlen=_RECENT)).append(seconds)
+            window = self.batch_s.setdefault(num_seqs, {}).setdefault(num_tokens, collections.deque(maxlen=_RECENT))
+            window.append(seconds)
+            self._batch_median.setdefault(num_seqs, {})[num_tokens] = statistics.median(window)
 
     def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens <= 0:
@@ -76,7 +80,7 @@ class CostModel:
         tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
         tokens alone; never less than a measured pass of as many sequences and fewer tokens."""
         with self._lock:
-            shape = {t: statistics.median(v) for t, v in self.batch_s.get(num_seqs, {}).items() if t <= num_tokens}
+            shape = {t: v for t, v in self._batch_median.get(num_seqs, {}).items() if t <= num_tokens}
         base = max((t for t in shape if t < num_tokens), default=None)
         # Never cheaper than a measured pass of fewer tokens: noise that inverts two shapes would make a
         # draft that is never accepted look like a gain.
