@@ -7,6 +7,7 @@ differ only as bfloat16 kernel arithmetic allows (stated tolerances below).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 from tests.conftest import RunningServer, Target
 from tests.test_batching import PROMPTS
-from verispec.backends.torch_ref import SmallBatchLinear, route_small_linears
+from verispec.backends.torch_ref import SmallBatchLinear, route_small_linears, use_float64_attention
 from verispec.config import DEFAULT_MODEL, ModelConfig
 from verispec.models import gguf_source
 from verispec.quant.gguf import _decode
@@ -161,3 +162,34 @@ def test_few_row_route_is_chosen_by_timing() -> None:
     first, second = model[0], model[1]
     assert isinstance(first, torch.nn.Linear) and isinstance(second, torch.nn.Linear)
     assert torch.allclose(model(x), x @ first.weight.T @ second.weight.T, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_causal_lm(architecture: str) -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    shape |= {"num_attention_heads": 2, "num_key_value_heads": 1, "attn_implementation": "sdpa"}
+    if architecture == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    layers = ["sliding_attention", "full_attention"]
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=16, sliding_window=4, layer_types=layers)).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_float64_attention_masks_passes_over_a_filled_cache(architecture: str) -> None:
+    """Under the float64 attention of int4-kernel models, a prompt fed in passes of 3 tokens over the
+    cache (chunked prefill, verify) gives the logits of one plain SDPA forward of the whole prompt: causal
+    from the cache's end, and Gemma 3's sliding window (4 here, the prompt 12) kept."""
+    from transformers import DynamicCache
+
+    model: Any = _tiny_causal_lm(architecture)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        whole = model(input_ids=ids).logits[0]
+        use_float64_attention(model)
+        cache = DynamicCache(config=model.config)
+        passes = [
+            model(input_ids=ids[:, i : i + 3], past_key_values=cache, use_cache=True).logits[0] for i in (0, 3, 6, 9)
+        ]
+    assert torch.allclose(torch.cat(passes), whole, atol=1e-5), float((torch.cat(passes) - whole).abs().max())

@@ -235,6 +235,7 @@ def use_float64_attention(model: Any) -> None:
     depend on how many tokens its pass holds, so a rolled-back cache and a fresh prefill agree."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     def float64_sdpa(
         module: torch.nn.Module,
@@ -252,6 +253,10 @@ def use_float64_attention(model: Any) -> None:
         return out.to(query.dtype), weights
 
     AttentionInterface.register("verispec_float64_sdpa", float64_sdpa)
+    # transformers builds no mask at all for an attention name it has no mask function for, and SDPA's own
+    # is_causal is aligned top-left: a pass of several tokens over a filled cache (chunked prefill, verify)
+    # would attend to the wrong keys, and a sliding-window layer would see past its window.
+    ALL_MASK_ATTENTION_FUNCTIONS.register("verispec_float64_sdpa", sdpa_mask)
     model.set_attn_implementation("verispec_float64_sdpa")
 
 
