@@ -44,11 +44,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from verispec.tools.bench_cpu_peer import add_cpu_peer_arguments
     from verispec.tools.bench_gemm import add_gemm_arguments
     from verispec.tools.bench_quality import add_quality_arguments
+    from verispec.tools.quality_exl2 import add_quality_exl2_arguments
 
     add_cost_arguments(kinds)
     add_cpu_peer_arguments(kinds)
     add_gemm_arguments(kinds)
     add_quality_arguments(kinds)
+    add_quality_exl2_arguments(kinds)
 
 
 def add_soak_arguments(kinds: Any) -> None:
@@ -162,6 +164,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from verispec.tools.bench_quality import run_quality
 
         result = run_quality(args, _progress)
+    elif args.bench == "quality-exl2":
+        from verispec.tools.quality_exl2 import run_quality_exl2
+
+        result = run_quality_exl2(args, _progress)
     else:  # pragma: no cover - argparse only accepts the kinds above
         raise SystemExit(f"unknown benchmark {args.bench}")
     text = json.dumps(result, indent=2)
