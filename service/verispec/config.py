@@ -65,6 +65,7 @@ class ModelConfig:
     reserve_gb: float = 1.0  # exl2 autosplit: GB left free on each GPU
     cache_mode: str = "fp16"  # exl2 KV cache: fp16, q8, q6, q4
     exl2_gemm: str = "auto"  # exl2 4-bit GEMM of passes up to 64 rows: auto (measured), triton, exllamav2
+    cuda_graphs: bool = True  # exl2: few-token passes replay CUDA graphs captured at start-up
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,14 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         str,
         "exl2 4-bit GEMM of passes up to 64 rows: auto (per row count, the faster of the Triton kernel and "
         "ExLlamaV2's, timed at start-up), triton (always the Triton kernel) or exllamav2 (its own kernels)",
+    ),
+    (
+        "cuda-graphs",
+        "model",
+        "cuda_graphs",
+        bool,
+        "exl2: run passes of up to 64 rows (decode, verify, draft steps, short prompts) as CUDA graphs "
+        "captured at start-up, one per row bucket (needs Triton); false: every pass launches its kernels",
     ),
     ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),
     ("dtype", "model", "dtype", str, "activation dtype: auto, float32, float16, bfloat16"),

@@ -61,7 +61,14 @@ def load_backend(
 
         split = model.gpu_split if gpu_split is None else gpu_split
         exl2 = Exl2Backend(
-            model_dir, spec, split, model.reserve_gb, model.cache_mode, model.max_context_length, model.exl2_gemm
+            model_dir,
+            spec,
+            split,
+            model.reserve_gb,
+            model.cache_mode,
+            model.max_context_length,
+            model.exl2_gemm,
+            model.cuda_graphs,
         )
         return exl2, tokenizer
     raise ConfigError("--backend", f"backend {model.backend!r} is not available in this build")

@@ -81,10 +81,12 @@ def reference(exl2: Any, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return TorchRefBackend(directory, "tiny-dequantized", device="cuda", dtype="float32")
 
 
-def paged_runner(backend: Any, engine: Any, gemm: str) -> Any:
-    """The exl2 paged runner with a given 4-bit GEMM mode (auto, triton, exllamav2), sized as build_runner
-    sizes it."""
+def paged_runner(backend: Any, engine: Any, gemm: str, cuda_graphs: bool = True) -> Any:
+    """The exl2 paged runner with a given 4-bit GEMM mode (auto, triton, exllamav2), with or without CUDA
+    graphs, sized as build_runner sizes it."""
     from verispec.runner.exl2 import Exl2Runner
 
     max_tokens = engine.max_active_requests * (backend.info.max_context_length + engine.kv_page_size)
-    return Exl2Runner(backend, engine.kv_page_size, engine.kv_cache_memory, max_tokens, gemm=gemm)
+    return Exl2Runner(
+        backend, engine.kv_page_size, engine.kv_cache_memory, max_tokens, gemm=gemm, cuda_graphs=cuda_graphs
+    )

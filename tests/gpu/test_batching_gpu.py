@@ -44,26 +44,36 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     return relative, agree
 
 
-@pytest.fixture(scope="module", params=["triton", "exllamav2"])
+@pytest.fixture(scope="module", params=[("triton", True), ("exllamav2", True), ("triton", False), ("exllamav2", False)])
 def runner(exl2: Any, request: pytest.FixtureRequest) -> Any:
-    """The paged runner with each 4-bit GEMM on every batch: the Triton kernel and ExLlamaV2's own."""
-    made = paged_runner(exl2, SMALL_KV, request.param)
-    assert bool(made.q4_layers) == (request.param == "triton")
+    """The paged runner with each 4-bit GEMM on every batch (the Triton kernel, ExLlamaV2's own), with
+    few-token passes replayed as CUDA graphs and launched eagerly."""
+    gemm, cuda_graphs = request.param
+    made = paged_runner(exl2, SMALL_KV, gemm, cuda_graphs)
+    assert bool(made.q4_layers) == (gemm == "triton")
+    assert (made.graphs is not None) == cuda_graphs
     return made
 
 
 def test_auto_gemm_measures_both_paths_and_keeps_the_faster(exl2: Any) -> None:
-    """By default the runner times a decode pass of 1 .. 64 sequences with each GEMM and uses, per row
-    count, the one that measured faster."""
+    """By default the runner captures every row bucket with each GEMM, times both replays and keeps the
+    faster; without graphs it times eager decode passes of 1 .. 64 sequences the same way."""
     from verispec.runner.exl2 import Exl2Runner
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS
 
     made = build_runner(exl2, SMALL_KV)
     assert isinstance(made, Exl2Runner), "the exl2 backend gets the paged runner"
     assert made.q4_layers, "the uniform 4-bit model is covered by the Triton GEMM"
-    assert set(made.gemm_calibration) == {str(rows) for rows in (1, 2, 4, 8, 16, 32, 64)}
-    for rows, times in made.gemm_calibration.items():
-        assert made.q4_rows[int(rows)] == (times["triton"] < times["exllamav2"])
-    print(f"pass ms by rows: {made.gemm_calibration}")
+    assert made.graphs is not None, "CUDA graphs are on by default"
+    assert set(made.graphs.calibration) == {str(rows) for rows in GRAPH_BUCKETS}
+    for rows, times in made.graphs.calibration.items():
+        assert made.graphs.captured[int(rows)].use_q4 == (times["triton"] < times["exllamav2"])
+    print(f"replay ms by rows: {made.graphs.calibration}")
+    eager = paged_runner(exl2, SMALL_KV, "auto", cuda_graphs=False)
+    assert set(eager.gemm_calibration) == {str(rows) for rows in (1, 2, 4, 8, 16, 32, 64)}
+    for rows, times in eager.gemm_calibration.items():
+        assert eager.q4_rows[int(rows)] == (times["triton"] < times["exllamav2"])
+    print(f"eager pass ms by rows: {eager.gemm_calibration}")
 
 
 def test_ragged_batch_matches_the_reference(runner: Any, reference: Any) -> None:

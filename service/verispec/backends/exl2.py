@@ -121,6 +121,7 @@ class Exl2Backend:
         cache_mode: str = "fp16",
         max_context_length: int = 0,
         gemm: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         if not torch.cuda.is_available():
             raise ModelLoadError("the exl2 backend needs a CUDA device, and none is visible")
@@ -152,6 +153,7 @@ class Exl2Backend:
         self.model = ExLlamaV2(config)
         self.cache_mode = cache_mode
         self.gemm = gemm  # the paged runner's 4-bit GEMM: auto, triton or exllamav2
+        self.cuda_graphs = cuda_graphs  # the paged runner replays few-token passes as CUDA graphs
         log.info("model.load.start", model=model_id, backend="exl2", gpu_split=list(gpu_split) or "auto")
         if gpu_split:
             self.model.load(list(gpu_split), progress=True)

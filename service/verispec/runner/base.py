@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -10,10 +12,11 @@ import structlog
 import torch
 
 from verispec.backends.base import BackendInfo
-from verispec.kv.pages import PagePool, PageTable
+from verispec.kv.pages import PagePool, PageTable, pages_for
 
 log = structlog.get_logger(__name__)
 GIB = 1024**3
+CALIBRATION_CONTEXT = 16  # positions each sequence of a calibration pass holds before its token
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,25 @@ def scratch_entry(
     runner directly, before its engine runs or while it is idle (pages are rewritten before they are read)."""
     pool.reserve(table, start + len(tokens))
     return BatchEntry(seq_id, tokens, start, table.pages, num_logits)
+
+
+def calibration_batch(pool: PagePool, rows: int) -> list[BatchEntry] | None:
+    """`rows` scratch sequences decoding one token after CALIBRATION_CONTEXT positions, or None when
+    the pool cannot hold them."""
+    if pool.num_pages < rows * pages_for(CALIBRATION_CONTEXT + 1, pool.page_size):
+        return None
+    return [scratch_entry(pool, PageTable(), [1], CALIBRATION_CONTEXT, 1, -1 - i) for i in range(rows)]
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `call` on the GPU (synchronized around each), after one untimed call that
+    compiles and allocates."""
+    call()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

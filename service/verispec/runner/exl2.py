@@ -10,18 +10,22 @@ and RoPE, more launches but a cost that stays flat in rows; `--exl2-gemm auto` t
 keeps the faster per row count. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
 and only once an exl2 model is loaded.
 
+Passes of up to 64 rows made of few-token entries (decode, verify, draft steps, short prompts) replay
+CUDA graphs captured at start-up (runner/exl2_graphs.py, `--cuda-graphs`); the rest launch their
+kernels one by one. Both go through the same module loop (`run_modules`).
+
 The pages hold fp16 keys and values whatever --cache-mode says: ExLlamaV2's Q4/Q6/Q8 cache kernels
 work on its own cache layout, not on these pages. A Q4 cache would need a quarter of the bytes per
-token; ModelInfo reports the fp16 figure that is actually used.
+token; ModelInfo reports the fp16 figure that is actually used. One spare page past the pool's pages
+takes the rows that pad a captured pass.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 import torch
@@ -29,23 +33,53 @@ import torch
 from verispec.backends.exl2 import Exl2Backend
 from verispec.errors import ModelLoadError
 from verispec.kernels import MAX_Q4_ROWS
-from verispec.kv.pages import PageTable, pages_for
 from verispec.runner.attention import AttentionPlan, write_and_attend
 from verispec.runner.base import (
     BatchEntry,
     KVLayout,
+    calibration_batch,
     kv_budget_bytes,
     logits_rows,
+    median_seconds,
     plan_num_pages,
-    scratch_entry,
     split_logits,
 )
 from verispec.runner.exl2_q4 import Q4Layer, head_forward, mlp_forward, o_forward, plan_layers, qkv_forward
 
+if TYPE_CHECKING:
+    from verispec.runner.exl2_graphs import DecodeGraphs
+
 log = structlog.get_logger(__name__)
 
 ROW_BUCKETS = tuple(2**i for i in range(MAX_Q4_ROWS.bit_length()))  # 1, 2, 4 ... 64
-CALIBRATION_CONTEXT = 16
+
+
+class Rows(Protocol):
+    """What the layers of one pass need to know about its rows on one GPU."""
+
+    @property
+    def positions_int32(self) -> torch.Tensor:
+        """[T] each row's position in its sequence (the offsets RoPE kernels take)."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Writes the rows' keys and values into layer `layer`'s pages and attends; [T, heads * head_dim]."""
+        ...
+
+
+@dataclass(frozen=True)
+class _PlanRows:
+    """Rows of a pass launched eagerly: torch attention over the pages (runner/attention.py)."""
+
+    runner: Exl2Runner
+    plan: AttentionPlan
+
+    @property
+    def positions_int32(self) -> torch.Tensor:
+        return self.plan.positions_int32
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return write_and_attend(q, k, v, self.runner.k_cache[layer], self.runner.v_cache[layer], self.plan, scale)
 
 
 class Exl2Runner:
@@ -54,7 +88,13 @@ class Exl2Runner:
     batched = True
 
     def __init__(
-        self, backend: Exl2Backend, page_size: int, kv_share: float, max_tokens: int, gemm: str | None = None
+        self,
+        backend: Exl2Backend,
+        page_size: int,
+        kv_share: float,
+        max_tokens: int,
+        gemm: str | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         from exllamav2.architecture import RopeStyle
         from exllamav2.attn import ExLlamaV2Attention
@@ -68,13 +108,15 @@ class Exl2Runner:
         self.attention = [m for m in modules if isinstance(m, ExLlamaV2Attention)]
         if not self.attention or any(m.q_handle is None for m in self.attention):
             raise ModelLoadError("the paged exl2 runner needs quantized attention layers (EXL2/GPTQ)")
+        # Module index -> its layer's keys and values in k_cache / v_cache.
+        self.layer_of = {index: n for n, index in enumerate(i for i, m in enumerate(modules) if m in self.attention)}
         first = self.attention[0]
         self.heads, self.kv_heads, self.head_dim = first.num_attention_heads, first.num_key_value_heads, first.head_dim
         self.neox_rope = first.archparams.rope_style == RopeStyle.NEOX
         # Module index -> the Triton 4-bit GEMM's weights, for batches of up to MAX_Q4_ROWS rows.
         mode = gemm or backend.gemm
         self.q4_layers, self.gemm_paths = plan_layers(modules, mode)
-        # Row buckets (1, 2, 4 ... 64) -> whether the Triton GEMM runs a batch of that many rows. In
+        # Row buckets (1, 2, 4 ... 64) -> whether the Triton GEMM runs an eager pass of that many rows. In
         # "auto" mode a measurement after the cache exists decides (see calibrate_gemm).
         self.q4_rows = dict.fromkeys(ROW_BUCKETS, bool(self.q4_layers))
         self.gemm_calibration: dict[str, dict[str, float]] = {}
@@ -88,9 +130,10 @@ class Exl2Runner:
         for device, count in layers_on.items():
             free, _total = torch.cuda.mem_get_info(device)
             budget = kv_budget_bytes(kv_share, free)
-            num_pages = min(num_pages, plan_num_pages(layer_bytes * count, page_size, budget, max_tokens))
+            spare = layer_bytes * count * page_size
+            num_pages = min(num_pages, plan_num_pages(layer_bytes * count, page_size, budget - spare, max_tokens))
         self.kv = KVLayout(page_size, num_pages, bytes_per_token, "float16")
-        shape = (num_pages * page_size, self.kv_heads, self.head_dim)
+        shape = ((num_pages + 1) * page_size, self.kv_heads, self.head_dim)  # + the spare page
         self.k_cache = [torch.empty(shape, dtype=torch.half, device=f"cuda:{a.device_idx}") for a in self.attention]
         self.v_cache = [torch.empty(shape, dtype=torch.half, device=f"cuda:{a.device_idx}") for a in self.attention]
         if backend.cache_mode != "fp16":
@@ -100,27 +143,35 @@ class Exl2Runner:
                 detail="paged KV pages are fp16; the quantized cache mode applies to the sequential path only",
             )
         self.kv.log_ready("exl2_paged", layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())})
+        self.graphs: DecodeGraphs | None = None  # when few-token passes replay CUDA graphs
+        if backend.cuda_graphs if cuda_graphs is None else cuda_graphs:
+            from verispec.runner.exl2_graphs import DecodeGraphs, unavailable
+
+            reason = unavailable(self)
+            if reason:
+                log.warning("runner.cuda_graphs_off", reason=reason)
+            else:
+                self.graphs = DecodeGraphs(self, mode)
+                # Eager passes are then prefill chunks: ExLlamaV2's fused kernels launch less.
+                self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "triton")
+                return
         if mode == "auto" and self.q4_layers:
             self.calibrate_gemm()
 
     def calibrate_gemm(self, repeats: int = 5) -> None:
-        """Times a decode pass of 1, 2, 4 ... 64 sequences with each GEMM and keeps the faster per row
-        count: ExLlamaV2's fused kernels launch less and its q-gemm is quick at one row, the Triton
+        """Times an eager decode pass of 1, 2, 4 ... 64 sequences with each GEMM and keeps the faster per
+        row count: ExLlamaV2's fused kernels launch less and its q-gemm is quick at one row, the Triton
         kernel keeps its cost as rows grow (`verispec bench gemm` shows both). Runs before the engine."""
-        pool = self.kv.new_pool()
         for rows in ROW_BUCKETS:
-            if pool.num_pages < rows * pages_for(CALIBRATION_CONTEXT + 1, pool.page_size):
+            batch = calibration_batch(self.kv.new_pool(), rows)
+            if batch is None:
                 break
-            tables = [PageTable() for _ in range(rows)]
-            batch = [scratch_entry(pool, t, [1], CALIBRATION_CONTEXT, 1, -1 - i) for i, t in enumerate(tables)]
             seconds = {}
             for use_q4 in (False, True):
                 self.q4_rows[rows] = use_q4
                 seconds["triton" if use_q4 else "exllamav2"] = median_seconds(partial(self.forward, batch), repeats)
             self.q4_rows[rows] = seconds["triton"] < seconds["exllamav2"]
             self.gemm_calibration[str(rows)] = {path: round(1000 * t, 3) for path, t in seconds.items()}
-            for table in tables:
-                pool.release(table)
         log.info(
             "runner.gemm_calibrated",
             triton_rows=[rows for rows, use in self.q4_rows.items() if use],
@@ -129,77 +180,95 @@ class Exl2Runner:
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
-        from exllamav2.attn import ExLlamaV2Attention
-        from exllamav2.ext import exllamav2_ext as ext_c
-        from exllamav2.ext import none_tensor
+        if self.graphs is not None:
+            logits = self.graphs.forward(batch)
+            if logits is not None:
+                return logits
+        return self._forward_eager(batch)
 
-        plans: dict[int, AttentionPlan] = {}
+    def _forward_eager(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
         cpu_plan = AttentionPlan.build(batch, self.kv.page_size, torch.device("cpu"))
-        ids = torch.tensor([[t for entry in batch for t in entry.token_ids]], dtype=torch.long)
-        num_tokens = ids.shape[1]
-        rows = torch.tensor(logits_rows(batch), dtype=torch.long)
-        x: torch.Tensor = self.modules[0].forward(ids)  # embedding, [1, T, hidden]
-        x = x.view(num_tokens, 1, -1)  # one row per token: each has its own RoPE position
-        use_q4 = num_tokens <= MAX_Q4_ROWS and self.q4_rows[_bucket(num_tokens)]
-        layer = 0
-        for index in range(1, len(self.modules)):
+        plans: dict[torch.device, _PlanRows] = {}
+
+        def rows_on(device: torch.device) -> Rows:
+            if device not in plans:
+                plans[device] = _PlanRows(self, cpu_plan.to(device))
+            return plans[device]
+
+        token_ids = [t for entry in batch for t in entry.token_ids]
+        rows = logits_rows(batch)
+        x = self.embed(token_ids)
+        use_q4 = len(token_ids) <= MAX_Q4_ROWS and self.q4_rows[_bucket(len(token_ids))]
+        if not rows:  # prefill chunks that want no logits stop before the final norm
+            self.run_modules(x, 1, self.head_index - 1, rows_on, use_q4)
+            return split_logits(batch, torch.empty(0, self.info.vocab_size))
+        x = self.run_modules(x, 1, len(self.modules), rows_on, use_q4, torch.tensor(rows, dtype=torch.long))
+        return split_logits(batch, self.logits(x))
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor:
+        """The token embeddings [T, 1, hidden] (in host memory, where ExLlamaV2 keeps the table): one row
+        per token, each with its own RoPE position."""
+        x: torch.Tensor = self.modules[0].forward(torch.tensor([token_ids], dtype=torch.long))
+        return x.view(len(token_ids), 1, -1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output [rows, padded vocab] as float32 logits [rows, vocab]."""
+        return x.view(x.shape[0], -1)[:, : self.info.vocab_size].float()
+
+    def run_modules(
+        self,
+        x: torch.Tensor,  # [T, 1, hidden] fp16
+        start: int,
+        stop: int,
+        rows_on: Callable[[torch.device], Rows],
+        use_q4: bool,
+        keep: torch.Tensor | None = None,  # [R] rows that go on past the final norm (None: all)
+    ) -> torch.Tensor:
+        """Runs modules start .. stop-1 over x, moving it to each module's GPU; returns the last output."""
+        from exllamav2.attn import ExLlamaV2Attention
+
+        for index in range(start, stop):
             module = self.modules[index]
             device = module.device_idx
             if device is not None and device >= 0 and x.device != torch.device("cuda", device):
                 x = x.to(f"cuda:{device}")
-            if index == self.head_index - 1:  # the final norm: only the rows whose logits are wanted go on
-                if rows.numel() == 0:
-                    return split_logits(batch, torch.empty(0, self.info.vocab_size))
-                x = x[rows.to(x.device)]
+            if index == self.head_index - 1 and keep is not None:  # the final norm: only rows with logits
+                x = x[keep.to(x.device)]
             q4 = self.q4_layers.get(index) if use_q4 else None
             if isinstance(module, ExLlamaV2Attention):
-                plan = plans.get(device)
-                if plan is None:
-                    plan = plans[device] = cpu_plan.to(x.device)
-                x = self._attention(module, layer, x, plan, q4, ext_c, none_tensor)
-                layer += 1
+                x = self._attention(module, self.layer_of[index], x, rows_on(x.device), q4)
             elif q4 is not None:
                 flat = x.view(x.shape[0], -1)
                 x = (head_forward(q4, flat) if index == self.head_index else mlp_forward(module, q4, flat)).unsqueeze(1)
             else:
                 x = module.forward(x)
-        logits = x.view(x.shape[0], -1)[:, : self.info.vocab_size].float()
-        return split_logits(batch, logits)
+        return x
 
-    def _attention(
-        self,
-        attn: Any,
-        layer: int,
-        x: torch.Tensor,
-        plan: AttentionPlan,
-        q4: Q4Layer | None,
-        ext_c: Any,
-        none_tensor: torch.Tensor,
-    ) -> torch.Tensor:
+    def _attention(self, attn: Any, layer: int, x: torch.Tensor, rows: Rows, q4: Q4Layer | None) -> torch.Tensor:
+        from exllamav2.ext import exllamav2_ext as ext_c
+        from exllamav2.ext import none_tensor
+
         num_tokens = x.shape[0]
         context = self.model.get_device_context(attn.device_idx)
         sin, cos = context.sin[attn.rope_index], context.cos[attn.rope_index]
+        positions = rows.positions_int32
         # Norm, q/k/v projections and RoPE at each row's own position (batch = rows, q_len = 1).
         if q4 is None:
             q = torch.empty((num_tokens, 1, self.heads, self.head_dim), dtype=torch.half, device=x.device)
             k = torch.empty((num_tokens, 1, self.kv_heads, self.head_dim), dtype=torch.half, device=x.device)
             v = torch.empty_like(k)
-            ext_c.q_attn_forward_1(
-                attn.q_handle, x, num_tokens, 1, 0, plan.positions_int32, q, k, v, sin, cos, [], none_tensor
-            )
+            ext_c.q_attn_forward_1(attn.q_handle, x, num_tokens, 1, 0, positions, q, k, v, sin, cos, [], none_tensor)
         else:
             q, k, v = qkv_forward(attn, q4, x.view(num_tokens, -1))
             q = q.view(num_tokens, 1, self.heads, self.head_dim)
             k = k.view(num_tokens, 1, self.kv_heads, self.head_dim)
-            ext_c.rope_(q, sin, cos, 0, self.heads, self.head_dim, plan.positions_int32, self.neox_rope)
-            ext_c.rope_(k, sin, cos, 0, self.kv_heads, self.head_dim, plan.positions_int32, self.neox_rope)
-        attended = write_and_attend(
+            ext_c.rope_(q, sin, cos, 0, self.heads, self.head_dim, positions, self.neox_rope)
+            ext_c.rope_(k, sin, cos, 0, self.kv_heads, self.head_dim, positions, self.neox_rope)
+        attended = rows.attend(
+            layer,
             q.view(num_tokens, self.heads, self.head_dim),
             k.view(num_tokens, self.kv_heads, self.head_dim),
             v.view(num_tokens, self.kv_heads, self.head_dim),
-            self.k_cache[layer],
-            self.v_cache[layer],
-            plan,
             attn.scaling,
         )
         if q4 is not None:  # o_proj added to the residual stream
@@ -218,17 +287,3 @@ class Exl2Runner:
 def _bucket(rows: int) -> int:
     """The smallest row bucket that holds `rows` (rows <= MAX_Q4_ROWS)."""
     return 1 << (rows - 1).bit_length()
-
-
-def median_seconds(call: Any, repeats: int) -> float:
-    """Median wall seconds of `call` on the GPU (synchronized around each), after one untimed call that
-    compiles and allocates."""
-    call()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)

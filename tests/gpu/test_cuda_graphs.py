@@ -1,0 +1,192 @@
+"""CUDA-graph passes of the exl2 runner and the Triton paged attention they use, against eager passes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from verispec.config import EngineConfig
+from verispec.kv.pages import PagePool, PageTable
+from verispec.runner.base import BatchEntry
+
+from .conftest import paged_runner
+
+pytestmark = pytest.mark.gpu
+
+SMALL_KV = EngineConfig(kv_cache_memory=2.0, max_active_requests=8)
+RELATIVE = 5e-3  # fp16 kernels on the same weights: attention by another kernel moves last bits only
+
+
+def _attention_reference(
+    q: torch.Tensor,  # [rows, heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: list[list[int]],
+    positions: list[int],
+    page: int,
+) -> torch.Tensor:
+    """Each row over keys 0 .. its position of its own pages, in float32 with the KV heads expanded."""
+    _rows, heads, head_dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = []
+    for row, (table, position) in enumerate(zip(tables, positions, strict=True)):
+        p = torch.arange(position + 1, device=q.device)
+        slots = torch.tensor(table, device=q.device)[p // page] * page + p % page
+        keys = k_cache[slots].float().repeat_interleave(group, 1)  # [L, heads, D]
+        values = v_cache[slots].float().repeat_interleave(group, 1)
+        weights = (torch.einsum("hd,lhd->hl", q[row].float(), keys) / math.sqrt(head_dim)).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", weights, values))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(64, 8, 128), (32, 8, 64), (9, 3, 64), (8, 8, 128)])
+def test_paged_kernel_matches_attention_over_gathered_keys(heads: int, kv_heads: int, head_dim: int) -> None:
+    """Rows of decodes, of a verify's k+1 tokens and of contexts across many key tiles and pages, in
+    scattered pages: the kernel equals float32 attention over the gathered keys to fp16 rounding."""
+    from verispec.kernels.paged_attention import paged_decode_attention
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    torch.manual_seed(0)
+    page, num_pages = 16, 160
+    k_cache = torch.randn(num_pages * page, kv_heads, head_dim, device="cuda").half()
+    v_cache = torch.randn(num_pages * page, kv_heads, head_dim, device="cuda").half()
+    order = torch.randperm(num_pages).tolist()
+    sequences = [order[0:1], order[1:6], order[6:70], order[70:71]]
+    rows = [(0, 0), (0, 15), (1, 64), (1, 65), (1, 66), (1, 67), (1, 68), (2, 1000), (2, 1023), (3, 3)]
+    width = 80
+    tables = torch.zeros(len(rows), width, dtype=torch.int32)
+    for row, (sequence, _position) in enumerate(rows):
+        tables[row, : len(sequences[sequence])] = torch.tensor(sequences[sequence])
+    lengths = torch.tensor([position + 1 for _, position in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), heads, head_dim, device="cuda").half()
+    got = paged_decode_attention(
+        q, k_cache, v_cache, tables.cuda(), lengths.cuda(), 1 / math.sqrt(head_dim), page
+    ).float()
+    expected = _attention_reference(q, k_cache, v_cache, [sequences[s] for s, _ in rows], [p for _, p in rows], page)
+    error = float((got - expected).abs().max())
+    print(f"heads {heads}/{kv_heads} x {head_dim}: max abs error {error:.2e}")
+    assert error < 2e-2 * float(expected.abs().max())
+
+
+@pytest.fixture(scope="module", params=["triton", "exllamav2"])
+def pair(exl2: Any, request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """A runner that replays CUDA graphs and one that launches eagerly, both with one GEMM everywhere."""
+    return paged_runner(exl2, SMALL_KV, request.param), paged_runner(exl2, SMALL_KV, request.param, False)
+
+
+def _prefilled(runner: Any, prompts: list[list[int]], room: int) -> list[PageTable]:
+    pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+    tables = [PageTable() for _ in prompts]
+    for i, (table, prompt) in enumerate(zip(tables, prompts, strict=True)):
+        pool.reserve(table, len(prompt) + room)
+        runner.forward([BatchEntry(i, prompt, 0, table.pages, 0)])  # over 16 tokens: an eager pass
+    return tables
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """The largest difference relative to the largest logit, and the share of rows whose argmax agrees
+    or, on random weights, is a near-tie: the other path's pick is within twice that difference of the
+    top logit (fp16 noise can only swap logits that close)."""
+    noise = (actual - expected).abs().max()
+    relative = float(noise / expected.abs().max())
+    picked = expected.gather(-1, actual.argmax(-1, keepdim=True)).squeeze(-1)
+    tie = picked >= expected.max(-1).values - 2 * noise
+    return relative, float(((actual.argmax(-1) == expected.argmax(-1)) | tie).float().mean())
+
+
+def _batches(prompts: list[list[int]], tables: list[PageTable]) -> list[list[BatchEntry]]:
+    """Few-token passes that fill buckets exactly and that need padding: decodes, verifies of k+1,
+    draft catch-up (several tokens, one logit) and a short prompt (<= 16 tokens) beside decodes."""
+    n = [len(p) for p in prompts]
+
+    def entry(i: int, tokens: list[int], start: int, logits: int) -> BatchEntry:
+        return BatchEntry(i, tokens, start, tables[i].pages, logits)
+
+    return [
+        [entry(0, [500], n[0], 1)],  # 1 row
+        [entry(i, [510 + i], n[i], 1) for i in range(3)],  # 3 rows
+        [entry(1, [520, 521, 522, 523, 524], n[1], 5)],  # verify k+1 = 5
+        [entry(0, [530, 531, 532, 533], n[0], 4), entry(2, [540, 541, 542], n[2], 3)],  # 7 rows: bucket 8
+        [entry(i, [550 + i], n[i], 1) for i in range(5)] + [entry(5, prompts[5], 0, 1)],  # decodes + a prompt
+        [entry(3, [560, 561, 562], n[3], 1), entry(4, [570], n[4], 1)],  # catch-up: logits on the last row
+    ]
+
+
+def test_graph_replays_score_as_eager_passes(pair: tuple[Any, Any]) -> None:
+    """Every pass shape above (1 to 13 rows, padded and not) gives from a graph replay the logits the
+    eager pass gives on the same weights and pages, to fp16 noise."""
+    graphs, eager = pair
+    prompts = [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate((40, 23, 64, 17, 31, 12))]
+    # The short prompt (sequence 5) takes the pool's last pages, which no prefilled prompt holds.
+    graph_tables = [*_prefilled(graphs, prompts[:5], 8), PageTable([graphs.kv.num_pages - 1])]
+    eager_tables = [*_prefilled(eager, prompts[:5], 8), PageTable([eager.kv.num_pages - 1])]
+    assert graphs.graphs is not None and eager.graphs is None
+    worst = 0.0
+    for graph_batch, eager_batch in zip(_batches(prompts, graph_tables), _batches(prompts, eager_tables), strict=True):
+        assert graphs.graphs.accepts(graph_batch) is not None, "a few-token pass replays a graph"
+        got = graphs.forward(graph_batch)
+        expected = eager.forward(eager_batch)
+        for a, b in zip(got, expected, strict=True):
+            relative, agree = _close(a, b)
+            worst = max(worst, relative)
+            assert relative < RELATIVE and agree == 1.0
+    print(f"graph replay vs eager pass: worst relative difference {worst:.2e}")
+
+
+def test_a_sequence_grows_across_pages_under_one_capture(pair: tuple[Any, Any]) -> None:
+    """48 decode steps of two sequences, fed the same tokens, crossing page boundaries: the replayed
+    graph reads the new lengths and page tables every step and scores as the eager pass does."""
+    graphs, eager = pair
+    prompts = [list(range(700, 713)), list(range(800, 830))]
+    graph_tables, eager_tables = _prefilled(graphs, prompts, 64), _prefilled(eager, prompts, 64)
+    worst = 0.0
+    for step in range(48):
+        tokens = [900 + step, 950 + step]
+        batches = [
+            [BatchEntry(i, [tokens[i]], len(p) + step, tables[i].pages, 1) for i, p in enumerate(prompts)]
+            for tables in (graph_tables, eager_tables)
+        ]
+        for a, b in zip(graphs.forward(batches[0]), eager.forward(batches[1]), strict=True):
+            relative, agree = _close(a, b)
+            worst = max(worst, relative)
+            assert relative < RELATIVE and agree == 1.0, f"step {step}"
+    print(f"48 graph decode steps vs eager: worst relative difference {worst:.2e}")
+
+
+def test_padding_rows_leave_every_sequence_as_it_was(pair: tuple[Any, Any]) -> None:
+    """A pass of 7 rows runs in the bucket of 8: its rows write their own 7 slots and the padding row
+    writes only the spare page past the pool, so every other slot of every layer stays bit for bit."""
+    graphs, _eager = pair
+    pool = PagePool(graphs.kv.num_pages, graphs.kv.page_size)
+    bystander, busy = PageTable(), PageTable()
+    pool.reserve(bystander, 20)
+    pool.reserve(busy, 40)
+    graphs.forward([BatchEntry(0, list(range(300, 319)), 0, bystander.pages, 0)])
+    graphs.forward([BatchEntry(1, list(range(30)), 0, busy.pages, 0)])
+    caches = [*graphs.k_cache, *graphs.v_cache]
+    before = [cache.clone() for cache in caches]
+    verify = [BatchEntry(1, list(range(7)), 30, busy.pages, 7)]
+    assert graphs.graphs.accepts(verify) == 8
+    graphs.forward(verify)
+    size = graphs.kv.page_size
+    keep = torch.ones(caches[0].shape[0], dtype=torch.bool, device=caches[0].device)
+    keep[[busy.pages[p // size] * size + p % size for p in range(30, 37)]] = False  # the pass's own slots
+    keep[graphs.kv.num_pages * size :] = False  # the spare page
+    for old, new in zip(before, caches, strict=True):
+        assert torch.equal(old[keep], new[keep])
+
+
+def test_long_entries_and_large_passes_launch_eagerly(pair: tuple[Any, Any]) -> None:
+    """A prefill chunk of more than 16 tokens, or more rows than the largest bucket, is not captured."""
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS, GRAPH_MAX_NEW_TOKENS
+
+    graphs, _eager = pair
+    table = PageTable(list(range(12)))
+    assert graphs.graphs.accepts([BatchEntry(0, [1] * (GRAPH_MAX_NEW_TOKENS + 1), 0, table.pages, 1)]) is None
+    many = [BatchEntry(i, [1] * 4, 0, table.pages, 1) for i in range(GRAPH_BUCKETS[-1] // 4 + 1)]
+    assert graphs.graphs.accepts(many) is None
+    assert graphs.graphs.accepts([BatchEntry(0, [1] * GRAPH_MAX_NEW_TOKENS, 0, table.pages, 1)]) == 16
