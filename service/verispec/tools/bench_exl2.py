@@ -12,6 +12,7 @@ Its flags are defined in `verispec.tools.bench`: this module imports torch at to
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -24,6 +25,8 @@ import torch
 
 PROMPT_TOKENS = [1, *range(1000, 1063)]  # 64 tokens
 K_MAX = {"off": 0, "auto": 8}  # num_draft_tokens per mode: AUTO chooses k in 0..8
+# The paged runner's paths, timed in one run: (name, --exl2-gemm, --cuda-graphs).
+RUNNER_PATHS = (("exllamav2", "exllamav2", False), ("triton", "triton", False), ("cuda_graphs", "auto", True))
 
 
 def _progress(message: str) -> None:
@@ -143,25 +146,30 @@ def _pass_figures(target: Any, draft: Any, n: int) -> dict[str, Any]:
     result["verify_pass_ms"] = {str(t): round(1000 * _pass_cost(target, t), 2) for t in range(1, 10)}
     result["verify_pass_relative"] = {t: round(ms / (1000 * one), 2) for t, ms in result["verify_pass_ms"].items()}
     result["draft_step_ms"] = round(1000 * _pass_cost(draft, 1), 2)
-    _progress("paged runner passes with each 4-bit GEMM")
-    result["runner_passes"] = {
-        role: {gemm: _runner_pass_costs(model, gemm) for gemm in ("exllamav2", "triton")}
-        for role, model in (("target", target), ("draft", draft))
-    }
+    _progress("paged runner passes: each 4-bit GEMM launched eagerly, then replayed as CUDA graphs")
+    passes: dict[str, dict[str, Any]] = {"target": {}, "draft": {}}
+    for role, model in (("target", target), ("draft", draft)):
+        for name, gemm, graphs in RUNNER_PATHS:
+            passes[role][name] = _runner_pass_costs(model, gemm, graphs)
+            gc.collect()  # a runner and its graphs refer to each other: their memory goes back now
+            torch.cuda.empty_cache()
+    result["runner_passes"] = passes
     torch.cuda.empty_cache()
     return result
 
 
-def _runner_pass_costs(backend: Any, gemm: str, repeats: int = 10) -> dict[str, Any]:
+def _runner_pass_costs(backend: Any, gemm: str, cuda_graphs: bool, repeats: int = 10) -> dict[str, Any]:
     """One sequence's verify pass of 1..9 tokens and decode batches of 1..32 sequences through the paged
-    runner with one GEMM everywhere (medians, ms), and each relative to the 1-token pass."""
+    runner on one path (medians, ms), and each relative to the 1-token pass."""
     from verispec.config import EngineConfig
     from verispec.kv.pages import PageTable
-    from verispec.runner.base import scratch_entry
-    from verispec.runner.exl2 import Exl2Runner, median_seconds
+    from verispec.runner.base import median_seconds, scratch_entry
+    from verispec.runner.exl2 import Exl2Runner
 
     engine = EngineConfig(kv_cache_memory=4.0, max_active_requests=32)
-    runner = Exl2Runner(backend, engine.kv_page_size, engine.kv_cache_memory, 32 * 1024, gemm=gemm)
+    runner = Exl2Runner(
+        backend, engine.kv_page_size, engine.kv_cache_memory, 32 * 1024, gemm=gemm, cuda_graphs=cuda_graphs
+    )
     pool = runner.kv.new_pool()
     tables = [PageTable() for _ in range(32)]
     for i, table in enumerate(tables):
@@ -180,6 +188,7 @@ def _runner_pass_costs(backend: Any, gemm: str, repeats: int = 10) -> dict[str, 
         batch = [scratch_entry(pool, tables[i], [7], context, 1, -1 - i) for i in range(size)]
         decode[str(size)] = round(timed(batch), 2)
     return {
+        "replay_ms_by_gemm": runner.graphs.calibration if runner.graphs is not None else {},
         "verify_pass_ms": verify,
         "verify_pass_relative": {t: round(ms / verify["1"], 2) for t, ms in verify.items()},
         "decode_batch_ms": decode,
@@ -266,7 +275,10 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     costs = CostModel()
     config = EngineConfig()
     runner, draft_runner = build_runner(target, config), build_runner(draft, config)
-    result["auto_gemm_calibration_ms"] = getattr(runner, "gemm_calibration", {})
+    graphs = getattr(runner, "graphs", None)
+    result["auto_gemm_calibration_ms"] = (
+        graphs.calibration if graphs is not None else getattr(runner, "gemm_calibration", {})
+    )
     calibrate(runner, costs, 9, config.max_batch_tokens)
     calibrate_draft(draft_runner, costs)
     drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft_runner)}
