@@ -4,6 +4,7 @@ themselves run in tests/gpu/test_quality_exl2.py."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -37,7 +38,7 @@ from verispec.tools.exl2_convert import (
     status_report,
     weight_stats,
 )
-from verispec.tools.quality_exl2 import draft_config
+from verispec.tools.quality_exl2 import Plan, draft_config, measure
 from verispec.tools.quality_exl2_carry import (
     CALL_LIMIT,
     MIB,
@@ -267,6 +268,15 @@ def test_the_dry_run_exports_and_prints_every_converter_command(dry_run: dict[st
     assert len(printed) == 7 and all(str(work) in line for line in printed)
     assert all("<work>" in c and str(work) not in c for c in converter["point_commands"].values())
     assert dry_run["exl2"]["reference"]["weight_bytes"] == weight_stats(work / "fp16")["weight_bytes"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_measuring_without_cuda_says_so_before_any_work(tmp_path: Path) -> None:
+    """Past the dry run the command needs a GPU: it says so (the CLI exits 1 with it) and converts nothing."""
+    plan = Plan(DEFAULT_MODEL, tmp_path, Conversions(tmp_path), [PointSpec(4.0, 6)])
+    with pytest.raises(ModelLoadError, match="CUDA"):
+        measure(plan, argparse.Namespace(jobs=0), {"exl2": {}}, lambda _message: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_module_imports_without_torch_or_exllamav2() -> None:

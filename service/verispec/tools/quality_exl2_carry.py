@@ -175,7 +175,7 @@ def device_commands(first: str, second: str, gguf: str, sha256: str, sdist: str)
         f'echo "{sha256}  $S/{gguf}" | sha256sum -c -',
         'mkdir -p "$S/cache/downloads"',
         f'cp {second}/{sdist} "$S/cache/downloads/"',
-        'export PYTHONPATH="$S/site:$PWD/service" PYTHONUNBUFFERED=1 VERISPEC_CACHE_DIR="$S/cache"',
+        'export PYTHONPATH="$S/site:$PWD/service" PYTHONUNBUFFERED=1 VERISPEC_CACHE_DIR="$S/cache" HF_HUB_OFFLINE=1',
         f'{{ {run} 2>&1 >/dev/null | tee "$OUT/quality-exl2.log"; '
         'tar -czf "$OUT/converter-logs.tgz" -C "$S/work" logs measurement.json; }',
     ]
