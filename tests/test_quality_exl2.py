@@ -26,6 +26,7 @@ from verispec.models import SMOLLM2, resolve_model
 from verispec.tokenizer import Tokenizer
 from verispec.tools.bench_quality import windows
 from verispec.tools.exl2_convert import (
+    CONVERTER_ENV,
     EXPORT_MARKER,
     ConversionError,
     Conversions,
@@ -239,6 +240,15 @@ def test_a_converter_that_cannot_run_raises_with_its_last_lines(tmp_path: Path) 
     with pytest.raises(ConversionError, match="exllamav2"):
         run_converter("measurement", conversions.measurement_command(), log, lambda _message: None)
     assert "No module named" in log.read_text()
+
+
+def test_converter_processes_run_with_the_causal_attention_switch(tmp_path: Path) -> None:
+    """run_converter starts its process with EXLLAMA_NO_SDPA, ExLlamaV2's own switch to the attention path that
+    builds the causal mask (its SDPA path has none outside paged batches without flash-attn), and unbuffered."""
+    log = tmp_path / "env.log"
+    show = "import os; print(os.environ.get('EXLLAMA_NO_SDPA'), os.environ.get('PYTHONUNBUFFERED'))"
+    run_converter("env", [sys.executable, "-c", show], log, lambda _message: None)
+    assert log.read_text().split() == [CONVERTER_ENV["EXLLAMA_NO_SDPA"], "1"] == ["1", "1"]
 
 
 # -- dry run, JSON and plot -------------------------------------------------------------------------

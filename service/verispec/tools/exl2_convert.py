@@ -35,6 +35,11 @@ MODEL_FILES = (
 )
 STATUS = re.compile(r"\[STATUS\](.*)\[/STATUS\]")
 CALIBRATION_PERPLEXITY = re.compile(r"calibration perplexity \(quant\): ([0-9.]+)")
+# What the converter's processes run with besides the caller's environment. Without flash-attn or xformers,
+# ExLlamaV2 0.3.2 attends through torch SDPA with a block-diagonal mask that is None outside paged batches,
+# so its calibration forwards over whole rows would not be causal (the exl2 backend fixes the same in its own
+# process, backends/exl2.py); EXLLAMA_NO_SDPA selects its matmul path, which builds the causal mask.
+CONVERTER_ENV = {"PYTHONUNBUFFERED": "1", "EXLLAMA_NO_SDPA": "1"}
 
 Progress = Callable[[str], None]
 
@@ -205,7 +210,7 @@ def run_converter(label: str, command: Sequence[str], log: Path, progress: Progr
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     reported: dict[str, float] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **CONVERTER_ENV}
     pipe = subprocess.PIPE
     with (
         log.open("w") as sink,

@@ -45,6 +45,7 @@ from verispec.tools.bench_quality import (
 )
 from verispec.tools.exl2_convert import (
     CONVERTER,
+    CONVERTER_ENV,
     ConversionError,
     Conversions,
     PointSpec,
@@ -184,6 +185,7 @@ def describe(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "converter": {
                 "module": CONVERTER,
                 "calibration": "ExLlamaV2's built-in calibration set",
+                "environment": CONVERTER_ENV,
                 "calibration_length": conversions.calibration_length,
                 "jobs_at_once": args.jobs or len(plan.points),
                 "measurement_command": conversions.shown(conversions.measurement_command()),
