@@ -84,3 +84,34 @@ def test_bench_gemm_refuses_bad_rows_and_says_plainly_that_it_needs_cuda() -> No
         return
     no_gpu = subprocess.run(bench, capture_output=True, text=True, timeout=120, check=False)
     assert no_gpu.returncode == 1 and "needs a CUDA device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+
+
+def test_a_pass_replays_the_smallest_captured_bucket_that_holds_it() -> None:
+    """7 rows run in the bucket of 8; a bucket whose capture failed passes to the next one captured; no
+    rows, or more than the largest bucket, launch eagerly."""
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS, bucket_for
+
+    every = set(GRAPH_BUCKETS)
+    assert [bucket_for(n, every) for n in (1, 3, 5, 7, 13, 64)] == [1, 3, 5, 8, 16, 64]
+    assert bucket_for(7, every - {8}) == 12
+    assert bucket_for(0, every) is None
+    assert bucket_for(GRAPH_BUCKETS[-1] + 1, every) is None
+    assert bucket_for(2, set()) is None
+
+
+def test_graph_segments_follow_the_gpu_split() -> None:
+    """One graph per run of modules on one GPU, after the embedding; a module without a GPU of its own
+    stays in the run around it."""
+    from types import SimpleNamespace
+
+    from verispec.runner.exl2_graphs import segments
+
+    def modules(*devices: int | None) -> list[SimpleNamespace]:
+        return [SimpleNamespace(device_idx=d) for d in devices]
+
+    one = segments(modules(-1, 0, 0, 0, 0))
+    assert [(s.device, s.start, s.stop) for s in one] == [(0, 1, 5)]
+    split = segments(modules(-1, 0, 0, None, 0, 1, 1, 1))
+    assert [(s.device, s.start, s.stop) for s in split] == [(0, 1, 5), (1, 5, 8)]
+    with pytest.raises(ValueError, match="no module"):
+        segments(modules(-1, None))

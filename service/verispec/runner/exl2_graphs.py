@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -122,7 +122,7 @@ class DecodeGraphs:
         # Page-table width: a sequence never holds more than the model's context plus a verify's lookahead.
         context = int(runner.model.config.max_seq_len) + GRAPH_MAX_NEW_TOKENS
         self.max_pages = min(runner.kv.num_pages, pages_for(context, self.page_size))
-        self.segments = _segments(runner)
+        self.segments = segments(runner.modules)
         self.pools = {segment.device: torch.cuda.graph_pool_handle() for segment in self.segments}
         self.captured: dict[int, _Captured] = {}
         self.calibration: dict[str, dict[str, float]] = {}
@@ -268,10 +268,7 @@ class DecodeGraphs:
             if n > GRAPH_MAX_NEW_TOKENS or len(entry.pages) > self.max_pages:
                 return None
             num_rows += n
-        for rows in GRAPH_BUCKETS:
-            if rows >= num_rows:
-                return rows if rows in self.captured and num_rows else None
-        return None
+        return bucket_for(num_rows, self.captured)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor] | None:
@@ -325,19 +322,28 @@ class DecodeGraphs:
                 captured.copied[device].record()
 
 
-def _segments(runner: Exl2Runner) -> list[_Segment]:
-    """Runs of consecutive modules (after the embedding) on one GPU."""
-    segments: list[_Segment] = []
+def bucket_for(num_rows: int, captured: Container[int]) -> int | None:
+    """The smallest captured bucket that holds `num_rows` rows (None: none does, or no rows)."""
+    if num_rows < 1:
+        return None
+    return next((rows for rows in GRAPH_BUCKETS if rows >= num_rows and rows in captured), None)
+
+
+def segments(modules: Sequence[Any]) -> list[_Segment]:
+    """Runs of consecutive modules after the embedding on one GPU (a module of no GPU of its own, device
+    index None or -1, joins the run it sits in)."""
+    found: list[_Segment] = []
     device = None
     start = 1
-    for index in range(1, len(runner.modules)):
-        module_device = runner.modules[index].device_idx
+    for index in range(1, len(modules)):
+        module_device = modules[index].device_idx
         if module_device is None or module_device < 0:
             continue
         if device is not None and module_device != device:
-            segments.append(_Segment(device, start, index))
+            found.append(_Segment(device, start, index))
             start = index
         device = module_device
-    assert device is not None
-    segments.append(_Segment(device, start, len(runner.modules)))
-    return segments
+    if device is None:
+        raise ValueError("no module after the embedding is on a GPU")
+    found.append(_Segment(device, start, len(modules)))
+    return found
