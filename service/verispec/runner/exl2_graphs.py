@@ -20,10 +20,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 import torch
@@ -33,14 +33,12 @@ from verispec.kv.pages import pages_for
 from verispec.runner.base import (
     CALIBRATION_CONTEXT,
     BatchEntry,
+    KVLayout,
     calibration_batch,
     logits_rows,
     median_seconds,
     split_logits,
 )
-
-if TYPE_CHECKING:
-    from verispec.runner.exl2 import Exl2Runner
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +50,35 @@ EXLLAMAV2_AUTOTUNE_CALLS = 201
 assert GRAPH_BUCKETS[-1] <= MAX_Q4_ROWS
 
 
-def unavailable(runner: Exl2Runner) -> str:
+class GraphedRunner(Protocol):
+    """What the graphs need of the runner whose passes they capture (runner/exl2.py's Exl2Runner)."""
+
+    modules: list[Any]  # ExLlamaV2's modules: the embedding, then layers, final norm and head
+    model: Any  # the ExLlamaV2 model (its config)
+    kv: KVLayout
+    q4_layers: dict[int, Any]  # module index -> the Triton GEMM's weights
+    k_cache: list[torch.Tensor]  # per layer [slots, kv_heads, head_dim]
+    v_cache: list[torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    def embed(self, token_ids: list[int]) -> torch.Tensor: ...
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def run_modules(
+        self,
+        x: torch.Tensor,
+        start: int,
+        stop: int,
+        rows_on: Callable[[torch.device], Any],
+        use_q4: bool,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+def unavailable(runner: GraphedRunner) -> str:
     """Why this runner's passes cannot be captured, or "" when they can."""
     try:
         from verispec.kernels.paged_attention import supports
@@ -74,7 +100,7 @@ class _StaticRows:
     """The rows of a captured pass on one GPU: views into that GPU's copy of the host's metadata
     (positions | slots | lengths | page tables, int32), which every replay reads."""
 
-    def __init__(self, runner: Exl2Runner, meta: torch.Tensor, rows: int, max_pages: int) -> None:
+    def __init__(self, runner: GraphedRunner, meta: torch.Tensor, rows: int, max_pages: int) -> None:
         self.runner = runner
         self.positions_int32 = meta[:rows]
         self.slots = meta[rows : 2 * rows]
@@ -113,9 +139,9 @@ class _Captured:
 
 
 class DecodeGraphs:
-    """Captures the few-token passes of one Exl2Runner and replays them."""
+    """Captures the few-token passes of one exl2 runner and replays them."""
 
-    def __init__(self, runner: Exl2Runner, gemm: str) -> None:
+    def __init__(self, runner: GraphedRunner, gemm: str) -> None:
         self.runner = runner
         self.page_size = runner.kv.page_size
         self.spare_page = runner.kv.num_pages  # the cache holds one page more than the pool hands out
