@@ -39,6 +39,7 @@ from verispec.tools.bench_quality import (
     CORPUS_SDIST_SHA256,
     CORPUS_SHA256,
     DRAFT_PROMPT_TOKENS,
+    Corpus,
     corpus_text,
     fetch_corpus,
     windows,
@@ -102,9 +103,15 @@ class Plan:
     conversions: Conversions
     points: list[PointSpec]
     tokens_available: int = 0
-    token_ids: list[int] = field(default_factory=list)
+    prefix: tuple[int, ...] = ()  # the special tokens the tokenizer puts before any text, at each window's start
     chunks: list[list[int]] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)
+    decode_prompt: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_evaluated(self) -> int:
+        """Corpus tokens in the windows, the prefixes not counted (as bench quality counts them)."""
+        return sum(len(chunk) - len(self.prefix) for chunk in self.chunks)
 
 
 def plan_run(args: argparse.Namespace, progress: Progress) -> Plan:
@@ -121,14 +128,16 @@ def plan_run(args: argparse.Namespace, progress: Progress) -> Plan:
     plan = Plan(model, model_dir, conversions, [PointSpec(b, head_bits_for(b, args.head_bits)) for b in bpw])
     progress(f"exporting {model_dir.name} as fp16 for the converter")
     export_fp16(model_dir, conversions.fp16_dir)
-    corpus_ids = Tokenizer(conversions.fp16_dir).encode(corpus_text(fetch_corpus(cache_dir, progress)))
-    plan.tokens_available = len(corpus_ids)
-    plan.token_ids = corpus_ids[: args.tokens]
-    plan.chunks = windows(plan.token_ids, args.window)
-    beyond = corpus_ids[args.tokens :]  # passages the curve did not read, taken as bench quality takes them
-    stride = max(len(beyond) // max(args.draft_prompts, 1), DRAFT_PROMPT_TOKENS)
-    plan.prompts = [beyond[i * stride : i * stride + DRAFT_PROMPT_TOKENS] for i in range(args.draft_prompts)]
-    progress(f"corpus: {len(corpus_ids)} tokens, evaluating {len(plan.token_ids)} in {len(plan.chunks)} windows")
+    text = corpus_text(fetch_corpus(cache_dir, progress))
+    corpus = Corpus.encode(Tokenizer(conversions.fp16_dir), text, args.tokens)  # as bench quality reads it
+    plan.tokens_available = len(corpus.evaluated) + len(corpus.beyond)
+    plan.prefix = corpus.prefix
+    plan.chunks = windows(corpus.evaluated, args.window, corpus.prefix)
+    plan.prompts = corpus.prompts(args.draft_prompts) if args.draft_prompts else []
+    plan.decode_prompt = [*corpus.prefix, *corpus.evaluated[:DRAFT_PROMPT_TOKENS]]
+    progress(
+        f"corpus: {plan.tokens_available} tokens, evaluating {plan.tokens_evaluated} in {len(plan.chunks)} windows"
+    )
     return plan
 
 
@@ -177,8 +186,9 @@ def describe(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
             "sdist_sha256": CORPUS_SDIST_SHA256,
             "file_sha256": CORPUS_SHA256,
             "tokens_available": plan.tokens_available,
-            "tokens_evaluated": sum(len(chunk) for chunk in plan.chunks),
+            "tokens_evaluated": plan.tokens_evaluated,
             "window": args.window,
+            "window_prefix_ids": list(plan.prefix),
         },
         "exl2": {
             "status": "dry run: the converter's commands only" if args.dry_run else "running",
@@ -249,7 +259,7 @@ def measure(plan: Plan, args: argparse.Namespace, result: dict[str, Any], progre
     del reference_logprobs
     _free_cuda()
     progress("decode speed and draft runs, one model at a time")
-    prompt = plan.prompts[0] if plan.prompts else plan.token_ids[:DRAFT_PROMPT_TOKENS]
+    prompt = plan.decode_prompt
     info["decode_tokens_per_s"] = round(decode_tokens_per_s(reference, prompt, args.decode_tokens), 2)
     half = TorchRefBackend(conversions.fp16_dir, "reference-fp16-compute", "cuda", "float16", CONTEXT)
     info["decode_tokens_per_s_float16"] = round(decode_tokens_per_s(half, prompt, args.decode_tokens), 2)
