@@ -164,16 +164,19 @@ def test_few_row_route_is_chosen_by_timing() -> None:
     assert torch.allclose(model(x), x @ first.weight.T @ second.weight.T, rtol=1e-4, atol=1e-5)
 
 
-def _tiny_causal_lm(architecture: str) -> torch.nn.Module:
+def _tiny_causal_lm(architecture: str) -> Any:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    shape = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    shape: dict[str, Any] = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
     shape |= {"num_attention_heads": 2, "num_key_value_heads": 1, "attn_implementation": "sdpa"}
+    model: Any
     if architecture == "llama":
-        return LlamaForCausalLM(LlamaConfig(**shape)).eval()
-    layers = ["sliding_attention", "full_attention"]
-    return Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=16, sliding_window=4, layer_types=layers)).eval()
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    else:
+        layers = ["sliding_attention", "full_attention"]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=16, sliding_window=4, layer_types=layers))
+    return model.eval()
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma3"])
