@@ -75,7 +75,11 @@ def test_paged_kernel_matches_attention_over_gathered_keys(heads: int, kv_heads:
 @pytest.fixture(scope="module", params=["triton", "exllamav2"])
 def pair(exl2: Any, request: pytest.FixtureRequest) -> tuple[Any, Any]:
     """A runner that replays CUDA graphs and one that launches eagerly, both with one GEMM everywhere."""
-    return paged_runner(exl2, SMALL_KV, request.param), paged_runner(exl2, SMALL_KV, request.param, False)
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS
+
+    graphs = paged_runner(exl2, SMALL_KV, request.param)
+    assert sorted(graphs.graphs.captured) == list(GRAPH_BUCKETS), "every bucket captures"
+    return graphs, paged_runner(exl2, SMALL_KV, request.param, False)
 
 
 def _prefilled(runner: Any, prompts: list[list[int]], room: int) -> list[PageTable]:
@@ -190,3 +194,65 @@ def test_long_entries_and_large_passes_launch_eagerly(pair: tuple[Any, Any]) -> 
     many = [BatchEntry(i, [1] * 4, 0, table.pages, 1) for i in range(GRAPH_BUCKETS[-1] // 4 + 1)]
     assert graphs.graphs.accepts(many) is None
     assert graphs.graphs.accepts([BatchEntry(0, [1] * GRAPH_MAX_NEW_TOKENS, 0, table.pages, 1)]) == 16
+
+
+def test_a_bucket_that_cannot_be_captured_passes_to_the_next(exl2: Any) -> None:
+    """A capture that fails (here: a host sync inside the 3-row pass, as a kernel that cannot be captured
+    would) is logged and dropped; the GPU gets its default stream back, the next buckets still capture, and
+    a 3-row pass replays the 4-row graph with the eager pass's logits."""
+    from verispec.runner.exl2_graphs import DecodeGraphs
+
+    runner = paged_runner(exl2, SMALL_KV, "exllamav2", cuda_graphs=False)
+    eager = paged_runner(exl2, SMALL_KV, "exllamav2", cuda_graphs=False)
+    run_modules = runner.run_modules
+
+    def syncing(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if x.shape[0] == 3:
+            float(x.sum())  # waits for the GPU: not allowed while capturing
+        out: torch.Tensor = run_modules(x, *args, **kwargs)
+        return out
+
+    runner.run_modules = syncing
+    runner.graphs = DecodeGraphs(runner, "exllamav2")
+    assert 3 not in runner.graphs.captured and {1, 2, 4, 5} <= set(runner.graphs.captured)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    runner.run_modules = run_modules
+    prompts = [list(range(100 + 9 * i, 121 + 9 * i)) for i in range(3)]
+    tables = [_prefilled(r, prompts, 4) for r in (runner, eager)]
+    steps = [[BatchEntry(i, [600 + i], 21, t[i].pages, 1) for i in range(3)] for t in tables]
+    assert runner.graphs.accepts(steps[0]) == 4
+    for a, b in zip(runner.forward(steps[0]), eager.forward(steps[1]), strict=True):
+        relative, agree = _close(a, b)
+        assert relative < RELATIVE and agree == 1.0
+
+
+def test_graphs_on_a_two_gpu_split_score_as_eager_passes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A Llama-8B shape split over two GPUs: one graph per GPU, the hidden state hopping between them;
+    decode and verify replays give the eager pass's logits, and a draft placed on GPU 1 alone captures
+    on GPU 1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    from verispec.backends.exl2 import Exl2Backend
+    from verispec.tools.synth import synth
+
+    path = tmp_path_factory.mktemp("llama-8b-exl2-graphs")
+    synth("llama-8b", path, bits=4, seed=3, device="cuda")
+    split = Exl2Backend(path, "two-gpus", gpu_split=(3.0, 16.0), max_context_length=2048)
+    graphs, eager = paged_runner(split, SMALL_KV, "auto"), paged_runner(split, SMALL_KV, "auto", False)
+    assert len(graphs.graphs.segments) == 2
+    prompts = [list(range(200, 240)), list(range(300, 323))]
+    tables = [_prefilled(graphs, prompts, 8), _prefilled(eager, prompts, 8)]
+    for tokens in ([700], [701, 702, 703, 704, 705]):  # a decode step, then a verify of k+1 = 5
+        batches = [
+            [BatchEntry(i, tokens, len(prompt), t[i].pages, len(tokens)) for i, prompt in enumerate(prompts)]
+            for t in tables
+        ]
+        for a, b in zip(graphs.forward(batches[0]), eager.forward(batches[1]), strict=True):
+            relative, agree = _close(a, b)
+            assert relative < RELATIVE and agree == 1.0
+    tiny = tmp_path_factory.mktemp("tiny-on-gpu-1")
+    synth("tiny", tiny, bits=4, seed=1, device="cuda")
+    draft = Exl2Backend(tiny, "draft-on-gpu-1", gpu_split=(0.0, 4.0))
+    assert draft.info.devices == ("cuda:1",)
+    on_one = paged_runner(draft, SMALL_KV, "auto")
+    assert [s.device for s in on_one.graphs.segments] == [1] and on_one.graphs.captured

@@ -99,25 +99,39 @@ def paged_decode_attention(
         raise ValueError("q, k_cache and v_cache need contiguous head_dim and keys laid out as values")
     group = heads // kv_heads
     out = torch.empty_like(q)
-    _decode_kernel[(rows, kv_heads)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        tables,
-        lengths,
-        scale,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        out.stride(0),
-        out.stride(1),
-        tables.stride(0),
-        GROUP=group,
-        BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        PAGE=page_size,
-        BLOCK_N=BLOCK_N,
-    )
+    with torch.cuda.device(q.device):  # Triton launches on the current GPU: make it the tensors' own
+        _decode_kernel[(rows, kv_heads)](
+            q,
+            k_cache,
+            v_cache,
+            out,
+            tables,
+            lengths,
+            scale,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            out.stride(0),
+            out.stride(1),
+            tables.stride(0),
+            GROUP=group,
+            BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
+            HEAD_DIM=head_dim,
+            PAGE=page_size,
+            BLOCK_N=BLOCK_N,
+            num_warps=4,
+            num_stages=2,  # two K/V tiles in flight: 64 KB of shared memory at head_dim 128 (sm_89 has 99 KB)
+        )
     return out
+
+
+def trial(heads: int, kv_heads: int, head_dim: int, page_size: int, device: int) -> None:
+    """One launch over a page of zeros on `device`: compiles the kernel there, or raises why it cannot."""
+    where = f"cuda:{device}"
+    q = torch.zeros((1, heads, head_dim), dtype=torch.float16, device=where)
+    cache = torch.zeros((page_size, kv_heads, head_dim), dtype=torch.float16, device=where)
+    tables = torch.zeros((1, 1), dtype=torch.int32, device=where)
+    lengths = torch.ones(1, dtype=torch.int32, device=where)
+    paged_decode_attention(q, cache, cache, tables, lengths, 1.0, page_size)
+    torch.cuda.synchronize(device)

@@ -244,45 +244,46 @@ def q4_matmul(
         out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
     else:
         out = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
-    _q4_gemm_kernel[grid](
-        x,
-        weights.qweight,
-        weights.scales,
-        weights.scale_max if weights.scale_max is not None else weights.scales,
-        weights.zeros if weights.zeros is not None else weights.qweight,
-        residual if residual is not None and config.split_k == 1 else x,
-        out,
-        rows,
-        n,
-        weights.in_features,
-        weights.group_size,
-        x.stride(0),
-        n,
-        GPTQ=weights.gptq,
-        HAS_RESIDUAL=residual is not None and config.split_k == 1,
-        HALF2=config.half2,
-        SWAP_AB=config.swap_ab,
-        BLOCK_M=block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        SPLIT_K=config.split_k,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-    if config.split_k == 1:
-        return out
-    result = torch.empty((rows, n), dtype=torch.float16, device=x.device)
-    size = rows * n
-    _sum_slices_kernel[(triton.cdiv(size, 1024),)](
-        out,
-        residual if residual is not None else result,
-        result,
-        size,
-        HAS_RESIDUAL=residual is not None,
-        SPLIT_K=config.split_k,
-        BLOCK=1024,
-    )
-    return result
+    with torch.cuda.device(x.device):  # Triton launches on the current GPU: make it the tensors' own
+        _q4_gemm_kernel[grid](
+            x,
+            weights.qweight,
+            weights.scales,
+            weights.scale_max if weights.scale_max is not None else weights.scales,
+            weights.zeros if weights.zeros is not None else weights.qweight,
+            residual if residual is not None and config.split_k == 1 else x,
+            out,
+            rows,
+            n,
+            weights.in_features,
+            weights.group_size,
+            x.stride(0),
+            n,
+            GPTQ=weights.gptq,
+            HAS_RESIDUAL=residual is not None and config.split_k == 1,
+            HALF2=config.half2,
+            SWAP_AB=config.swap_ab,
+            BLOCK_M=block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            SPLIT_K=config.split_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        if config.split_k == 1:
+            return out
+        result = torch.empty((rows, n), dtype=torch.float16, device=x.device)
+        size = rows * n
+        _sum_slices_kernel[(triton.cdiv(size, 1024),)](
+            out,
+            residual if residual is not None else result,
+            result,
+            size,
+            HAS_RESIDUAL=residual is not None,
+            SPLIT_K=config.split_k,
+            BLOCK=1024,
+        )
+        return result
 
 
 def dequantize(weights: Q4Weights, config: LaunchConfig | None = None) -> torch.Tensor:

@@ -105,11 +105,11 @@ class Exl2Runner:
         modules = self.model.modules
         self.modules = modules
         self.head_index = int(self.model.head_layer_idx)
-        self.attention = [m for m in modules if isinstance(m, ExLlamaV2Attention)]
+        indices = [i for i, m in enumerate(modules) if isinstance(m, ExLlamaV2Attention)]
+        self.attention = [modules[i] for i in indices]
         if not self.attention or any(m.q_handle is None for m in self.attention):
             raise ModelLoadError("the paged exl2 runner needs quantized attention layers (EXL2/GPTQ)")
-        # Module index -> its layer's keys and values in k_cache / v_cache.
-        self.layer_of = {index: n for n, index in enumerate(i for i, m in enumerate(modules) if m in self.attention)}
+        self.layer_of = {index: layer for layer, index in enumerate(indices)}  # module -> its k_cache / v_cache
         first = self.attention[0]
         self.heads, self.kv_heads, self.head_dim = first.num_attention_heads, first.num_key_value_heads, first.head_dim
         self.neox_rope = first.archparams.rope_style == RopeStyle.NEOX
@@ -143,20 +143,22 @@ class Exl2Runner:
                 detail="paged KV pages are fp16; the quantized cache mode applies to the sequential path only",
             )
         self.kv.log_ready("exl2_paged", layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())})
-        self.graphs: DecodeGraphs | None = None  # when few-token passes replay CUDA graphs
-        if backend.cuda_graphs if cuda_graphs is None else cuda_graphs:
-            from verispec.runner.exl2_graphs import DecodeGraphs, unavailable
-
-            reason = unavailable(self)
-            if reason:
-                log.warning("runner.cuda_graphs_off", reason=reason)
-            else:
-                self.graphs = DecodeGraphs(self, mode)
-                # Eager passes are then prefill chunks: ExLlamaV2's fused kernels launch less.
-                self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "triton")
-                return
-        if mode == "auto" and self.q4_layers:
+        use_graphs = backend.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self.graphs = self._capture_graphs(mode) if use_graphs else None  # few-token passes replay these
+        if self.graphs is not None:  # eager passes are then prefill chunks: ExLlamaV2's fused kernels launch less
+            self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "triton")
+        elif mode == "auto" and self.q4_layers:
             self.calibrate_gemm()
+
+    def _capture_graphs(self, gemm: str) -> DecodeGraphs | None:
+        """CUDA graphs of this runner's few-token passes, or None (logged) where they cannot run."""
+        from verispec.runner.exl2_graphs import DecodeGraphs, unavailable
+
+        reason = unavailable(self)
+        if reason:
+            log.warning("runner.cuda_graphs_off", reason=reason)
+            return None
+        return DecodeGraphs(self, gemm)
 
     def calibrate_gemm(self, repeats: int = 5) -> None:
         """Times an eager decode pass of 1, 2, 4 ... 64 sequences with each GEMM and keeps the faster per

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import structlog
 import torch
 
+from verispec.backends.base import BackendInfo
 from verispec.kernels import MAX_Q4_ROWS
 from verispec.kv.pages import pages_for
 from verispec.runner.base import (
@@ -44,8 +45,9 @@ log = structlog.get_logger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # rows a captured pass holds
 GRAPH_MAX_NEW_TOKENS = 16  # new tokens of one entry in a captured pass; longer prefill chunks launch eagerly
-# ExLlamaV2's q-gemm autotunes each (rows, in, out) shape over its first 200 calls, timing each with CUDA
-# events it waits on; call 201 settles it. A capture cannot contain those waits.
+# ExLlamaV2's q-gemm autotunes each (rows, in, out) shape of up to 4 rows over its first 200 calls, timing
+# each with CUDA events it waits on; call 201 settles it. A capture cannot contain those waits.
+EXLLAMAV2_AUTOTUNED_ROWS = 4
 EXLLAMAV2_AUTOTUNE_CALLS = 201
 assert GRAPH_BUCKETS[-1] <= MAX_Q4_ROWS
 
@@ -53,6 +55,7 @@ assert GRAPH_BUCKETS[-1] <= MAX_Q4_ROWS
 class GraphedRunner(Protocol):
     """What the graphs need of the runner whose passes they capture (runner/exl2.py's Exl2Runner)."""
 
+    info: BackendInfo
     modules: list[Any]  # ExLlamaV2's modules: the embedding, then layers, final norm and head
     model: Any  # the ExLlamaV2 model (its config)
     kv: KVLayout
@@ -79,12 +82,21 @@ class GraphedRunner(Protocol):
 
 
 def unavailable(runner: GraphedRunner) -> str:
-    """Why this runner's passes cannot be captured, or "" when they can."""
+    """Why this runner's passes cannot be captured, or "" when they can: Triton is there, the paged
+    attention kernel takes the model's heads, and it compiles and runs on each GPU of the model."""
     try:
-        from verispec.kernels.paged_attention import supports
+        from verispec.kernels.paged_attention import supports, trial
     except ImportError as exc:
         return f"triton is not importable: {exc}"
-    return supports(runner.heads, runner.kv_heads, runner.head_dim)
+    reason = supports(runner.heads, runner.kv_heads, runner.head_dim)
+    if reason:
+        return reason
+    for device in sorted({cache.device.index or 0 for cache in runner.k_cache}):
+        try:
+            trial(runner.heads, runner.kv_heads, runner.head_dim, runner.kv.page_size, device)
+        except Exception as exc:  # a compile or resource failure on this GPU: eager passes only
+            return f"the paged attention kernel fails on cuda:{device}: {type(exc).__name__}: {str(exc)[:200]}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -106,10 +118,11 @@ class _StaticRows:
         self.slots = meta[rows : 2 * rows]
         self.lengths = meta[2 * rows : 3 * rows]
         self.tables = meta[3 * rows :].view(rows, max_pages)
-        self.slots_long = self.slots.long()  # recomputed inside each graph (see begin)
+        self.slots_long: torch.Tensor  # set by begin() inside each graph
 
     def begin(self) -> None:
-        """Inside a capture: the write slots as the int64 index index_copy_ takes, once per graph."""
+        """Inside a capture: the write slots as the int64 index index_copy_ takes, once per graph (made in
+        the graph, so every replay converts the slots it was given)."""
         self.slots_long = self.slots.long()
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -132,7 +145,7 @@ class _Captured:
         self.host = host  # pinned int32 [3 * rows + rows * max_pages]
         self.meta = meta  # GPU -> its copy
         self.inputs: list[torch.Tensor] = []  # per segment [rows, 1, hidden] fp16
-        self.outputs: list[torch.Tensor] = []  # per segment; the last is the logits [rows, vocab] float32
+        self.outputs: list[torch.Tensor] = []  # per segment; the last is a view of DecodeGraphs.logits
         self.graphs: list[torch.cuda.CUDAGraph] = []
         # Per GPU: its copy of the host buffer for the last pass has been made (the buffer may change).
         self.copied = {device: torch.cuda.Event() for device in meta}  # type: ignore[no-untyped-call]
@@ -149,17 +162,29 @@ class DecodeGraphs:
         context = int(runner.model.config.max_seq_len) + GRAPH_MAX_NEW_TOKENS
         self.max_pages = min(runner.kv.num_pages, pages_for(context, self.page_size))
         self.segments = segments(runner.modules)
-        self.pools = {segment.device: torch.cuda.graph_pool_handle() for segment in self.segments}
+        devices = sorted({segment.device for segment in self.segments})
+        # Per GPU one capture stream and one memory pool: a segment is captured on its own GPU's stream
+        # (torch's default capture stream lives on the GPU current at its first use).
+        self.streams = {device: _stream(device) for device in devices}
+        self.pools = {device: torch.cuda.graph_pool_handle() for device in devices}
+        # One logits buffer on the head's GPU for every bucket: the last graph of a pass writes its rows here.
+        head = f"cuda:{self.segments[-1].device}"
+        self.logits = torch.empty((GRAPH_BUCKETS[-1], runner.info.vocab_size), dtype=torch.float32, device=head)
         self.captured: dict[int, _Captured] = {}
         self.calibration: dict[str, dict[str, float]] = {}
         started = time.perf_counter()
-        variants = {"exllamav2": [False], "triton": [True], "auto": [False, True]}[gemm]
+        names = {"exllamav2": ["exllamav2"], "triton": ["triton"], "auto": ["exllamav2", "triton"]}[gemm]
         if not runner.q4_layers:
-            variants = [False]
+            names = ["exllamav2"]
         for rows in GRAPH_BUCKETS:
             if rows * pages_for(CALIBRATION_CONTEXT + 1, self.page_size) > runner.kv.num_pages:
                 break
-            self._capture_bucket(rows, variants)
+            try:
+                self._capture_bucket(rows, names)
+            except torch.OutOfMemoryError as exc:  # larger buckets need more: stop here
+                self._recover()
+                log.warning("runner.cuda_graphs_out_of_memory", rows=rows, error=str(exc)[:300])
+                break
         log.info(
             "runner.cuda_graphs",
             buckets=sorted(self.captured),
@@ -169,35 +194,32 @@ class DecodeGraphs:
             seconds=round(time.perf_counter() - started, 2),
         )
 
-    def _capture_bucket(self, rows: int, variants: list[bool]) -> None:
-        """Captures `rows` with each GEMM variant; keeps the fastest replay (a failed capture is logged and
-        leaves the bucket to the variants that did capture, or to eager passes)."""
-        seconds: dict[str, float] = {}
-        best: tuple[float, _Captured] | None = None
-        for use_q4 in variants:
-            name = "triton" if use_q4 else "exllamav2"
-            if not use_q4:
-                self._settle_autotune(rows)
+    def _capture_bucket(self, rows: int, names: list[str]) -> None:
+        """Captures `rows` with each GEMM and keeps the faster replay (timed when there are two). A capture
+        that fails is logged and leaves the bucket to the other GEMM, or its passes to the next bucket."""
+        if rows <= EXLLAMAV2_AUTOTUNED_ROWS:  # any layer may run ExLlamaV2's q-gemm, covered or not
+            self._settle_autotune(rows)
+        candidates: list[tuple[float, str, _Captured]] = []
+        for name in names:
             try:
-                captured = self._capture(rows, use_q4)
-            except RuntimeError as exc:
+                captured = self._capture(rows, name == "triton")
+                seconds = 0.0
+                if len(names) > 1:
+                    batch = calibration_batch(self.runner.kv.new_pool(), rows)
+                    assert batch is not None  # the caller checked the pool holds `rows` sequences
+                    seconds = median_seconds(partial(self._replay, captured, batch), 5)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a kernel that cannot be captured or compiled here
                 self._recover()
                 log.warning("runner.cuda_graph_failed", rows=rows, gemm=name, error=str(exc)[:300])
                 continue
-            if len(variants) == 1:
-                self.captured[rows] = captured
-                return
-            self.captured[rows] = captured  # forward() replays it for the timing
-            batch = calibration_batch(self.runner.kv.new_pool(), rows)
-            assert batch is not None  # the caller checked the pool holds `rows` sequences
-            seconds[name] = median_seconds(partial(self.forward, batch), 5)
-            if best is None or seconds[name] < best[0]:
-                best = (seconds[name], captured)
-        if best is None:
-            self.captured.pop(rows, None)
+            candidates.append((seconds, name, captured))
+        if not candidates:
             return
-        self.captured[rows] = best[1]
-        self.calibration[str(rows)] = {name: round(1000 * t, 3) for name, t in seconds.items()}
+        self.captured[rows] = min(candidates, key=lambda c: c[0])[2]
+        if len(candidates) > 1:
+            self.calibration[str(rows)] = {name: round(1000 * t, 3) for t, name, _ in candidates}
 
     @torch.inference_mode()
     def _settle_autotune(self, rows: int) -> None:
@@ -216,43 +238,48 @@ class DecodeGraphs:
                 if shape in shapes:
                     continue
                 shapes.add(shape)
-                device = f"cuda:{linear.device_idx}"
-                x = torch.zeros((rows, linear.in_features), dtype=torch.half, device=device)
-                out = torch.empty((rows, linear.out_features), dtype=torch.half, device=device)
+                where = f"cuda:{linear.device_idx}"
+                x = torch.zeros((rows, linear.in_features), dtype=torch.half, device=where)
+                out = torch.empty((rows, linear.out_features), dtype=torch.half, device=where)
                 for _ in range(EXLLAMAV2_AUTOTUNE_CALLS):
                     ext_c.gemm_half_q_half(x, handle, out, False)
-        torch.cuda.synchronize()
+        for device in self.streams:
+            torch.cuda.synchronize(device)
 
     def _recover(self) -> None:
-        """After a capture that failed: torch leaves the capture's stream current and its memory pool
-        recording (the failure is raised while the capture ends), so put both back and take fresh pools."""
-        for segment in self.segments:
-            with torch.cuda.device(segment.device):
-                torch.cuda.set_stream(torch.cuda.default_stream())
+        """After a capture that failed: torch may leave the capture stream current and its memory pool
+        recording (the failure is raised while the capture ends). Each GPU gets its default stream back
+        and a fresh capture stream and pool."""
+        for device in self.streams:
+            with torch.cuda.device(device):
+                torch.cuda.set_stream(torch.cuda.default_stream(device))
                 with contextlib.suppress(RuntimeError):
-                    torch._C._cuda_endAllocateToPool(segment.device, self.pools[segment.device])
-                torch.cuda.synchronize()
-        self.pools = {segment.device: torch.cuda.graph_pool_handle() for segment in self.segments}
+                    torch._C._cuda_endAllocateToPool(device, self.pools[device])
+                with contextlib.suppress(RuntimeError):
+                    torch.cuda.synchronize(device)
+        self.streams = {device: _stream(device) for device in self.streams}
+        self.pools = {device: torch.cuda.graph_pool_handle() for device in self.streams}
 
     @torch.inference_mode()
     def _capture(self, rows: int, use_q4: bool) -> _Captured:
         runner = self.runner
         host = torch.zeros(rows * (3 + self.max_pages), dtype=torch.int32).pin_memory()
         self._pad(host, rows, 0)
-        meta = {segment.device: host.to(f"cuda:{segment.device}") for segment in self.segments}
+        meta = {device: host.to(f"cuda:{device}") for device in self.streams}
         captured = _Captured(rows, use_q4, host, meta)
         hidden = int(runner.model.config.hidden_size)
         for n, segment in enumerate(self.segments):
-            with torch.cuda.device(segment.device):
-                static = _StaticRows(runner, meta[segment.device], rows, self.max_pages)
-                x = torch.zeros((rows, 1, hidden), dtype=torch.half, device=f"cuda:{segment.device}")
-                body = partial(self._segment_pass, segment, x, static, use_q4, n == len(self.segments) - 1)
-                # Warm up on a side stream first: kernels compile and load, the allocator sees the shapes.
-                side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+            device, stream = segment.device, self.streams[segment.device]
+            with torch.cuda.device(device):
+                static = _StaticRows(runner, meta[device], rows, self.max_pages)
+                x = torch.zeros((rows, 1, hidden), dtype=torch.half, device=f"cuda:{device}")
+                last = n == len(self.segments) - 1
+                body = partial(self._segment_pass, segment, x, static, use_q4, last)
+                # Warm up first: kernels compile and load, the allocator sees the shapes.
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
                     body()
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: only this thread's calls are checked while capturing (the server answers
                 # health checks on others). No garbage collection inside: freeing an old graph or CUDA
@@ -261,7 +288,7 @@ class DecodeGraphs:
                 gc.collect()
                 gc.disable()
                 try:
-                    with torch.cuda.graph(graph, pool=self.pools[segment.device], capture_error_mode="thread_local"):
+                    with torch.cuda.graph(graph, self.pools[device], stream, capture_error_mode="thread_local"):
                         out = body()
                 finally:
                     if collecting:
@@ -274,10 +301,14 @@ class DecodeGraphs:
     def _segment_pass(
         self, segment: _Segment, x: torch.Tensor, static: _StaticRows, use_q4: bool, last: bool
     ) -> torch.Tensor:
-        """What one graph runs: its modules over the static rows; the last segment ends in logits."""
+        """What one graph runs: its modules over the static rows; the last segment writes the logits."""
         static.begin()
         out = self.runner.run_modules(x, segment.start, segment.stop, lambda _device: static, use_q4)
-        return self.runner.logits(out) if last else out
+        if not last:
+            return out
+        logits = self.logits[: x.shape[0]]
+        logits.copy_(self.runner.logits(out))
+        return logits
 
     def _pad(self, host: torch.Tensor, rows: int, first: int) -> None:
         """Rows first .. rows-1 of the host buffer become padding: position 0 of the spare page."""
@@ -296,13 +327,13 @@ class DecodeGraphs:
             num_rows += n
         return bucket_for(num_rows, self.captured)
 
-    @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor] | None:
         """The logits of `batch` from a replay, or None when no captured bucket takes it."""
         bucket = self.accepts(batch)
-        if bucket is None:
-            return None
-        captured = self.captured[bucket]
+        return None if bucket is None else self._replay(self.captured[bucket], batch)
+
+    @torch.inference_mode()
+    def _replay(self, captured: _Captured, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
         token_ids = [t for entry in batch for t in entry.token_ids]
         num_rows = len(token_ids)
         self._write_rows(captured, batch, num_rows)
@@ -313,12 +344,11 @@ class DecodeGraphs:
             if n:  # the hidden state hops to the next GPU of the split
                 captured.inputs[n].copy_(captured.outputs[n - 1])
             graph.replay()
-        logits = captured.outputs[-1]
         wanted = logits_rows(batch)
-        if len(wanted) == num_rows:  # every row: copied out, the next replay overwrites the static output
-            return split_logits(batch, logits[:num_rows].clone())
-        index = torch.tensor(wanted, dtype=torch.long, device=logits.device)
-        return split_logits(batch, logits.index_select(0, index))
+        if len(wanted) == num_rows:  # every row: copied out, the next replay overwrites the buffer
+            return split_logits(batch, self.logits[:num_rows].clone())
+        index = torch.tensor(wanted, dtype=torch.long, device=self.logits.device)
+        return split_logits(batch, self.logits.index_select(0, index))
 
     def _write_rows(self, captured: _Captured, batch: Sequence[BatchEntry], num_rows: int) -> None:
         """Fills the bucket's host metadata for `batch` and copies it to each GPU."""
@@ -346,6 +376,10 @@ class DecodeGraphs:
             with torch.cuda.device(device):
                 meta.copy_(host, non_blocking=True)
                 captured.copied[device].record()
+
+
+def _stream(device: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
 
 
 def bucket_for(num_rows: int, captured: Container[int]) -> int | None:
