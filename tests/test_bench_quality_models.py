@@ -14,8 +14,9 @@ import pytest
 
 from verispec.errors import ModelLoadError
 from verispec.request import TokenLogprob
-from verispec.tools.bench_quality import add_quality_arguments, grid, parting, reference_spec, windows
+from verispec.tools.bench_quality import add_quality_arguments, grid, reference_spec, windows
 from verispec.tools.chunked_gguf import GEMMA3_270M, KNOWN, Chunk, ChunkedGguf, fetch
+from verispec.tools.quality_measures import parting
 
 SLICES = (b"GGUF" + bytes(range(256)) * 40, bytes(reversed(range(256))) * 25 + b"tail")
 

