@@ -17,12 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from verispec.models import staged_directory
 
 CONVERTER = "exllamav2.conversion.convert_exl2"
 EXPORT_MARKER = ".verispec-fp16-export"
@@ -73,9 +74,7 @@ def export_fp16(model_dir: Path, out: Path) -> Path:
     marker = out / EXPORT_MARKER
     if marker.is_file() and marker.read_text().strip() == source:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_directory(out) as staging:
         tensors = {}
         for path in sorted(model_dir.glob("*.safetensors")):
             for name, tensor in load_file(str(path)).items():
@@ -87,12 +86,6 @@ def export_fp16(model_dir: Path, out: Path) -> Path:
             if (model_dir / name).is_file():
                 shutil.copy(model_dir / name, staging / name)
         (staging / EXPORT_MARKER).write_text(source + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
