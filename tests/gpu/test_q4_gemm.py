@@ -10,7 +10,8 @@ import torch
 pytestmark = pytest.mark.gpu
 
 ODD_SHAPES = [(256, 8), (384, 200), (640, 1000), (1024, 4104)]  # (in, out): several groups, ragged tiles
-VARIANTS = ["default", "half2", "swap_ab", "half2_swap_ab"]  # the kernel's dequantize and MMA variants
+# The kernel's dequantize and MMA variants
+VARIANTS = ["default", "half2", "swap_ab", "half2_swap_ab", "interleave", "half2_interleave"]
 
 
 def _config(variant: str, weights: Any) -> Any:
@@ -20,7 +21,7 @@ def _config(variant: str, weights: Any) -> Any:
     from verispec.kernels.q4_gemm import default_config
 
     base = default_config(weights, torch.cuda.get_device_properties(0).multi_processor_count)
-    return replace(base, half2="half2" in variant, swap_ab="swap_ab" in variant)
+    return replace(base, half2="half2" in variant, swap_ab="swap_ab" in variant, interleave="interleave" in variant)
 
 
 @pytest.fixture(autouse=True)

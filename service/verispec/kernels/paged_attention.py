@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from verispec.kernels import on_device
+
 BLOCK_N = 64  # keys per tile
 MIN_DOT = 16  # the tensor-core dot's smallest side: query-head groups are padded up to it
 
@@ -99,7 +101,7 @@ def paged_decode_attention(
         raise ValueError("q, k_cache and v_cache need contiguous head_dim and keys laid out as values")
     group = heads // kv_heads
     out = torch.empty_like(q)
-    with torch.cuda.device(q.device):  # Triton launches on the current GPU: make it the tensors' own
+    with on_device(q):
         _decode_kernel[(rows, kv_heads)](
             q,
             k_cache,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from verispec.kernels import MAX_Q4_ROWS
+from verispec.kernels import MAX_Q4_ROWS, on_device
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class LaunchConfig:
     num_stages: int = 3
     half2: bool = False  # two weights per dequantize instruction (CUDA only: inline PTX)
     swap_ab: bool = False  # weights as the MMA's left operand
+    interleave: bool = False  # the eight row sub-tiles rebuilt into one [BLOCK_K, BLOCK_N] tile: one MMA per tile
+
+    def __post_init__(self) -> None:
+        if self.interleave and self.swap_ab:
+            raise ValueError("interleave and swap_ab are different MMA layouts: choose one")
 
 
 @triton.jit
@@ -86,6 +91,19 @@ def _fp16_pairs(values):  # type: ignore[no-untyped-def]
 
 
 @triton.jit  # type: ignore[untyped-decorator]
+def _rows_of_pair(packed, pair, offset, scale, offset2, scale2, HALF2: tl.constexpr):  # type: ignore[no-untyped-def]
+    """Rows 2 * pair and 2 * pair + 1 of each word's eight, dequantized: (q - zero) * scale in fp16."""
+    if HALF2:
+        low, high = _dequant_pair(packed >> (4 * pair), offset2, scale2)
+    else:
+        low = ((packed >> (4 * pair)) & 0xF) | 0x6400  # fp16 bits of 1024 + q
+        high = ((packed >> (4 * pair + 16)) & 0xF) | 0x6400
+        low = (low.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
+        high = (high.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
+    return low, high
+
+
+@triton.jit  # type: ignore[untyped-decorator]
 def _q4_gemm_kernel(  # type: ignore[no-untyped-def]  # Triton reads pointers and sizes untyped
     x_ptr,  # fp16 [M, K], row stride stride_xm, columns already in sorted order
     qweight_ptr,  # int32 [K/8, N]
@@ -104,6 +122,7 @@ def _q4_gemm_kernel(  # type: ignore[no-untyped-def]  # Triton reads pointers an
     HAS_RESIDUAL: tl.constexpr,
     HALF2: tl.constexpr,  # dequantize two weights per instruction (inline PTX)
     SWAP_AB: tl.constexpr,  # weights as the MMA's left operand: acc is [BLOCK_N, BLOCK_M]
+    INTERLEAVE: tl.constexpr,  # one [BLOCK_K, BLOCK_N] tile and one MMA per K step (not with SWAP_AB)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -139,30 +158,44 @@ def _q4_gemm_kernel(  # type: ignore[no-untyped-def]  # Triton reads pointers an
             scale = (code * code).to(tl.float16) * tl.load(scale_max_ptr + group)
             zero = tl.full((BLOCK_N,), 8, tl.int32)
         offset = (zero + 1024).to(tl.float16)  # exact: integers below 2048
+        offset2 = offset  # the f16x2 operands of HALF2, else unused
+        scale2 = scale
         if HALF2:
             offset2 = tl.broadcast_to(_fp16_pairs(offset)[None, :], (BLOCK_K // 8, BLOCK_N))
             scale2 = tl.broadcast_to(_fp16_pairs(scale)[None, :], (BLOCK_K // 8, BLOCK_N))
-        # Row r of the eight in a word sits in nibble r // 2 + 4 * (r % 2) (ExLlamaV2's shuffled order):
-        # one sub-tile per r, multiplying the input columns k0 + 8i + r.
-        for pair in tl.static_range(4):
-            if HALF2:
-                low, high = _dequant_pair(packed >> (4 * pair), offset2, scale2)
-            else:
-                low = ((packed >> (4 * pair)) & 0xF) | 0x6400  # fp16 bits of 1024 + q
-                high = ((packed >> (4 * pair + 16)) & 0xF) | 0x6400
-                low = (low.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
-                high = (high.to(tl.int16).to(tl.float16, bitcast=True) - offset[None, :]) * scale[None, :]
-            for half in tl.static_range(2):
-                weights = low if half == 0 else high  # rows 8i + 2 * pair + half: (q - zero) * scale
-                a = tl.load(
-                    x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_word + 2 * pair + half)[None, :],
-                    mask=mask_m[:, None],
-                    other=0.0,
-                )  # [BLOCK_M, BLOCK_K/8]
-                if SWAP_AB:
-                    acc += tl.dot(tl.trans(weights), tl.trans(a))  # fp32 sums
-                else:
-                    acc += tl.dot(a, weights)
+        # Row r of the eight in a word sits in nibble r // 2 + 4 * (r % 2) (ExLlamaV2's shuffled order).
+        if INTERLEAVE:
+            # The sub-tiles of rows 8i + r stacked back into tile rows k0 .. k0 + BLOCK_K - 1: joined as
+            # [i, n, half, pair bit 0, pair bit 1] (r = 4 * bit1 + 2 * bit0 + half), then put in row order.
+            low0, high0 = _rows_of_pair(packed, 0, offset, scale, offset2, scale2, HALF2)
+            low1, high1 = _rows_of_pair(packed, 1, offset, scale, offset2, scale2, HALF2)
+            low2, high2 = _rows_of_pair(packed, 2, offset, scale, offset2, scale2, HALF2)
+            low3, high3 = _rows_of_pair(packed, 3, offset, scale, offset2, scale2, HALF2)
+            stacked = tl.join(
+                tl.join(tl.join(low0, high0), tl.join(low1, high1)),
+                tl.join(tl.join(low2, high2), tl.join(low3, high3)),
+            )
+            tile = tl.reshape(tl.permute(stacked, (0, 4, 3, 2, 1)), (BLOCK_K, BLOCK_N))
+            a = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                mask=mask_m[:, None],
+                other=0.0,
+            )  # [BLOCK_M, BLOCK_K]
+            acc += tl.dot(a, tile)
+        else:  # one sub-tile per r, multiplying the input columns k0 + 8i + r
+            for pair in tl.static_range(4):
+                low, high = _rows_of_pair(packed, pair, offset, scale, offset2, scale2, HALF2)
+                for half in tl.static_range(2):
+                    weights = low if half == 0 else high  # rows 8i + 2 * pair + half: (q - zero) * scale
+                    a = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_word + 2 * pair + half)[None, :],
+                        mask=mask_m[:, None],
+                        other=0.0,
+                    )  # [BLOCK_M, BLOCK_K/8]
+                    if SWAP_AB:
+                        acc += tl.dot(tl.trans(weights), tl.trans(a))  # fp32 sums
+                    else:
+                        acc += tl.dot(a, weights)
     if SWAP_AB:
         result = tl.trans(acc)
     else:
@@ -244,7 +277,7 @@ def q4_matmul(
         out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
     else:
         out = torch.empty((config.split_k, rows, n), dtype=torch.float32, device=x.device)
-    with torch.cuda.device(x.device):  # Triton launches on the current GPU: make it the tensors' own
+    with on_device(x):
         _q4_gemm_kernel[grid](
             x,
             weights.qweight,
@@ -263,6 +296,7 @@ def q4_matmul(
             HAS_RESIDUAL=residual is not None and config.split_k == 1,
             HALF2=config.half2,
             SWAP_AB=config.swap_ab,
+            INTERLEAVE=config.interleave,
             BLOCK_M=block_m,
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,

@@ -34,12 +34,12 @@ def _sweep() -> list[Any]:
     from verispec.kernels.q4_gemm import LaunchConfig
 
     return [
-        LaunchConfig(n, 128, s, w, 3, half2, swap)
+        LaunchConfig(n, 128, s, w, 3, half2, swap, interleave)
         for n in (128, 256)
         for s in (4, 8, 16)
         for w in (4, 8)
         for half2 in (False, True)
-        for swap in (False, True)
+        for swap, interleave in ((False, False), (True, False), (False, True))
     ]
 
 
