@@ -340,10 +340,11 @@ class DecodeGraphs:
         first = captured.inputs[0]
         first[:num_rows].copy_(self.runner.embed(token_ids))
         first[num_rows:].zero_()
-        for n, graph in enumerate(captured.graphs):
-            if n:  # the hidden state hops to the next GPU of the split
-                captured.inputs[n].copy_(captured.outputs[n - 1])
-            graph.replay()
+        for n, (segment, graph) in enumerate(zip(self.segments, captured.graphs, strict=True)):
+            with torch.cuda.device(segment.device):  # each graph replays on its own GPU's stream
+                if n:  # the hidden state hops to the next GPU of the split
+                    captured.inputs[n].copy_(captured.outputs[n - 1])
+                graph.replay()
         wanted = logits_rows(batch)
         if len(wanted) == num_rows:  # every row: copied out, the next replay overwrites the buffer
             return split_logits(batch, self.logits[:num_rows].clone())
