@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 import torch
@@ -108,16 +108,28 @@ class _Segment:
     stop: int
 
 
+class _Meta(NamedTuple):
+    """Views of one metadata buffer, int32 [3 * rows + rows * max_pages]: per row its position, the slot
+    its key and value go to, the keys it sees (position + 1) and its sequence's page table."""
+
+    positions: torch.Tensor  # [rows]
+    slots: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+    tables: torch.Tensor  # [rows, max_pages]
+
+    @staticmethod
+    def of(buffer: torch.Tensor, rows: int, max_pages: int) -> _Meta:
+        tables = buffer[3 * rows :].view(rows, max_pages)
+        return _Meta(buffer[:rows], buffer[rows : 2 * rows], buffer[2 * rows : 3 * rows], tables)
+
+
 class _StaticRows:
-    """The rows of a captured pass on one GPU: views into that GPU's copy of the host's metadata
-    (positions | slots | lengths | page tables, int32), which every replay reads."""
+    """The rows of a captured pass on one GPU: views into that GPU's copy of the host's metadata, which
+    every replay reads."""
 
     def __init__(self, runner: GraphedRunner, meta: torch.Tensor, rows: int, max_pages: int) -> None:
         self.runner = runner
-        self.positions_int32 = meta[:rows]
-        self.slots = meta[rows : 2 * rows]
-        self.lengths = meta[2 * rows : 3 * rows]
-        self.tables = meta[3 * rows :].view(rows, max_pages)
+        self.positions_int32, self.slots, self.lengths, self.tables = _Meta.of(meta, rows, max_pages)
         self.slots_long: torch.Tensor  # set by begin() inside each graph
 
     def begin(self) -> None:
@@ -312,10 +324,11 @@ class DecodeGraphs:
 
     def _pad(self, host: torch.Tensor, rows: int, first: int) -> None:
         """Rows first .. rows-1 of the host buffer become padding: position 0 of the spare page."""
-        host[first:rows] = 0
-        host[rows + first : 2 * rows] = self.spare_page * self.page_size
-        host[2 * rows + first : 3 * rows] = 1
-        host[3 * rows :].view(rows, self.max_pages)[first:, 0] = self.spare_page
+        meta = _Meta.of(host, rows, self.max_pages)
+        meta.positions[first:] = 0
+        meta.slots[first:] = self.spare_page * self.page_size
+        meta.lengths[first:] = 1
+        meta.tables[first:, 0] = self.spare_page
 
     def accepts(self, batch: Sequence[BatchEntry]) -> int | None:
         """The bucket whose graphs run `batch`, or None when it launches eagerly."""
@@ -357,7 +370,7 @@ class DecodeGraphs:
         for event in captured.copied.values():  # the previous pass's copies have left the host buffer
             event.synchronize()
         host = captured.host
-        tables = host[3 * rows :].view(rows, self.max_pages)
+        fields = _Meta.of(host, rows, self.max_pages)
         positions: list[int] = []
         slots: list[int] = []
         row = 0
@@ -366,12 +379,11 @@ class DecodeGraphs:
             span = range(entry.start, entry.start + n)
             positions.extend(span)
             slots.extend(pages[p // size] * size + p % size for p in span)
-            tables[row : row + n, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            fields.tables[row : row + n, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
             row += n
-        values = torch.tensor(positions + slots + [p + 1 for p in positions], dtype=torch.int32)
-        host[:num_rows] = values[:num_rows]
-        host[rows : rows + num_rows] = values[num_rows : 2 * num_rows]
-        host[2 * rows : 2 * rows + num_rows] = values[2 * num_rows :]
+        fields.positions[:num_rows] = torch.tensor(positions, dtype=torch.int32)
+        fields.slots[:num_rows] = torch.tensor(slots, dtype=torch.int32)
+        fields.lengths[:num_rows] = fields.positions[:num_rows] + 1
         self._pad(host, rows, num_rows)
         for device, meta in captured.meta.items():
             with torch.cuda.device(device):
