@@ -180,8 +180,8 @@ def test_padding_rows_leave_every_sequence_as_it_was(pair: tuple[Any, Any]) -> N
     keep = torch.ones(caches[0].shape[0], dtype=torch.bool, device=caches[0].device)
     keep[[busy.pages[p // size] * size + p % size for p in range(30, 37)]] = False  # the pass's own slots
     keep[graphs.kv.num_pages * size :] = False  # the spare page
-    for old, new in zip(before, caches, strict=True):
-        assert torch.equal(old[keep], new[keep])
+    for old, new in zip(before, caches, strict=True):  # as bits: slots never written may hold NaN patterns
+        assert torch.equal(old[keep].view(torch.int16), new[keep].view(torch.int16))
 
 
 def test_long_entries_and_large_passes_launch_eagerly(pair: tuple[Any, Any]) -> None:
