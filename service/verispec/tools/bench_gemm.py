@@ -18,7 +18,7 @@ import argparse
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,16 @@ def _sweep() -> list[Any]:
     ]
 
 
+def _variants(config: Any) -> dict[str, Any]:
+    """The kernel's dequantize and MMA variants at one launch's tiles, by name."""
+    return {
+        "half2": replace(config, half2=True),
+        "swap_ab": replace(config, swap_ab=True),
+        "interleave": replace(config, interleave=True),
+        "interleave_half2": replace(config, interleave=True, half2=True),
+    }
+
+
 def add_gemm_arguments(kinds: Any) -> None:
     gemm = kinds.add_parser(
         "gemm",
@@ -53,6 +63,11 @@ def add_gemm_arguments(kinds: Any) -> None:
     gemm.add_argument("--iterations", type=int, default=50, help="calls per timing")
     gemm.add_argument("--repeats", type=int, default=5, help="timings per point; the median is reported")
     gemm.add_argument("--no-sweep", action="store_true", help="time only the Triton kernel's default tiles")
+    gemm.add_argument(
+        "--variants",
+        action="store_true",
+        help="instead of the tile sweep, time each dequantize/MMA variant at the default tiles (every m; quick)",
+    )
     gemm.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
 
@@ -176,6 +191,7 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
     from exllamav2.ext import exllamav2_ext as ext_c
 
     from verispec.kernels.q4_gemm import LaunchConfig, default_config, q4_matmul
+    from verispec.runner.exl2_graphs import EXLLAMAV2_AUTOTUNE_CALLS
 
     x = torch.randn((m, ops.k), dtype=torch.half, device="cuda")
     x_bf16 = x.to(torch.bfloat16)
@@ -188,6 +204,13 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
         launched_us = round(_time(call, args.iterations, repeats)["median"] * 1e6, 2)
         return {"graph": _time_graph(call, args.iterations, repeats), "launched_us": launched_us}
 
+    def settled(call: Callable[[], object]) -> Callable[[], object]:
+        """ExLlamaV2's q-gemm autotunes a shape over its first calls with host waits a graph cannot hold:
+        those calls are made here, whatever --iterations and --repeats are."""
+        for _ in range(EXLLAMAV2_AUTOTUNE_CALLS):
+            call()
+        return call
+
     def kernel(weight_bytes: int, call: Callable[[], object]) -> dict[str, Any]:
         timing = timed(call)
         return {**_bandwidth(weight_bytes, timing["graph"]), "us_with_launch": timing["launched_us"]}
@@ -195,10 +218,14 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
     point: dict[str, Any] = {
         "triton": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4, config=config)),
         "triton_config": asdict(config),
-        "exllamav2": kernel(q4_bytes, lambda: ext_c.gemm_half_q_half(x, ops.exllamav2_handle, out, False)),
+        "exllamav2": kernel(q4_bytes, settled(lambda: ext_c.gemm_half_q_half(x, ops.exllamav2_handle, out, False))),
         "torch_int4": kernel(q4_bytes, lambda: torch._weight_int4pack_mm(x_bf16, ops.int4, 128, ops.scales_zeros)),
         "fp16_cublas": kernel(fp16_bytes, lambda: x @ ops.fp16),
     }
+    if args.variants:
+        for name, variant in _variants(config).items():
+            point[f"triton_{name}"] = kernel(q4_bytes, partial(q4_matmul, x, ops.q4, config=variant))
+        return point
     if args.no_sweep or m > 16:
         return point
     best: tuple[float, LaunchConfig] | None = None
@@ -258,7 +285,8 @@ def run_gemm(args: argparse.Namespace) -> dict[str, Any]:
 def _summary(result: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """Per kernel and m: the lowest effective bandwidth over the four shapes (the goal is a floor)."""
     summary: dict[str, Any] = {}
-    for kernel in ("triton", "triton_best_of_sweep", "exllamav2", "torch_int4", "fp16_cublas"):
+    variants = [f"triton_{name}" for name in ("half2", "swap_ab", "interleave", "interleave_half2")]
+    for kernel in ("triton", "triton_best_of_sweep", *variants, "exllamav2", "torch_int4", "fp16_cublas"):
         floors = {}
         for m in rows:
             values = [
