@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tests.test_cli import _STARTUP_SCRIPT, HEAVY, HEAVY_OURS
-from verispec.tools.bench_batch import POLICIES, token_latencies
+from verispec.tools.bench_batch import PASS_LOG, POLICIES, BatchCounts, pass_summary, token_latencies
 
 BENCH = [sys.executable, "-m", "verispec", "bench", "batch"]
 
@@ -19,6 +19,22 @@ def test_a_gap_is_shared_by_the_tokens_of_the_message_that_ends_it() -> None:
     assert ttft == 0.2
     assert [round(s, 6) for s in samples] == [0.1, 0.1, 0.1, 0.1]
     assert token_latencies([0.1], [0]) == (None, [])
+
+
+def test_the_pass_log_keeps_the_last_passes_in_order_and_summarises_a_window() -> None:
+    counts = BatchCounts()
+    for i in range(PASS_LOG + 3):
+        counts.on_batch(8, 8 + i, 0.001 * (i + 1))
+    assert counts.snapshot() == (PASS_LOG + 3, 8 * (PASS_LOG + 3), PASS_LOG + 2)
+    assert len(counts.passes(0)) == PASS_LOG  # older passes are overwritten
+    assert counts.passes(PASS_LOG + 1) == [(8, 8 + PASS_LOG + 1, PASS_LOG + 2.0), (8, 8 + PASS_LOG + 2, PASS_LOG + 3.0)]
+    summary = pass_summary(counts.passes(PASS_LOG))
+    assert summary["passes"] == 3 and summary["tokens"] == {
+        "median": 8 + PASS_LOG + 1,
+        "min": 8 + PASS_LOG,
+        "max": 8 + PASS_LOG + 2,
+    }
+    assert pass_summary([]) == {"passes": 0}
 
 
 def test_help_imports_nothing_heavy() -> None:

@@ -45,6 +45,7 @@ MAX_ACTIVE_REQUESTS = 32
 PROBE_BACKGROUND_STREAMS = 8
 PROBE_MAX_NEW_TOKENS = 2
 PROBE_BACKGROUND_TOKENS = 1024  # cancelled once the probe is done
+PASS_LOG = 4096  # passes whose shape and time BatchCounts keeps
 PROBE_PROMPT = "Name three colours."
 STREAM_TIMEOUT_S = 600.0
 TOPICS = (
@@ -140,17 +141,21 @@ def generate_request(prompt: str, mode: str, max_new_tokens: int, chat: bool = T
 
 class BatchCounts:
     """A StepObserver counting forward passes, their sequences, and passes with more tokens than sequences
-    (a prefill chunk, or drafts). The engine thread writes; the client process reads snapshots, so the
-    counts live in shared memory."""
+    (a prefill chunk, or drafts), and keeping the shape and time of the last PASS_LOG passes. The engine
+    thread writes; the client process reads snapshots, so the counts live in shared memory."""
 
     def __init__(self) -> None:
-        self._values = multiprocessing.get_context("spawn").Array("q", 3)
+        context = multiprocessing.get_context("spawn")
+        self._values = context.Array("q", 3)
+        self._log = context.Array("q", 3 * PASS_LOG, lock=False)  # (sequences, tokens, microseconds) per pass
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
         """Per-request steps are not this bench's concern."""
 
     def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
         with self._values.get_lock():
+            slot = 3 * (self._values[0] % PASS_LOG)
+            self._log[slot : slot + 3] = [batch_size, batch_tokens, round(seconds * 1e6)]
             self._values[0] += 1
             self._values[1] += batch_size
             self._values[2] += batch_tokens > batch_size
@@ -160,6 +165,27 @@ class BatchCounts:
         with self._values.get_lock():
             passes, sequences, wide = self._values[:]
         return passes, sequences, wide
+
+    def passes(self, since: int) -> list[tuple[int, int, float]]:
+        """(sequences, tokens, milliseconds) of each pass from pass number `since` on (the last PASS_LOG)."""
+        with self._values.get_lock():
+            total = self._values[0]
+            first = max(since, total - PASS_LOG)
+            rows = [tuple(self._log[3 * (i % PASS_LOG) : 3 * (i % PASS_LOG) + 3]) for i in range(first, total)]
+        return [(size, tokens, micros / 1000) for size, tokens, micros in rows]
+
+
+def pass_summary(passes: Sequence[tuple[int, int, float]]) -> dict[str, Any]:
+    """What the passes of a probe window looked like: how many, their tokens and sequences, their times."""
+    if not passes:
+        return {"passes": 0}
+    sizes, tokens, ms = zip(*passes, strict=True)
+    return {
+        "passes": len(passes),
+        "sequences": _spread([float(n) for n in sizes]),
+        "tokens": _spread([float(n) for n in tokens]),
+        "ms": {**_spread(list(ms)), "p99": round(_quantile(list(ms), 99) or 0.0, 2)},
+    }
 
 
 @dataclass
@@ -272,6 +298,7 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     requests = [generate_request(prompt_for(i), "off", PROBE_BACKGROUND_TOKENS, target.chat) for i in range(background)]
     jobs = [asyncio.ensure_future(stream(target.stub, r, e)) for r, e in zip(requests, first, strict=True)]
     await _until(lambda: all(e.is_set() or j.done() for e, j in zip(first, jobs, strict=True)))
+    passes_before = target.counts.snapshot()[0]
     long_job = None
     if long_prompt is not None:
         _, _, wide_before = target.counts.snapshot()
@@ -287,7 +314,8 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
         probes.append(await _probe(target))
     last = (probes[-1].first_token_at or 0.0) if probes else float("inf")
     run: dict[str, Any] = {
-        "background_decoding_at_last_probe_token": sum(not j.done() or j.result().ended_at > last for j in jobs)
+        "background_decoding_at_last_probe_token": sum(not j.done() or j.result().ended_at > last for j in jobs),
+        "passes_while_probing": pass_summary(target.counts.passes(passes_before)),
     }
     for job in jobs:  # before the long prompt is done: how long its prefill takes under load is not this run's
         job.cancel()
