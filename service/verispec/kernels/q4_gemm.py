@@ -23,31 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from verispec.kernels import MAX_Q4_ROWS, on_device
-
-
-@dataclass(frozen=True)
-class Q4Weights:
-    """One 4-bit linear as the kernel reads it: the tensors ExLlamaV2 holds, plus what they mean."""
-
-    qweight: torch.Tensor  # int32 [K/8, N]
-    scales: torch.Tensor  # EXL2: int32 [G, N/8] scale codes; GPTQ: fp16 [G, N]
-    scale_max: torch.Tensor | None  # EXL2: fp16 [G]; GPTQ: None
-    zeros: torch.Tensor | None  # GPTQ: int32 [G, N/8]; EXL2: None (zero point 8)
-    perm: torch.Tensor | None  # int64 [K]: input column of each sorted row; None: identity
-    group_size: int
-    in_features: int  # K
-    out_features: int  # N
-
-    @property
-    def gptq(self) -> bool:
-        return self.zeros is not None
+from verispec.kernels import MAX_Q4_ROWS, Q4Weights, on_device, q4_cuda
 
 
 @dataclass(frozen=True)
@@ -263,11 +246,25 @@ def q4_matmul(
     residual: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """x [M, K] fp16 @ W [K, N] (+ residual [M, N]) -> [M, N] fp16, for M <= MAX_Q4_ROWS."""
-    rows = x.shape[0]
+    """x [M, K] fp16 @ W [K, N] (+ residual [M, N]) -> [M, N] fp16, for M <= MAX_Q4_ROWS. Without a
+    `config`, up to 16 rows go to a CUDA kernel (q4_cuda.py) where one measured faster for this shape."""
     if weights.perm is not None:
         x = x.index_select(1, weights.perm)
     x = x.contiguous()
+    if config is None and x.is_cuda and q4_cuda.covers(weights, x.shape[0]):
+        choice = q4_cuda.fastest(weights, x.shape[0], functools.partial(_triton_matmul, weights=weights))
+        if choice == "mma":
+            return q4_cuda.q4_mma(x, weights, residual)
+        if choice == "gemv":
+            return q4_cuda.q4_gemv(x, weights, residual)
+    return _triton_matmul(x, weights, residual, config)
+
+
+def _triton_matmul(
+    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, config: LaunchConfig | None = None
+) -> torch.Tensor:
+    """q4_matmul on the Triton kernel: x contiguous, its columns already in the weights' sorted order."""
+    rows = x.shape[0]
     n = weights.out_features
     if config is None:
         config = default_config(weights, _num_sms(x.device))
@@ -320,17 +317,21 @@ def q4_matmul(
         return result
 
 
-def dequantize(weights: Q4Weights, config: LaunchConfig | None = None) -> torch.Tensor:
-    """The fp16 matrix [K, N] in the input's own row order, as the kernel itself sees it: the product
-    with an identity matrix is exact (one nonzero fp16 term per sum), so this is the kernel's weights."""
+def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: str = "triton") -> torch.Tensor:
+    """The fp16 matrix [K, N] in the input's own row order, as a kernel itself sees it (`kernel`: the
+    Triton one at `config`, or q4_cuda's "mma" or "gemv"): the product with an identity matrix is exact
+    (one nonzero fp16 term per sum), so this is the kernel's weights."""
     size = weights.in_features
     eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
-    sorted_rows = torch.cat(
-        [
-            q4_matmul(eye[i : i + MAX_Q4_ROWS], dataclasses.replace(weights, perm=None), config=config)
-            for i in range(0, size, MAX_Q4_ROWS)
-        ]
-    )
+    in_order = dataclasses.replace(weights, perm=None)
+    step = MAX_Q4_ROWS if kernel == "triton" else q4_cuda.MAX_CUDA_ROWS
+    run: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "triton": functools.partial(_triton_matmul, weights=in_order, config=config),
+        "mma": functools.partial(q4_cuda.q4_mma, weights=in_order),
+        "gemv": functools.partial(q4_cuda.q4_gemv, weights=in_order),
+    }
+
+    sorted_rows = torch.cat([run[kernel](eye[i : i + step]) for i in range(0, size, step)])
     if weights.perm is None:
         return sorted_rows
     result = torch.empty_like(sorted_rows)

@@ -56,7 +56,7 @@ def weights_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[Any | None, 
 
 
 def _exl2_weights(tensors: dict[str, torch.Tensor]) -> tuple[Any | None, str]:
-    from verispec.kernels.q4_gemm import Q4Weights
+    from verispec.kernels import Q4Weights
 
     qweight = tensors["q_weight"]
     groups = tensors["q_groups"].cpu().tolist()  # (bits, first q_weight row) per group
@@ -84,7 +84,7 @@ def _exl2_weights(tensors: dict[str, torch.Tensor]) -> tuple[Any | None, str]:
 
 
 def _gptq_weights(tensors: dict[str, torch.Tensor]) -> tuple[Any | None, str]:
-    from verispec.kernels.q4_gemm import Q4Weights
+    from verispec.kernels import Q4Weights
 
     qweight, scales = tensors["qweight"], tensors["scales"]
     in_features, groups = qweight.shape[0] * 8, scales.shape[0]

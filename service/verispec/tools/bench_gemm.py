@@ -2,8 +2,9 @@
 
 On the 70B shapes (qkv 8192x10240, o 8192x8192, gate/up 8192x28672, down 28672x8192) and m = 1, 2, 4,
 8, 16, 32 rows it times, in one run: verispec's Triton kernel (its default tiles, and the best of a
-sweep of tiles), ExLlamaV2's q-gemm on the same random EXL2 tensors, torch's int4 kernel
-(`aten._weight_int4pack_mm`) and fp16 cuBLAS as the bandwidth reference. Effective bandwidth is the
+sweep of tiles), its CUDA kernels for up to 16 rows (tensor-core `q4_mma`, CUDA-core `q4_gemv`) and
+`q4_matmul` (the fastest, as the runner calls it), ExLlamaV2's q-gemm on the same random EXL2 tensors,
+torch's int4 kernel (`aten._weight_int4pack_mm`) and fp16 cuBLAS as the bandwidth reference. Effective bandwidth is the
 bytes of the weights (4 bits each, 16 for fp16) over the GPU time of one call: `--iterations` calls
 captured in a CUDA graph and replayed `--repeats` times (median, min, max); the time per call with
 Python launching each one is reported beside it (`us_with_launch`). The device's copy bandwidth is
@@ -162,7 +163,7 @@ def _operands(k: int, n: int) -> _Operands:
     import torch
     from exllamav2.ext import make_q_matrix
 
-    from verispec.kernels.q4_gemm import Q4Weights
+    from verispec.kernels import Q4Weights
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     tensors = _random_exl2(k, n, generator)
@@ -222,6 +223,7 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
         "torch_int4": kernel(q4_bytes, lambda: torch._weight_int4pack_mm(x_bf16, ops.int4, 128, ops.scales_zeros)),
         "fp16_cublas": kernel(fp16_bytes, lambda: x @ ops.fp16),
     }
+    point.update(_cuda_points(ops, x, m, args.variants, kernel))
     if args.variants:
         for name, variant in _variants(config).items():
             point[f"triton_{name}"] = kernel(q4_bytes, partial(q4_matmul, x, ops.q4, config=variant))
@@ -243,6 +245,41 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
         fastest = {"median": best[0], "min": best[0], "max": best[0]}
         point["triton_best_of_sweep"] = {**_bandwidth(q4_bytes, fastest), "config": asdict(best[1])}
     return point
+
+
+def _cuda_points(
+    ops: _Operands, x: Any, m: int, sweep: bool, kernel: Callable[[int, Callable[[], object]], dict[str, Any]]
+) -> dict[str, Any]:
+    """The CUDA kernels at their default slices of K (with --variants also at each count of slices, and the
+    CUDA-core one without prefetching), and q4_matmul as the runner calls it (the fastest kernel at m)."""
+    from verispec.kernels import q4_cuda
+    from verispec.kernels.q4_gemm import q4_matmul
+
+    q4_bytes = ops.k * ops.n // 2
+    if not q4_cuda.covers(ops.q4, m):
+        reason = q4_cuda.unavailable()
+        return {"cuda_unavailable": reason} if reason else {}
+    point: dict[str, Any] = {
+        "cuda_mma": kernel(q4_bytes, lambda: q4_cuda.q4_mma(x, ops.q4)),
+        "cuda_mma_slices": q4_cuda.mma_slices(ops.q4, _num_sms()),
+        "cuda_gemv": kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4)),
+        "cuda_gemv_slices": q4_cuda.gemv_slices(ops.q4, _num_sms()),
+        "q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4)),
+    }
+    if sweep:
+        point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
+        for name, run in (("mma", q4_cuda.q4_mma), ("gemv", q4_cuda.q4_gemv)):
+            point[f"cuda_{name}_by_slices"] = {
+                str(slices): kernel(q4_bytes, partial(run, x, ops.q4, slices=slices))["tb_per_s"]
+                for slices in (1, 2, 4, 8, 16, 32, 64)
+            }
+    return point
+
+
+def _num_sms() -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).multi_processor_count)
 
 
 def _copy_bandwidth(args: argparse.Namespace) -> float:
@@ -286,7 +323,18 @@ def _summary(result: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """Per kernel and m: the lowest effective bandwidth over the four shapes (the goal is a floor)."""
     summary: dict[str, Any] = {}
     variants = [f"triton_{name}" for name in ("half2", "swap_ab", "interleave", "interleave_half2")]
-    for kernel in ("triton", "triton_best_of_sweep", *variants, "exllamav2", "torch_int4", "fp16_cublas"):
+    kernels = (
+        "q4_matmul",
+        "cuda_mma",
+        "cuda_gemv",
+        "cuda_gemv_no_prefetch",
+        "triton",
+        "triton_best_of_sweep",
+        *variants,
+        "exllamav2",
+        "torch_int4",
+    )
+    for kernel in (*kernels, "fp16_cublas"):
         floors = {}
         for m in rows:
             values = [

@@ -1,0 +1,501 @@
+// Weight-only 4-bit GEMMs for few rows, written in CUDA where Triton cannot keep the dequantized weights in
+// registers: `q4_mma` (tensor cores, 1 to 16 rows) and `q4_gemv` (CUDA cores, 1 to 16 rows). Both read
+// ExLlamaV2's loaded tensors in place, nothing repacked:
+//
+//   qweight  int32 [K/8, N]  eight 4-bit codes of eight consecutive (sorted) rows of K per word: rows 0, 2,
+//                            4, 6 in nibbles 0-3 and rows 1, 3, 5, 7 in nibbles 4-7 (ExLlamaV2's load-time
+//                            order), so nibbles p and p + 4 hold rows 2p and 2p + 1
+//   EXL2     scale codes int32 [G, N/8] (4-bit, plain order), scale_max fp16 [G]; zero point 8;
+//            scale = fp16((code + 1)^2) * scale_max[g]
+//   GPTQ     scales fp16 [G, N], zeros int32 [G, N/8] (4-bit, plain order); zero point = code + 1
+//
+// A weight is fp16(q - zero) * scale with one rounding, ExLlamaV2's `reconstruct`, so the matrix multiplied
+// by is get_weight_tensor_dq()'s bit for bit. K is cut into slices fixed by the shape alone; each slice's
+// fp32 sums are added in slice order by a second kernel, so a row's result depends on its own input only,
+// whichever rows share its launch (batched greedy = solo greedy).
+//
+// Built by kernels/q4_cuda.py with nvcc into a shared library called through ctypes (C entry points at the
+// end; every launch goes on the caller's stream, so CUDA graphs capture it).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+// ---- Shared pieces ------------------------------------------------------------------------------------
+
+// (a & b) | c in one instruction: with b = 0x000f000f and c = 0x64006400 the codes in bits 0-3 and 16-19
+// become the fp16 pair (1024 + q).
+__device__ __forceinline__ uint32_t lop3_or_and(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(out) : "r"(a), "r"(b), "r"(c));
+  return out;
+}
+
+__device__ __forceinline__ half2 as_half2(uint32_t bits) { return *reinterpret_cast<half2*>(&bits); }
+__device__ __forceinline__ uint32_t as_bits(half2 value) { return *reinterpret_cast<uint32_t*>(&value); }
+
+// One column's dequantization constants for one group: the scale, 1024 + zero, and -(64 + zero), each twice.
+struct ColumnScale {
+  half2 scale;
+  half2 offset;     // 1024 + zero: (1024 + q) - offset = q - zero, exact
+  half2 offset_16;  // -(64 + zero): (1024 + 16q) / 16 - (64 + zero) = q - zero, exact in one fma
+};
+
+__device__ __forceinline__ ColumnScale column_scale(half scale, int zero) {
+  return {__half2half2(scale), __half2half2(__int2half_rn(1024 + zero)), __half2half2(__int2half_rn(-(64 + zero)))};
+}
+
+// The eight weights of one word as four fp16 pairs: pair p = sorted rows (2p, 2p + 1) = nibbles (p, p + 4).
+// Pairs 1 and 3 are taken from bits 4-7 / 20-23 without a shift: (1024 + 16q) is exact, and the fma by 1/16
+// lands on q - zero exactly; every pair is then multiplied by the scale with one rounding.
+__device__ __forceinline__ void dequantize_word(uint32_t word, const ColumnScale& s, uint32_t (&pairs)[4]) {
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const uint32_t high = word >> 8;
+  pairs[0] = as_bits(__hmul2(__hsub2(as_half2(lop3_or_and(word, 0x000f000fu, 0x64006400u)), s.offset), s.scale));
+  pairs[1] = as_bits(
+      __hmul2(__hfma2(as_half2(lop3_or_and(word, 0x00f000f0u, 0x64006400u)), sixteenth, s.offset_16), s.scale));
+  pairs[2] = as_bits(__hmul2(__hsub2(as_half2(lop3_or_and(high, 0x000f000fu, 0x64006400u)), s.offset), s.scale));
+  pairs[3] = as_bits(
+      __hmul2(__hfma2(as_half2(lop3_or_and(high, 0x00f000f0u, 0x64006400u)), sixteenth, s.offset_16), s.scale));
+}
+
+// The scales of four consecutive columns (the first a multiple of 4) in group g.
+template <bool GPTQ>
+__device__ __forceinline__ void group_scales(const void* scales, const half* scale_max, const uint32_t* zeros, int g,
+                                             int n, int column, ColumnScale (&out)[4]) {
+  if constexpr (GPTQ) {
+    const uint2 bits = *reinterpret_cast<const uint2*>(static_cast<const half*>(scales) + (size_t)g * n + column);
+    const half* scale = reinterpret_cast<const half*>(&bits);
+    const uint32_t zero_word = zeros[(size_t)g * (n / 8) + column / 8] >> (4 * (column % 8));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = column_scale(scale[c], ((zero_word >> (4 * c)) & 0xF) + 1);
+  } else {
+    const uint32_t code_word = static_cast<const uint32_t*>(scales)[(size_t)g * (n / 8) + column / 8] >> (4 * (column % 8));
+    const half top = scale_max[g];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int code = ((code_word >> (4 * c)) & 0xF) + 1;
+      out[c] = column_scale(__hmul(__int2half_rn(code * code), top), 8);
+    }
+  }
+}
+
+// out = fp16(sum over slices, in slice order, + residual).
+__global__ void sum_slices_kernel(const float* __restrict__ partial, const half* __restrict__ residual,
+                                  half* __restrict__ out, int size, int slices) {
+  const int index = blockIdx.x * blockDim.x + threadIdx.x;
+  if (index >= size) return;
+  float total = 0.0f;
+  for (int s = 0; s < slices; ++s) total += partial[(size_t)s * size + index];
+  if (residual != nullptr) total += __half2float(residual[index]);
+  out[index] = __float2half_rn(total);
+}
+
+struct Problem {
+  const half* x;  // [rows, K], row stride x_stride, columns in sorted order, 16-byte aligned rows
+  const void* qweight;
+  const void* scales;
+  const half* scale_max;   // EXL2
+  const uint32_t* zeros;   // GPTQ
+  float* partial;          // [slices, rows, N]
+  int rows, n, k, x_stride, group_size;
+};
+
+// ---- q4_mma: tensor cores, dequantized in registers ---------------------------------------------------
+//
+// mma.sync m16n8k16 computes D[16 x 8] += A[16 x 16] B[16 x 8]. Here A is a tile of W^T (16 output columns
+// by 16 positions of K), B is the input (16 positions of K by 8 rows of x) and D is out^T. Which column and
+// which k each fragment slot stands for is ours to choose, as long as A and B agree, and ExLlamaV2's word
+// order makes a choice in which every thread's data is one 16-byte load of weights and one of input:
+//
+//   lane = 4 g + t. Thread (g, t) loads the words of word row kw0 + t for the columns c0 + 4g .. c0 + 4g + 3
+//   (16 bytes; a warp reads four 128-byte runs of four word rows). Tile u (0, 1) takes columns
+//   c0 + 4g + 2u as A's row g and c0 + 4g + 2u + 1 as row g + 8. Step s (0, 1) takes pairs 2s and 2s + 1 of
+//   each word as A's slots (2t, 2t + 1) and (2t + 8, 2t + 9): sorted rows 8 (kw0 + t) + 4s .. + 3. B's slots
+//   (2t, 2t + 1), (2t + 8, 2t + 9) of column g are then x[row g][8 (kw0 + t) + 4s .. + 3]: the thread's
+//   eight input values x[g][8 (kw0 + t) .. + 7] are one 16-byte load, halves 0-3 for step 0, 4-7 for step 1.
+//
+// A block of kMmaWarps warps owns 32 columns a warp; all its warps walk the same slice of K in batches of
+// 128 (4 word-row quads), staged through shared memory by cp.async kMmaStages batches ahead: each warp's
+// weights, the scales, and the input rows the whole block shares.
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kMmaStages = 4;
+constexpr int kBatchK = 128;               // positions of K per batch: a group divides into batches
+constexpr int kQuads = kBatchK / 32;       // word-row quads per batch
+constexpr int kXRowHalves = kBatchK + 32;  // an input row in shared memory, padded against bank conflicts
+
+template <int M_TILES>
+struct MmaStage {
+  uint4 weights[kMmaWarps][kQuads][32];
+  uint4 meta[kMmaWarps][32];  // per thread: EXL2 scale codes, scale_max pair; GPTQ 4 scales, zero codes
+  half x[8 * M_TILES][kXRowHalves];
+};
+
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+}
+
+__device__ __forceinline__ void cp_async_4(void* shared, const void* global) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global));
+}
+
+__device__ __forceinline__ void cp_async_8(void* shared, const void* global) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(address), "l"(global));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Copies batch `batch` (K positions batch * 128 ..) into `stage`: this thread's weights and scales, and its
+// share of the block's input rows. Rows of x past `rows` are never read (their B slots are zero).
+template <int M_TILES, bool GPTQ>
+__device__ __forceinline__ void issue_batch(const Problem& p, MmaStage<M_TILES>& stage, int batch, int warp, int lane,
+                                            int column, bool active) {
+  const int t = lane % 4;
+  if (active) {
+    const uint4* qweight = static_cast<const uint4*>(p.qweight);
+#pragma unroll
+    for (int quad = 0; quad < kQuads; ++quad) {
+      const int word_row = (batch * kBatchK) / 8 + 4 * quad + t;
+      cp_async_16(&stage.weights[warp][quad][lane], qweight + (size_t)word_row * (p.n / 4) + column / 4);
+    }
+    const int group = (batch * kBatchK) / p.group_size;
+    uint32_t* meta = reinterpret_cast<uint32_t*>(&stage.meta[warp][lane]);
+    if constexpr (GPTQ) {
+      cp_async_8(meta, static_cast<const half*>(p.scales) + (size_t)group * p.n + column);
+      cp_async_4(meta + 2, p.zeros + (size_t)group * (p.n / 8) + column / 8);
+    } else {
+      cp_async_4(meta, static_cast<const uint32_t*>(p.scales) + (size_t)group * (p.n / 8) + column / 8);
+      cp_async_4(meta + 1, p.scale_max + (group & ~1));
+    }
+  }
+  constexpr int chunks = 8 * M_TILES * (kBatchK / 8);  // 16-byte chunks of input per batch
+  for (int index = threadIdx.x; index < chunks; index += kMmaThreads) {
+    const int row = index / (kBatchK / 8), chunk = index % (kBatchK / 8);
+    if (row < p.rows) {
+      cp_async_16(&stage.x[row][8 * chunk], p.x + (size_t)row * p.x_stride + batch * kBatchK + 8 * chunk);
+    }
+  }
+}
+
+template <bool GPTQ>
+__device__ __forceinline__ void meta_scales(const uint4& meta, int group, int column, ColumnScale (&out)[4]) {
+  if constexpr (GPTQ) {
+    const half* scale = reinterpret_cast<const half*>(&meta);  // meta.x, meta.y: four fp16 scales
+    const uint32_t zero_word = meta.z >> (4 * (column % 8));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) out[c] = column_scale(scale[c], ((zero_word >> (4 * c)) & 0xF) + 1);
+  } else {
+    const uint32_t code_word = meta.x >> (4 * (column % 8));
+    const half2 pair = as_half2(meta.y);
+    const half top = (group & 1) ? __high2half(pair) : __low2half(pair);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int code = ((code_word >> (4 * c)) & 0xF) + 1;
+      out[c] = column_scale(__hmul(__int2half_rn(code * code), top), 8);
+    }
+  }
+}
+
+template <int M_TILES, bool GPTQ>
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batches_per_slice, half* out,
+                                                             const half* residual) {
+  extern __shared__ uint4 shared_memory[];
+  auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * g;  // this thread's first of four
+  const bool active = column < p.n;
+  const int first = blockIdx.y * batches_per_slice;
+  const int end = min(first + batches_per_slice, p.k / kBatchK);
+
+#pragma unroll
+  for (int s = 0; s < kMmaStages - 1; ++s) {
+    if (first + s < end) issue_batch<M_TILES, GPTQ>(p, stages[s], first + s, warp, lane, column, active);
+    cp_async_commit();
+  }
+
+  float acc[2][M_TILES][4];
+#pragma unroll
+  for (int u = 0; u < 2; ++u)
+#pragma unroll
+    for (int v = 0; v < M_TILES; ++v)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[u][v][i] = 0.0f;
+
+  for (int batch = first, it = 0; batch < end; ++batch, ++it) {
+    cp_async_wait<kMmaStages - 2>();
+    __syncthreads();  // batch `it` is in for every thread; the stage read last round is free again
+    const int ahead = batch + kMmaStages - 1;
+    if (ahead < end) issue_batch<M_TILES, GPTQ>(p, stages[(it + kMmaStages - 1) % kMmaStages], ahead, warp, lane, column, active);
+    cp_async_commit();
+
+    const MmaStage<M_TILES>& stage = stages[it % kMmaStages];
+    ColumnScale scale[4];
+    meta_scales<GPTQ>(stage.meta[warp][lane], (batch * kBatchK) / p.group_size, column, scale);
+#pragma unroll
+    for (int quad = 0; quad < kQuads; ++quad) {
+      const uint4 words = stage.weights[warp][quad][lane];
+      const uint32_t word[4] = {words.x, words.y, words.z, words.w};
+      uint32_t pairs[4][4];  // [column of the four][pair]
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
+      uint4 input[M_TILES];
+#pragma unroll
+      for (int v = 0; v < M_TILES; ++v) {
+        const int row = 8 * v + g;
+        input[v] = row < p.rows ? *reinterpret_cast<const uint4*>(&stage.x[row][32 * quad + 8 * t]) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t a[4] = {pairs[2 * u][2 * s], pairs[2 * u + 1][2 * s], pairs[2 * u][2 * s + 1],
+                                 pairs[2 * u + 1][2 * s + 1]};
+#pragma unroll
+          for (int v = 0; v < M_TILES; ++v) {
+            const uint32_t b0 = s == 0 ? input[v].x : input[v].z;
+            const uint32_t b1 = s == 0 ? input[v].y : input[v].w;
+            mma_16816(acc[u][v], a, b0, b1);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if (!active) return;
+  // D slots: acc[u][v] = {(col + 2u, row 8v + 2t), (col + 2u, row 8v + 2t + 1), (col + 2u + 1, row 8v + 2t),
+  // (col + 2u + 1, row 8v + 2t + 1)}.
+#pragma unroll
+  for (int v = 0; v < M_TILES; ++v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 8 * v + 2 * t + r;
+      if (row >= p.rows) continue;
+      const float4 sums = make_float4(acc[0][v][r], acc[0][v][2 + r], acc[1][v][r], acc[1][v][2 + r]);
+      const size_t at = (size_t)row * p.n + column;
+      if (gridDim.y == 1) {
+        float values[4] = {sums.x, sums.y, sums.z, sums.w};
+        half results[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          results[c] = __float2half_rn(values[c] + (residual != nullptr ? __half2float(residual[at + c]) : 0.0f));
+        }
+        *reinterpret_cast<uint2*>(out + at) = *reinterpret_cast<uint2*>(results);
+      } else {
+        *reinterpret_cast<float4*>(p.partial + (size_t)blockIdx.y * p.rows * p.n + at) = sums;
+      }
+    }
+  }
+}
+
+template <int M_TILES, bool GPTQ>
+cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, half* out, const half* residual,
+                       cudaStream_t stream) {
+  const int bytes = kMmaStages * sizeof(MmaStage<M_TILES>);
+  static bool attribute_set[64] = {};  // per template instance and device
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (device >= 64 || !attribute_set[device]) {
+    error = cudaFuncSetAttribute(q4_mma_kernel<M_TILES, GPTQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (error != cudaSuccess) return error;
+    if (device < 64) attribute_set[device] = true;
+  }
+  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
+  q4_mma_kernel<M_TILES, GPTQ><<<grid, kMmaThreads, bytes, stream>>>(p, batches_per_slice, out, residual);
+  return cudaGetLastError();
+}
+
+// ---- q4_gemv: CUDA cores ------------------------------------------------------------------------------
+//
+// A block of 4 warps owns 128 columns (4 a thread, one 16-byte load per word row); each warp takes whole
+// groups of K, the block's warps sum through shared memory, and blocks along the grid's y take slices of K.
+// Products are summed in fp16 pairs over 64 rows of K at most, then in fp32.
+
+constexpr int kGemvWarps = 4;
+constexpr int kGemvThreads = 32 * kGemvWarps;
+constexpr int kGemvColumns = 4 * 32;
+constexpr int kChunkWords = 8;  // word rows loaded at once (64 rows of K): the fp16 sums' length
+
+__device__ __forceinline__ void load_chunk(uint4 (&words)[kChunkWords], const uint4* qweight, int first_word, int n,
+                                           int column) {
+#pragma unroll
+  for (int j = 0; j < kChunkWords; ++j) words[j] = __ldg(qweight + (size_t)(first_word + j) * (n / 4) + column / 4);
+}
+
+// PREFETCH: a chunk's words are loaded while the one before it is multiplied (32 more registers).
+template <int MAX_ROWS, bool GPTQ, bool PREFETCH>
+__global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int groups_per_warp) {
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int column = blockIdx.x * kGemvColumns + 4 * lane;  // this thread's first of four
+  const int words_per_group = p.group_size / 8;
+  const int first_group = (blockIdx.y * kGemvWarps + warp) * groups_per_warp;
+  const int first_word = first_group * words_per_group;
+  const int end_word = min(first_group + groups_per_warp, p.k / p.group_size) * words_per_group;
+  const bool active = column < p.n && first_word < end_word;
+  const uint4* qweight = static_cast<const uint4*>(p.qweight);
+
+  float sums[MAX_ROWS][4];
+#pragma unroll
+  for (int m = 0; m < MAX_ROWS; ++m)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) sums[m][c] = 0.0f;
+
+  uint4 words[kChunkWords];
+  if (PREFETCH && active) load_chunk(words, qweight, first_word, p.n, column);
+  ColumnScale scale[4];
+  for (int w0 = first_word; active && w0 < end_word; w0 += kChunkWords) {
+    if (w0 % words_per_group == 0) {
+      group_scales<GPTQ>(p.scales, p.scale_max, p.zeros, w0 / words_per_group, p.n, column, scale);
+    }
+    uint4 current[kChunkWords];
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int j = 0; j < kChunkWords; ++j) current[j] = words[j];
+      if (w0 + kChunkWords < end_word) load_chunk(words, qweight, w0 + kChunkWords, p.n, column);
+    } else {
+      load_chunk(current, qweight, w0, p.n, column);
+    }
+    half2 chunk[MAX_ROWS][4];
+#pragma unroll
+    for (int m = 0; m < MAX_ROWS; ++m)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) chunk[m][c] = __float2half2_rn(0.0f);
+#pragma unroll
+    for (int j = 0; j < kChunkWords; ++j) {
+      const uint32_t word[4] = {current[j].x, current[j].y, current[j].z, current[j].w};
+      uint32_t pairs[4][4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
+#pragma unroll
+      for (int m = 0; m < MAX_ROWS; ++m) {
+        if (m >= p.rows) break;
+        // The input's eight columns of this word row as pairs (2p, 2p + 1), matching the weight pairs.
+        const uint4 x_bits = *reinterpret_cast<const uint4*>(p.x + (size_t)m * p.x_stride + 8 * (w0 + j));
+        const uint32_t x2[4] = {x_bits.x, x_bits.y, x_bits.z, x_bits.w};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) chunk[m][c] = __hfma2(as_half2(pairs[c][q]), as_half2(x2[q]), chunk[m][c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MAX_ROWS; ++m)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sums[m][c] += __low2float(chunk[m][c]) + __high2float(chunk[m][c]);
+  }
+
+  // The block's four warps: their sums through shared memory, added in warp order.
+  __shared__ float shared[kGemvWarps][MAX_ROWS][kGemvColumns];
+#pragma unroll
+  for (int m = 0; m < MAX_ROWS; ++m)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) shared[warp][m][4 * lane + c] = sums[m][c];
+  __syncthreads();
+  for (int index = threadIdx.x; index < p.rows * kGemvColumns; index += kGemvThreads) {
+    const int m = index / kGemvColumns, local = index % kGemvColumns;
+    const int out_column = blockIdx.x * kGemvColumns + local;
+    if (out_column >= p.n) continue;
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) total += shared[w][m][local];
+    p.partial[((size_t)blockIdx.y * p.rows + m) * p.n + out_column] = total;
+  }
+}
+
+template <int MAX_ROWS, bool PREFETCH>
+cudaError_t launch_gemv(const Problem& p, bool gptq, int slices, int groups_per_warp, cudaStream_t stream) {
+  const dim3 grid((p.n + kGemvColumns - 1) / kGemvColumns, slices);
+  if (gptq) {
+    q4_gemv_kernel<MAX_ROWS, true, PREFETCH><<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
+  } else {
+    q4_gemv_kernel<MAX_ROWS, false, PREFETCH><<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
+  }
+  return cudaGetLastError();
+}
+
+template <bool PREFETCH>
+cudaError_t launch_gemv_rows(const Problem& p, bool gptq, int slices, int groups_per_warp, cudaStream_t stream) {
+  if (p.rows == 1) return launch_gemv<1, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
+  if (p.rows == 2) return launch_gemv<2, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
+  if (p.rows <= 4) return launch_gemv<4, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
+  if (p.rows <= 8) return launch_gemv<8, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
+  return launch_gemv<16, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
+}
+
+cudaError_t sum_slices(const float* partial, const half* residual, half* out, int size, int slices,
+                       cudaStream_t stream) {
+  sum_slices_kernel<<<(size + 255) / 256, 256, 0, stream>>>(partial, residual, out, size, slices);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// ---- C entry points (ctypes) --------------------------------------------------------------------------
+// Shapes and alignment are checked by the Python caller (kernels/q4_cuda.py); these return a cudaError_t.
+
+extern "C" {
+
+// x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16, rows 1..16, K a multiple of 128
+// and of the group size, which is a multiple of 128. `partial` holds [slices, rows, N] fp32 when slices > 1.
+int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
+                    const void* zeros, const void* residual, void* out, void* partial, int rows, int n, int k,
+                    int group_size, int slices, int batches_per_slice, void* stream_handle) {
+  const Problem p{static_cast<const half*>(x), qweight, scales, static_cast<const half*>(scale_max),
+                  static_cast<const uint32_t*>(zeros), static_cast<float*>(partial), rows, n, k, x_stride, group_size};
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  const bool gptq = zeros != nullptr;
+  auto* result = static_cast<half*>(out);
+  const auto* add = static_cast<const half*>(residual);
+  cudaError_t error;
+  if (rows <= 8) {
+    error = gptq ? launch_mma<1, true>(p, slices, batches_per_slice, result, add, stream)
+                 : launch_mma<1, false>(p, slices, batches_per_slice, result, add, stream);
+  } else {
+    error = gptq ? launch_mma<2, true>(p, slices, batches_per_slice, result, add, stream)
+                 : launch_mma<2, false>(p, slices, batches_per_slice, result, add, stream);
+  }
+  if (error != cudaSuccess || slices == 1) return error;
+  return sum_slices(p.partial, add, result, rows * n, slices, stream);
+}
+
+// The same product on CUDA cores; group size a multiple of 64, K cut into `slices` runs of whole groups.
+int verispec_q4_gemv(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
+                     const void* zeros, const void* residual, void* out, void* partial, int rows, int n, int k,
+                     int group_size, int slices, int groups_per_warp, int prefetch, void* stream_handle) {
+  const Problem p{static_cast<const half*>(x), qweight, scales, static_cast<const half*>(scale_max),
+                  static_cast<const uint32_t*>(zeros), static_cast<float*>(partial), rows, n, k, x_stride, group_size};
+  const auto stream = static_cast<cudaStream_t>(stream_handle);
+  const bool gptq = zeros != nullptr;
+  const cudaError_t error = prefetch ? launch_gemv_rows<true>(p, gptq, slices, groups_per_warp, stream)
+                                     : launch_gemv_rows<false>(p, gptq, slices, groups_per_warp, stream);
+  if (error != cudaSuccess) return error;
+  return sum_slices(p.partial, static_cast<const half*>(residual), static_cast<half*>(out), rows * n, slices, stream);
+}
+
+const char* verispec_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+}  // extern "C"

@@ -1,0 +1,319 @@
+"""The CUDA 4-bit GEMMs for 1 to 16 rows (q4_cuda.cu): built where they run, launched, and chosen.
+
+The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory to reach the tensor cores,
+which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
+to the tensor-core MMA (ExLlamaV2's word order makes each thread's slice of an MMA tile one 16-byte load);
+`q4_gemv` multiplies on the CUDA cores. Which kernel serves a weight shape at a row count is measured, the
+first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
+
+The source is compiled by nvcc into a shared library, called through ctypes on the current CUDA stream
+(so graph captures take its launches). Its name carries a digest of the source and the architectures it
+holds code for. One built ahead of time beside this module (`python -m verispec.kernels.q4_cuda --arch
+89,90`, as the GPU container build does, where no GPU is present) or in the cache directory is used when it
+covers every visible GPU; otherwise it is built into the cache directory on first use (about 30 s), which
+needs nvcc. It needs compute capability 8.0 or newer; where it cannot be had the Triton GEMM serves every
+row count, and `unavailable()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+import torch
+
+from verispec.kernels import Q4Weights, on_device
+
+log = structlog.get_logger(__name__)
+
+MAX_CUDA_ROWS = 16
+KERNELS = ("mma", "gemv")
+_BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
+_MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
+_GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
+_GEMV_COLUMNS = 128  # per block (kGemvColumns)
+_SOURCE = Path(__file__).with_name("q4_cuda.cu")
+_TIMED_CALLS = 20
+
+
+def _nvcc() -> str | None:
+    """nvcc from $CUDA_HOME, the PATH, or the CUDA directory torch was built against."""
+    from torch.utils import cpp_extension
+
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _architectures() -> list[str]:
+    """Compute capabilities (as "89", "90") of every visible GPU."""
+    found = {torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count())}
+    return [f"{major}{minor}" for major, minor in sorted(found)]
+
+
+def library_name(architectures: list[str]) -> str:
+    """The library's file name: a digest of the source, and the architectures it holds code for."""
+    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    return f"q4_cuda-{digest}-sm{'_'.join(architectures)}.so"
+
+
+def _built_for(path: Path) -> set[str]:
+    return set(path.stem.rsplit("-sm", 1)[-1].split("_"))
+
+
+def build(out_dir: Path, architectures: list[str], nvcc: str | None = None) -> Path:
+    """Compiles the library for `architectures` into `out_dir` (written beside, then renamed into place, so
+    concurrent builds race harmlessly). Needs no GPU: a container build can do it ahead of time."""
+    nvcc = nvcc or _nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (set CUDA_HOME): the CUDA kernels are compiled by nvcc")
+    target = out_dir / library_name(architectures)
+    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in architectures]
+    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, str(_SOURCE)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, about 30 s")
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([*command, "-o", str(built)], capture_output=True, text=True, check=True)
+        built.replace(target)
+    log.info("kernels.q4_cuda_built", seconds=round(time.perf_counter() - started, 1))
+    return target
+
+
+def prebuilt(architectures: list[str], folders: list[Path]) -> Path | None:
+    """The first library of this source in `folders` that holds code for every one of `architectures`."""
+    prefix = library_name(architectures).rsplit("-sm", 1)[0]
+    for folder in folders:
+        for path in sorted(folder.glob(f"{prefix}-sm*.so")):
+            if set(architectures) <= _built_for(path):
+                return path
+    return None
+
+
+def _find_or_build(architectures: list[str]) -> Path:
+    """A library built ahead of time beside this module or in the cache directory, else one built now into
+    the cache directory."""
+    from verispec.config import default_cache_dir
+
+    cache = default_cache_dir() / "kernels"
+    return prebuilt(architectures, [Path(__file__).parent, cache]) or build(cache, architectures)
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library, or None and why it cannot be had here."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    architectures = _architectures()
+    if any(int(arch) < 80 for arch in architectures):
+        return None, f"GPU architectures sm_{architectures}: the tensor-core kernel needs compute capability 8.0"
+    try:
+        library = ctypes.CDLL(str(_find_or_build(architectures)))
+    except subprocess.CalledProcessError as exc:
+        log.warning("kernels.q4_cuda_unavailable", error=(exc.stderr or "")[-800:])
+        return None, f"nvcc failed: {(exc.stderr or '')[-300:]}"
+    except OSError as exc:  # no nvcc, an unwritable cache, a library that does not load
+        log.warning("kernels.q4_cuda_unavailable", error=str(exc))
+        return None, f"{type(exc).__name__}: {exc}"
+    pointer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_void_p
+    integer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_int
+    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 7, *[integer] * 6, pointer]
+    library.verispec_q4_gemv.argtypes = [pointer, integer, *[pointer] * 7, *[integer] * 7, pointer]
+    library.verispec_q4_mma.restype = library.verispec_q4_gemv.restype = integer
+    library.verispec_error_string.argtypes = [integer]
+    library.verispec_error_string.restype = ctypes.c_char_p
+    return library, ""
+
+
+def unavailable() -> str | None:
+    """Why the CUDA kernels cannot run here, or None when they can."""
+    library, reason = _library()
+    return None if library is not None else reason
+
+
+def covers(weights: Q4Weights, rows: int) -> bool:
+    """Whether the CUDA kernels take these weights at this row count (groups in whole batches of 128)."""
+    return 1 <= rows <= MAX_CUDA_ROWS and weights.group_size % _BATCH_K == 0 and unavailable() is None
+
+
+def mma_slices(weights: Q4Weights, num_sms: int) -> int:
+    """How many slices of K a q4_mma launch takes: enough blocks for four per SM (each slice adds an fp32
+    partial sum to write and add). By shape only, so a row's sums never depend on its batch."""
+    batches = weights.in_features // _BATCH_K
+    column_blocks = -(-weights.out_features // _MMA_BLOCK_COLUMNS)
+    return _even_slices(batches, -(-4 * num_sms // column_blocks))[0]
+
+
+def gemv_slices(weights: Q4Weights, num_sms: int) -> int:
+    """How many runs of K a q4_gemv launch cuts the groups into: the fewest that give every SM eight
+    blocks, so that enough loads are in flight."""
+    most = -(-weights.in_features // (weights.group_size * _GEMV_WARPS))  # a group per warp
+    column_blocks = -(-weights.out_features // _GEMV_COLUMNS)
+    return min(most, -(-8 * num_sms // column_blocks))
+
+
+def _even_slices(units: int, wanted: int) -> tuple[int, int]:
+    """`units` cut into at most `wanted` (at least 1) runs of equal length but the last: (runs, length)."""
+    per_slice = -(-units // max(1, min(wanted, units)))
+    return -(-units // per_slice), per_slice
+
+
+def _checked(x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None) -> torch.Tensor:
+    rows, columns = x.shape
+    if not 1 <= rows <= MAX_CUDA_ROWS:
+        raise ValueError(f"the CUDA 4-bit kernels take 1 to {MAX_CUDA_ROWS} rows, not {rows}")
+    if columns != weights.in_features or x.dtype != torch.float16:
+        raise ValueError(f"x must be fp16 [rows, {weights.in_features}], not {x.dtype} {list(x.shape)}")
+    if residual is not None and (residual.shape != (rows, weights.out_features) or not residual.is_contiguous()):
+        raise ValueError(f"residual must be contiguous [{rows}, {weights.out_features}]")
+    if weights.scale_max is not None and weights.scale_max.data_ptr() % 4:
+        raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _call(
+    entry: Callable[..., int],
+    x: torch.Tensor,
+    weights: Q4Weights,
+    residual: torch.Tensor | None,
+    partial_slices: int,
+    tail: list[int],
+    error_name: str,
+) -> torch.Tensor:
+    """One launch of `entry` on the current stream: the output, and a buffer of `partial_slices` fp32
+    partial sums (none for 0)."""
+    library, _ = _library()
+    assert library is not None
+    rows, n = x.shape[0], weights.out_features
+    out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
+    partial = torch.empty((partial_slices, rows, n), dtype=torch.float32, device=x.device) if partial_slices else None
+
+    def address(tensor: torch.Tensor | None) -> int | None:
+        return tensor.data_ptr() if tensor is not None else None
+
+    with on_device(x):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        error = entry(
+            x.data_ptr(), x.stride(0), weights.qweight.data_ptr(), weights.scales.data_ptr(),
+            address(weights.scale_max), address(weights.zeros), address(residual), out.data_ptr(), address(partial),
+            rows, n, weights.in_features, weights.group_size, *tail, stream,
+        )  # fmt: skip
+    if error:
+        raise RuntimeError(f"{error_name}: {library.verispec_error_string(error).decode()}")
+    return out
+
+
+def q4_mma(
+    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
+) -> torch.Tensor:
+    """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
+    tensor cores. `slices` overrides the cut of K into slices (mma_slices)."""
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
+    x = _checked(x, weights, residual)
+    if slices is None:
+        slices = mma_slices(weights, _num_sms(x.device))
+    slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
+    partial_slices = slices if slices > 1 else 0  # one slice writes the output directly
+    return _call(library.verispec_q4_mma, x, weights, residual, partial_slices, [slices, per_slice], "q4_mma")
+
+
+def q4_gemv(
+    x: torch.Tensor,
+    weights: Q4Weights,
+    residual: torch.Tensor | None = None,
+    slices: int | None = None,
+    prefetch: bool = True,
+) -> torch.Tensor:
+    """The same product on the CUDA cores; `prefetch` loads each chunk of weights while the one before it
+    is multiplied."""
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
+    x = _checked(x, weights, residual)
+    if slices is None:
+        slices = gemv_slices(weights, _num_sms(x.device))
+    groups = weights.in_features // weights.group_size
+    per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
+    slices = -(-groups // (per_warp * _GEMV_WARPS))
+    tail = [slices, per_warp, int(prefetch)]  # the gemv always sums through the partial buffer
+    return _call(library.verispec_q4_gemv, x, weights, residual, slices, tail, "q4_gemv")
+
+
+_CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
+
+
+def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """ "mma", "gemv" or "triton": the fastest kernel at `rows` rows of this shape, timed once per process
+    (CUDA events, the median of three runs of 20 calls). Inside a capture nothing can be timed: a pair not
+    yet measured stays on Triton there (the runner's warm-up pass before each capture measures it)."""
+    device = weights.qweight.device
+    key = (device.index or 0, weights.in_features, weights.out_features, weights.group_size, weights.gptq, rows)
+    if key in _CHOICE:
+        return _CHOICE[key]
+    if torch.cuda.is_current_stream_capturing():
+        return "triton"
+    x = torch.randn((rows, weights.in_features), dtype=torch.float16, device=device)
+    candidates: dict[str, Callable[[], object]] = {
+        "mma": lambda: q4_mma(x, weights),
+        "gemv": lambda: q4_gemv(x, weights),
+        "triton": lambda: triton(x),
+    }
+    times = {name: _median_ms(call, device) for name, call in candidates.items()}
+    _CHOICE[key] = min(times, key=lambda name: times[name])
+    log.debug("kernels.q4_chosen", shape=key[1:3], rows=rows, choice=_CHOICE[key], ms=times)
+    return _CHOICE[key]
+
+
+def _median_ms(call: Callable[[], object], device: torch.device) -> float:
+    with torch.cuda.device(device):
+        call()  # compiled and loaded before the clock starts
+        times = []
+        for _ in range(3):
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            for _ in range(_TIMED_CALLS):
+                call()
+            end.record()
+            end.synchronize()
+            times.append(float(start.elapsed_time(end)) / _TIMED_CALLS)
+    return sorted(times)[1]
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Builds the library ahead of time: `python -m verispec.kernels.q4_cuda --arch 89,90 [--out DIR]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m verispec.kernels.q4_cuda", description=main.__doc__)
+    parser.add_argument(
+        "--arch", required=True, help="compute capabilities: '8.9,9.0' or '89;90' (8.9: RTX 4090, 9.0: H100/H200)"
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder (default: beside this module)")
+    args = parser.parse_args(argv)
+    architectures = sorted({arch.strip().replace(".", "") for arch in args.arch.replace(";", ",").split(",")} - {""})
+    print(build(args.out, architectures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""The CUDA 4-bit GEMMs (tensor-core q4_mma, CUDA-core q4_gemv) against ExLlamaV2's own dequantization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.gpu.test_q4_gemm import ODD_SHAPES, _exl2_tensors, _exllamav2_matrix, _gptq_tensors
+
+pytestmark = pytest.mark.gpu
+
+KERNELS = ["mma", "gemv"]
+
+
+@pytest.fixture(autouse=True)
+def _kernels() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("exllamav2")
+    from verispec.kernels import q4_cuda
+
+    reason = q4_cuda.unavailable()
+    assert reason is None, f"the CUDA kernels did not build on a CUDA machine: {reason}"
+
+
+def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[Any, torch.Tensor]:
+    """Kernel weights over ExLlamaV2's shuffled tensors, and ExLlamaV2's dequantized matrix of them."""
+    from verispec.runner.exl2_q4 import weights_from_tensors
+
+    tensors = _exl2_tensors(k, n, seed, act_order) if layout == "exl2" else _gptq_tensors(k, n, seed, act_order)
+    _handle, dense = _exllamav2_matrix(tensors)
+    weights, reason = weights_from_tensors(tensors)
+    assert weights is not None, reason
+    return weights, dense
+
+
+def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
+    from verispec.kernels import q4_cuda
+
+    return q4_cuda.q4_mma(x, weights, **options) if kernel == "mma" else q4_cuda.q4_gemv(x, weights, **options)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["exl2", "gptq"])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(("k", "n"), ODD_SHAPES)
+def test_weights_are_exllamav2s_bit_for_bit(kernel: str, layout: str, act_order: bool, k: int, n: int) -> None:
+    """The matrix each kernel multiplies by, read back through it, is get_weight_tensor_dq()."""
+    from verispec.kernels.q4_gemm import dequantize
+
+    if layout == "gptq" and act_order and k // 128 < 2:
+        pytest.skip("GPTQ act-order needs more than one group")
+    weights, expected = _weights(layout, k, n, 7, act_order)
+    assert torch.equal(dequantize(weights, kernel=kernel), expected)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["exl2", "gptq"])
+@pytest.mark.parametrize(("k", "n"), [*ODD_SHAPES, (8192, 1024)])
+@pytest.mark.parametrize("slices", [None, 1, 3, 64])
+def test_matches_dequantize_then_matmul_for_1_to_16_rows(
+    kernel: str, layout: str, k: int, n: int, slices: int | None
+) -> None:
+    """Every row count 1..16, any slicing of K, with and without a residual: the Triton kernel's tolerance."""
+    weights, dense = _weights(layout, k, n, 3, False)
+    generator = torch.Generator(device="cuda").manual_seed(11)
+    for rows in range(1, 17):
+        x = torch.randn((rows, k), generator=generator, device="cuda").half()
+        residual = torch.randn((rows, n), generator=generator, device="cuda").half()
+        expected = x.float() @ dense.float()
+        scale = expected.abs().max().item()
+        got = _run(kernel, x, weights, slices=slices)
+        assert (got.float() - expected).abs().max().item() <= 2e-3 * scale + 1e-3, f"rows={rows}"
+        with_residual = _run(kernel, x, weights, residual=residual, slices=slices)
+        assert (with_residual.float() - (expected + residual.float())).abs().max().item() <= 2e-3 * scale + 2e-3
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_do_not_depend_on_the_batch(kernel: str) -> None:
+    """A row's bits are the same at every row count (each compiled for a different row bound)."""
+    weights, _ = _weights("exl2", 8192, 1024, 5, True)
+    x = torch.randn((16, 8192), device="cuda").half()
+    alone = _run(kernel, x[:1], weights)[0]
+    for rows in (2, 3, 4, 5, 8, 9, 16):
+        assert torch.equal(_run(kernel, x[:rows], weights)[0], alone), f"rows={rows}"
+
+
+def test_mma_is_captured_by_a_cuda_graph() -> None:
+    """Launched on the current stream, the kernel replays inside a graph with the eager result."""
+    from verispec.kernels import q4_cuda
+
+    weights, _ = _weights("exl2", 1024, 4104, 13, False)
+    x = torch.randn((5, 1024), device="cuda").half()
+    expected = q4_cuda.q4_mma(x, weights)
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        captured = q4_cuda.q4_mma(x, weights)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
+
+
+def test_q4_matmul_takes_the_measured_kernel_and_gives_its_result() -> None:
+    """q4_matmul times the kernels once per (shape, rows) and returns the bits of the one it chose."""
+    from verispec.kernels import q4_cuda
+    from verispec.kernels.q4_gemm import _triton_matmul, q4_matmul
+
+    weights, _ = _weights("exl2", 8192, 1024, 9, False)
+    for rows in (1, 4, 16):
+        x = torch.randn((rows, 8192), device="cuda").half()
+        got = q4_matmul(x, weights)
+        choice = q4_cuda._CHOICE[(0, 8192, 1024, weights.group_size, False, rows)]
+        expected = _triton_matmul(x, weights) if choice == "triton" else _run(choice, x, weights)
+        assert torch.equal(got, expected)

@@ -1,0 +1,58 @@
+"""The CUDA 4-bit kernels' build and launch arithmetic, on a machine without a GPU (the kernels themselves
+are tested on one, in tests/gpu/test_q4_cuda.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+from pathlib import Path
+
+import pytest
+
+from verispec.kernels import Q4Weights, q4_cuda
+
+
+def _weights(k: int, n: int) -> Q4Weights:
+    import torch
+
+    empty = torch.empty(0)
+    return Q4Weights(empty, empty, empty, None, None, 128, k, n)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_the_cuda_source_compiles_for_ada_and_hopper_and_exports_its_entry_points(tmp_path: Path) -> None:
+    """nvcc builds the library for sm_89 and sm_90 without a GPU (as the container build does), and the
+    library loads without a GPU driver and names every C entry point ctypes calls."""
+    path = q4_cuda.main(["--arch", "8.9;9.0", "--out", str(tmp_path)]) == 0 and next(tmp_path.glob("*.so"))
+    assert path and path.name == q4_cuda.library_name(["89", "90"])
+    library = ctypes.CDLL(str(path))
+    for entry in ("verispec_q4_mma", "verispec_q4_gemv", "verispec_error_string"):
+        assert hasattr(library, entry)
+
+
+def test_a_library_built_ahead_is_used_only_when_it_covers_every_gpu(tmp_path: Path) -> None:
+    """Names carry the source digest and architectures: another source's library, or one without code for
+    a visible GPU, is passed over."""
+    (tmp_path / q4_cuda.library_name(["89", "90"])).touch()
+    (tmp_path / "q4_cuda-0000000000000000-sm80_86_89_90.so").touch()  # an older source
+    assert q4_cuda.prebuilt(["90"], [tmp_path]) == tmp_path / q4_cuda.library_name(["89", "90"])
+    assert q4_cuda.prebuilt(["89", "90"], [tmp_path]) is not None
+    assert q4_cuda.prebuilt(["80", "90"], [tmp_path]) is None
+
+
+@pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192), (8192, 1024)])
+def test_k_is_cut_into_whole_batches_by_shape_alone(k: int, n: int) -> None:
+    """Every slice of K holds whole batches of 128 and none is empty, for the 70B shapes on 132 or 16 SMs."""
+    for sms in (132, 16):
+        slices = q4_cuda.mma_slices(_weights(k, n), sms)
+        count, per_slice = q4_cuda._even_slices(k // 128, slices)
+        assert count == slices and (count - 1) * per_slice < k // 128 <= count * per_slice
+
+
+def test_without_a_gpu_the_kernels_say_why_and_take_nothing() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert q4_cuda.unavailable() == "no CUDA device"
+    assert not q4_cuda.covers(_weights(8192, 8192), 1)
