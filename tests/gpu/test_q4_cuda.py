@@ -60,13 +60,17 @@ def test_weights_are_exllamav2s_bit_for_bit(kernel: str, layout: str, act_order:
 @pytest.mark.parametrize("layout", ["exl2", "gptq"])
 @pytest.mark.parametrize(("k", "n"), [*ODD_SHAPES, (8192, 1024)])
 @pytest.mark.parametrize("slices", [None, 1, 3, 64])
-def test_matches_dequantize_then_matmul_for_1_to_16_rows(
+def test_matches_dequantize_then_matmul_at_every_row_count(
     kernel: str, layout: str, k: int, n: int, slices: int | None
 ) -> None:
-    """Every row count 1..16, any slicing of K, with and without a residual: the Triton kernel's tolerance."""
+    """Every row count the kernel takes (1..64 tensor cores, 1..16 CUDA cores), any slicing of K, with and
+    without a residual: the Triton kernel's tolerance."""
+    from verispec.kernels import q4_cuda
+
     weights, dense = _weights(layout, k, n, 3, False)
     generator = torch.Generator(device="cuda").manual_seed(11)
-    for rows in range(1, 17):
+    most = q4_cuda.MAX_MMA_ROWS if kernel == "mma" else q4_cuda.MAX_GEMV_ROWS
+    for rows in range(1, most + 1):
         x = torch.randn((rows, k), generator=generator, device="cuda").half()
         residual = torch.randn((rows, n), generator=generator, device="cuda").half()
         expected = x.float() @ dense.float()
@@ -81,9 +85,9 @@ def test_matches_dequantize_then_matmul_for_1_to_16_rows(
 def test_rows_do_not_depend_on_the_batch(kernel: str) -> None:
     """A row's bits are the same at every row count (each compiled for a different row bound)."""
     weights, _ = _weights("exl2", 8192, 1024, 5, True)
-    x = torch.randn((16, 8192), device="cuda").half()
+    x = torch.randn((64, 8192), device="cuda").half()
     alone = _run(kernel, x[:1], weights)[0]
-    for rows in (2, 3, 4, 5, 8, 9, 16):
+    for rows in (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64) if kernel == "mma" else (2, 3, 4, 5, 8, 9, 16):
         assert torch.equal(_run(kernel, x[:rows], weights)[0], alone), f"rows={rows}"
 
 
@@ -110,7 +114,7 @@ def test_q4_matmul_takes_the_measured_kernel_and_gives_its_result() -> None:
     from verispec.kernels.q4_gemm import _triton_matmul, q4_matmul
 
     weights, _ = _weights("exl2", 8192, 1024, 9, False)
-    for rows in (1, 4, 16):
+    for rows in (1, 4, 16, 40):
         x = torch.randn((rows, 8192), device="cuda").half()
         got = q4_matmul(x, weights)
         choice = q4_cuda._CHOICE[(0, 8192, 1024, weights.group_size, False, rows)]

@@ -1,5 +1,5 @@
 // Weight-only 4-bit GEMMs for few rows, written in CUDA where Triton cannot keep the dequantized weights in
-// registers: `q4_mma` (tensor cores, 1 to 16 rows) and `q4_gemv` (CUDA cores, 1 to 16 rows). Both read
+// registers: `q4_mma` (tensor cores, 1 to 64 rows) and `q4_gemv` (CUDA cores, 1 to 16 rows). Both read
 // ExLlamaV2's loaded tensors in place, nothing repacked:
 //
 //   qweight  int32 [K/8, N]  eight 4-bit codes of eight consecutive (sorted) rows of K per word: rows 0, 2,
@@ -119,12 +119,12 @@ struct Problem {
 //   eight input values x[g][8 (kw0 + t) .. + 7] are one 16-byte load, halves 0-3 for step 0, 4-7 for step 1.
 //
 // A block of kMmaWarps warps owns 32 columns a warp; all its warps walk the same slice of K in batches of
-// 128 (4 word-row quads), staged through shared memory by cp.async kMmaStages batches ahead: each warp's
-// weights, the scales, and the input rows the whole block shares.
+// 128 (4 word-row quads), staged through shared memory by cp.async, STAGES - 1 batches ahead: each warp's
+// weights, the scales, and the input rows the whole block shares. Rows come in tiles of 8 (M_TILES of them):
+// the weights of a quad are dequantized once and multiplied against every tile.
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
-constexpr int kMmaStages = 4;
 constexpr int kBatchK = 128;               // positions of K per batch: a group divides into batches
 constexpr int kQuads = kBatchK / 32;       // word-row quads per batch
 constexpr int kXRowHalves = kBatchK + 32;  // an input row in shared memory, padded against bank conflicts
@@ -217,9 +217,16 @@ __device__ __forceinline__ void meta_scales(const uint4& meta, int group, int co
   }
 }
 
+// Stages in flight: four, or three where the input rows make a stage large (a block must fit twice per SM).
+template <int M_TILES>
+__host__ __device__ constexpr int mma_stages() {
+  return M_TILES >= 4 ? 3 : 4;
+}
+
 template <int M_TILES, bool GPTQ>
 __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batches_per_slice, half* out,
                                                              const half* residual) {
+  constexpr int kMmaStages = mma_stages<M_TILES>();
   extern __shared__ uint4 shared_memory[];
   auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -312,7 +319,7 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
 template <int M_TILES, bool GPTQ>
 cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, half* out, const half* residual,
                        cudaStream_t stream) {
-  const int bytes = kMmaStages * sizeof(MmaStage<M_TILES>);
+  const int bytes = mma_stages<M_TILES>() * sizeof(MmaStage<M_TILES>);
   static bool attribute_set[64] = {};  // per template instance and device
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
@@ -459,7 +466,7 @@ cudaError_t sum_slices(const float* partial, const half* residual, half* out, in
 
 extern "C" {
 
-// x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16, rows 1..16, K a multiple of 128
+// x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16, rows 1..64, K a multiple of 128
 // and of the group size, which is a multiple of 128. `partial` holds [slices, rows, N] fp32 when slices > 1.
 int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
                     const void* zeros, const void* residual, void* out, void* partial, int rows, int n, int k,
@@ -474,9 +481,15 @@ int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void
   if (rows <= 8) {
     error = gptq ? launch_mma<1, true>(p, slices, batches_per_slice, result, add, stream)
                  : launch_mma<1, false>(p, slices, batches_per_slice, result, add, stream);
-  } else {
+  } else if (rows <= 16) {
     error = gptq ? launch_mma<2, true>(p, slices, batches_per_slice, result, add, stream)
                  : launch_mma<2, false>(p, slices, batches_per_slice, result, add, stream);
+  } else if (rows <= 32) {
+    error = gptq ? launch_mma<4, true>(p, slices, batches_per_slice, result, add, stream)
+                 : launch_mma<4, false>(p, slices, batches_per_slice, result, add, stream);
+  } else {
+    error = gptq ? launch_mma<8, true>(p, slices, batches_per_slice, result, add, stream)
+                 : launch_mma<8, false>(p, slices, batches_per_slice, result, add, stream);
   }
   if (error != cudaSuccess || slices == 1) return error;
   return sum_slices(p.partial, add, result, rows * n, slices, stream);

@@ -1,4 +1,4 @@
-"""The CUDA 4-bit GEMMs for 1 to 16 rows (q4_cuda.cu): built where they run, launched, and chosen.
+"""The CUDA 4-bit GEMMs for few rows (q4_cuda.cu): built where they run, launched, and chosen.
 
 The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory to reach the tensor cores,
 which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
@@ -35,7 +35,8 @@ from verispec.kernels import Q4Weights, on_device
 
 log = structlog.get_logger(__name__)
 
-MAX_CUDA_ROWS = 16
+MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
+MAX_GEMV_ROWS = 16
 KERNELS = ("mma", "gemv")
 _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
@@ -143,8 +144,9 @@ def unavailable() -> str | None:
 
 
 def covers(weights: Q4Weights, rows: int) -> bool:
-    """Whether the CUDA kernels take these weights at this row count (groups in whole batches of 128)."""
-    return 1 <= rows <= MAX_CUDA_ROWS and weights.group_size % _BATCH_K == 0 and unavailable() is None
+    """Whether q4_mma takes these weights at this row count (groups in whole batches of 128); q4_gemv
+    takes them up to MAX_GEMV_ROWS."""
+    return 1 <= rows <= MAX_MMA_ROWS and weights.group_size % _BATCH_K == 0 and unavailable() is None
 
 
 def mma_slices(weights: Q4Weights, num_sms: int) -> int:
@@ -169,10 +171,10 @@ def _even_slices(units: int, wanted: int) -> tuple[int, int]:
     return -(-units // per_slice), per_slice
 
 
-def _checked(x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None) -> torch.Tensor:
+def _checked(x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None, max_rows: int) -> torch.Tensor:
     rows, columns = x.shape
-    if not 1 <= rows <= MAX_CUDA_ROWS:
-        raise ValueError(f"the CUDA 4-bit kernels take 1 to {MAX_CUDA_ROWS} rows, not {rows}")
+    if not 1 <= rows <= max_rows:
+        raise ValueError(f"this CUDA 4-bit kernel takes 1 to {max_rows} rows, not {rows}")
     if columns != weights.in_features or x.dtype != torch.float16:
         raise ValueError(f"x must be fp16 [rows, {weights.in_features}], not {x.dtype} {list(x.shape)}")
     if residual is not None and (residual.shape != (rows, weights.out_features) or not residual.is_contiguous()):
@@ -220,11 +222,11 @@ def q4_mma(
     x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
 ) -> torch.Tensor:
     """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
-    tensor cores. `slices` overrides the cut of K into slices (mma_slices)."""
+    tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices)."""
     library, reason = _library()
     if library is None:
         raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    x = _checked(x, weights, residual)
+    x = _checked(x, weights, residual, MAX_MMA_ROWS)
     if slices is None:
         slices = mma_slices(weights, _num_sms(x.device))
     slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
@@ -239,12 +241,12 @@ def q4_gemv(
     slices: int | None = None,
     prefetch: bool = True,
 ) -> torch.Tensor:
-    """The same product on the CUDA cores; `prefetch` loads each chunk of weights while the one before it
-    is multiplied."""
+    """The same product on the CUDA cores, for 1 to MAX_GEMV_ROWS rows; `prefetch` loads each chunk of
+    weights while the one before it is multiplied."""
     library, reason = _library()
     if library is None:
         raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    x = _checked(x, weights, residual)
+    x = _checked(x, weights, residual, MAX_GEMV_ROWS)
     if slices is None:
         slices = gemv_slices(weights, _num_sms(x.device))
     groups = weights.in_features // weights.group_size
@@ -268,11 +270,9 @@ def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torc
     if torch.cuda.is_current_stream_capturing():
         return "triton"
     x = torch.randn((rows, weights.in_features), dtype=torch.float16, device=device)
-    candidates: dict[str, Callable[[], object]] = {
-        "mma": lambda: q4_mma(x, weights),
-        "gemv": lambda: q4_gemv(x, weights),
-        "triton": lambda: triton(x),
-    }
+    candidates: dict[str, Callable[[], object]] = {"mma": lambda: q4_mma(x, weights), "triton": lambda: triton(x)}
+    if rows <= MAX_GEMV_ROWS:
+        candidates["gemv"] = lambda: q4_gemv(x, weights)
     times = {name: _median_ms(call, device) for name, call in candidates.items()}
     _CHOICE[key] = min(times, key=lambda name: times[name])
     log.debug("kernels.q4_chosen", shape=key[1:3], rows=rows, choice=_CHOICE[key], ms=times)

@@ -247,7 +247,7 @@ def q4_matmul(
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] fp16 @ W [K, N] (+ residual [M, N]) -> [M, N] fp16, for M <= MAX_Q4_ROWS. Without a
-    `config`, up to 16 rows go to a CUDA kernel (q4_cuda.py) where one measured faster for this shape."""
+    `config`, the rows go to a CUDA kernel (q4_cuda.py) where one measured faster for this shape."""
     if weights.perm is not None:
         x = x.index_select(1, weights.perm)
     x = x.contiguous()
@@ -324,7 +324,7 @@ def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: s
     size = weights.in_features
     eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
     in_order = dataclasses.replace(weights, perm=None)
-    step = MAX_Q4_ROWS if kernel == "triton" else q4_cuda.MAX_CUDA_ROWS
+    step = {"triton": MAX_Q4_ROWS, "mma": q4_cuda.MAX_MMA_ROWS, "gemv": q4_cuda.MAX_GEMV_ROWS}[kernel]
     run: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "triton": functools.partial(_triton_matmul, weights=in_order, config=config),
         "mma": functools.partial(q4_cuda.q4_mma, weights=in_order),

@@ -2,7 +2,7 @@
 
 On the 70B shapes (qkv 8192x10240, o 8192x8192, gate/up 8192x28672, down 28672x8192) and m = 1, 2, 4,
 8, 16, 32 rows it times, in one run: verispec's Triton kernel (its default tiles, and the best of a
-sweep of tiles), its CUDA kernels for up to 16 rows (tensor-core `q4_mma`, CUDA-core `q4_gemv`) and
+sweep of tiles), its CUDA kernels (tensor-core `q4_mma`, CUDA-core `q4_gemv` up to 16 rows) and
 `q4_matmul` (the fastest, as the runner calls it), ExLlamaV2's q-gemm on the same random EXL2 tensors,
 torch's int4 kernel (`aten._weight_int4pack_mm`) and fp16 cuBLAS as the bandwidth reference. Effective bandwidth is the
 bytes of the weights (4 bits each, 16 for fp16) over the GPU time of one call: `--iterations` calls
@@ -262,13 +262,17 @@ def _cuda_points(
     point: dict[str, Any] = {
         "cuda_mma": kernel(q4_bytes, lambda: q4_cuda.q4_mma(x, ops.q4)),
         "cuda_mma_slices": q4_cuda.mma_slices(ops.q4, _num_sms()),
-        "cuda_gemv": kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4)),
-        "cuda_gemv_slices": q4_cuda.gemv_slices(ops.q4, _num_sms()),
         "q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4)),
     }
+    kernels: list[tuple[str, Callable[..., Any]]] = [("mma", q4_cuda.q4_mma)]
+    if m <= q4_cuda.MAX_GEMV_ROWS:
+        point["cuda_gemv"] = kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4))
+        point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.q4, _num_sms())
+        kernels.append(("gemv", q4_cuda.q4_gemv))
     if sweep:
-        point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
-        for name, run in (("mma", q4_cuda.q4_mma), ("gemv", q4_cuda.q4_gemv)):
+        if m <= q4_cuda.MAX_GEMV_ROWS:
+            point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
+        for name, run in kernels:
             point[f"cuda_{name}_by_slices"] = {
                 str(slices): kernel(q4_bytes, partial(run, x, ops.q4, slices=slices))["tb_per_s"]
                 for slices in (1, 2, 4, 8, 16, 32, 64)
