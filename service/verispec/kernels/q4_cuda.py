@@ -171,7 +171,13 @@ def _even_slices(units: int, wanted: int) -> tuple[int, int]:
     return -(-units // per_slice), per_slice
 
 
-def _checked(x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None, max_rows: int) -> torch.Tensor:
+def _checked(
+    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None, max_rows: int
+) -> tuple[ctypes.CDLL, torch.Tensor]:
+    """The library, and x as the kernels read it (16-byte aligned rows), after checking every operand."""
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
     rows, columns = x.shape
     if not 1 <= rows <= max_rows:
         raise ValueError(f"this CUDA 4-bit kernel takes 1 to {max_rows} rows, not {rows}")
@@ -182,23 +188,21 @@ def _checked(x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None,
     if weights.scale_max is not None and weights.scale_max.data_ptr() % 4:
         raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
+        x = x.clone(memory_format=torch.contiguous_format)
+    return library, x
 
 
 def _call(
-    entry: Callable[..., int],
+    library: ctypes.CDLL,
+    entry: str,
     x: torch.Tensor,
     weights: Q4Weights,
     residual: torch.Tensor | None,
     partial_slices: int,
     tail: list[int],
-    error_name: str,
 ) -> torch.Tensor:
-    """One launch of `entry` on the current stream: the output, and a buffer of `partial_slices` fp32
-    partial sums (none for 0)."""
-    library, _ = _library()
-    assert library is not None
+    """One launch of the library's `entry` on the current stream: the output, and a buffer of
+    `partial_slices` fp32 partial sums (none for 0)."""
     rows, n = x.shape[0], weights.out_features
     out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
     partial = torch.empty((partial_slices, rows, n), dtype=torch.float32, device=x.device) if partial_slices else None
@@ -208,13 +212,13 @@ def _call(
 
     with on_device(x):
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        error = entry(
+        error = getattr(library, entry)(
             x.data_ptr(), x.stride(0), weights.qweight.data_ptr(), weights.scales.data_ptr(),
             address(weights.scale_max), address(weights.zeros), address(residual), out.data_ptr(), address(partial),
             rows, n, weights.in_features, weights.group_size, *tail, stream,
         )  # fmt: skip
     if error:
-        raise RuntimeError(f"{error_name}: {library.verispec_error_string(error).decode()}")
+        raise RuntimeError(f"{entry}: {library.verispec_error_string(error).decode()}")
     return out
 
 
@@ -223,15 +227,12 @@ def q4_mma(
 ) -> torch.Tensor:
     """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
     tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices)."""
-    library, reason = _library()
-    if library is None:
-        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    x = _checked(x, weights, residual, MAX_MMA_ROWS)
+    library, x = _checked(x, weights, residual, MAX_MMA_ROWS)
     if slices is None:
         slices = mma_slices(weights, _num_sms(x.device))
     slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
     partial_slices = slices if slices > 1 else 0  # one slice writes the output directly
-    return _call(library.verispec_q4_mma, x, weights, residual, partial_slices, [slices, per_slice], "q4_mma")
+    return _call(library, "verispec_q4_mma", x, weights, residual, partial_slices, [slices, per_slice])
 
 
 def q4_gemv(
@@ -243,17 +244,14 @@ def q4_gemv(
 ) -> torch.Tensor:
     """The same product on the CUDA cores, for 1 to MAX_GEMV_ROWS rows; `prefetch` loads each chunk of
     weights while the one before it is multiplied."""
-    library, reason = _library()
-    if library is None:
-        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    x = _checked(x, weights, residual, MAX_GEMV_ROWS)
+    library, x = _checked(x, weights, residual, MAX_GEMV_ROWS)
     if slices is None:
         slices = gemv_slices(weights, _num_sms(x.device))
     groups = weights.in_features // weights.group_size
     per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
     slices = -(-groups // (per_warp * _GEMV_WARPS))
     tail = [slices, per_warp, int(prefetch)]  # the gemv always sums through the partial buffer
-    return _call(library.verispec_q4_gemv, x, weights, residual, slices, tail, "q4_gemv")
+    return _call(library, "verispec_q4_gemv", x, weights, residual, slices, tail)
 
 
 _CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
