@@ -56,3 +56,11 @@ def test_without_a_gpu_the_kernels_say_why_and_take_nothing() -> None:
         pytest.skip("a GPU is visible")
     assert q4_cuda.unavailable() == "no CUDA device"
     assert not q4_cuda.covers(_weights(8192, 8192), 1)
+
+
+def test_kernel_choices_are_made_per_bucket_of_rows() -> None:
+    """Ragged row counts share the timing of their power-of-two bucket, so at most seven per shape."""
+    assert [q4_cuda.row_bucket(rows) for rows in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 64,
+    ]  # fmt: skip
+    assert len({q4_cuda.row_bucket(rows) for rows in range(1, q4_cuda.MAX_MMA_ROWS + 1)}) == 7

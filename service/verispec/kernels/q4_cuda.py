@@ -257,23 +257,32 @@ def q4_gemv(
 _CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
 
 
+def row_bucket(rows: int) -> int:
+    """The power of two that holds `rows` (1, 2, 4 .. 64): the kernels are compiled per such bound, so a
+    bucket's rows all cost about what its largest does."""
+    return 1 << (rows - 1).bit_length()
+
+
 def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
-    """ "mma", "gemv" or "triton": the fastest kernel at `rows` rows of this shape, timed once per process
-    (CUDA events, the median of three runs of 20 calls). Inside a capture nothing can be timed: a pair not
-    yet measured stays on Triton there (the runner's warm-up pass before each capture measures it)."""
+    """ "mma", "gemv" or "triton": the fastest kernel for this shape at `rows`' bucket of rows, timed once
+    per process at the bucket's size (CUDA events, the median of three runs of 20 calls), so that at most
+    seven timings per shape happen, all in the runner's start-up calibration; never one per ragged row
+    count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on Triton
+    there (the runner's warm-up pass before each capture measures it)."""
     device = weights.qweight.device
-    key = (device.index or 0, weights.in_features, weights.out_features, weights.group_size, weights.gptq, rows)
+    bucket = row_bucket(rows)
+    key = (device.index or 0, weights.in_features, weights.out_features, weights.group_size, weights.gptq, bucket)
     if key in _CHOICE:
         return _CHOICE[key]
     if torch.cuda.is_current_stream_capturing():
         return "triton"
-    x = torch.randn((rows, weights.in_features), dtype=torch.float16, device=device)
+    x = torch.randn((bucket, weights.in_features), dtype=torch.float16, device=device)
     candidates: dict[str, Callable[[], object]] = {"mma": lambda: q4_mma(x, weights), "triton": lambda: triton(x)}
-    if rows <= MAX_GEMV_ROWS:
+    if bucket <= MAX_GEMV_ROWS:
         candidates["gemv"] = lambda: q4_gemv(x, weights)
     times = {name: _median_ms(call, device) for name, call in candidates.items()}
     _CHOICE[key] = min(times, key=lambda name: times[name])
-    log.debug("kernels.q4_chosen", shape=key[1:3], rows=rows, choice=_CHOICE[key], ms=times)
+    log.debug("kernels.q4_chosen", shape=key[1:3], rows=bucket, choice=_CHOICE[key], ms=times)
     return _CHOICE[key]
 
 
