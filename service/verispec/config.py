@@ -64,7 +64,7 @@ class ModelConfig:
     gpu_split: tuple[float, ...] = ()  # exl2: GB of weights per GPU; empty: autosplit
     reserve_gb: float = 1.0  # exl2 autosplit: GB left free on each GPU
     cache_mode: str = "fp16"  # exl2 KV cache: fp16, q8, q6, q4
-    exl2_gemm: str = "auto"  # exl2 4-bit GEMM of passes up to 64 rows: auto (measured), triton, exllamav2
+    exl2_gemm: str = "auto"  # exl2 4-bit GEMM of passes up to 64 rows: auto (measured), verispec, exllamav2
     cuda_graphs: bool = True  # exl2: few-token passes replay CUDA graphs captured at start-up
 
 
@@ -245,8 +245,9 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "model",
         "exl2_gemm",
         str,
-        "exl2 4-bit GEMM of passes up to 64 rows: auto (per row count, the faster of the Triton kernel and "
-        "ExLlamaV2's, timed at start-up), triton (always the Triton kernel) or exllamav2 (its own kernels)",
+        "exl2 4-bit GEMM of passes up to 64 rows: auto (per row bucket, the faster of verispec's kernels and "
+        "ExLlamaV2's, timed at start-up), verispec (always its own: CUDA where they build, else Triton) or "
+        "exllamav2 (its own kernels)",
     ),
     (
         "cuda-graphs",
@@ -521,9 +522,9 @@ def validate(config: Config) -> None:
     _require(m.weights in ("auto", "native", "float32"), "--weights", f"unknown weights {m.weights!r}")
     _require(m.cache_mode in ("fp16", "q8", "q6", "q4"), "--cache-mode", f"unknown mode {m.cache_mode!r}")
     _require(
-        m.exl2_gemm in ("auto", "triton", "exllamav2"),
+        m.exl2_gemm in ("auto", "verispec", "exllamav2"),
         "--exl2-gemm",
-        f"{m.exl2_gemm!r} is not one of auto, triton, exllamav2",
+        f"{m.exl2_gemm!r} is not one of auto, verispec, exllamav2",
     )
     _require(all(gb > 0 for gb in m.gpu_split + sp.draft_gpu_split), "--gpu-split", "every share must be > 0 GB")
     _require(m.reserve_gb >= 0, "--reserve-gb", "must be >= 0")

@@ -161,7 +161,7 @@ WARM_UP_CONTEXT = 16  # positions each warm-up sequence holds before its decode 
 def warm_up(runner: ModelRunner, max_running: int, max_batch_tokens: int) -> None:
     """On CUDA, one untimed pass over each decode batch shape the engine meets first (1, 2, 4 ... up to
     max_running sequences of one token), over a verify-shaped pass of 64 rows and over a full token budget
-    of prefill (the Triton GEMM compiles its tile variants then, not in a request).
+    of prefill (the 4-bit GEMMs compile and choose their kernels then, not in a request).
 
     The first passes over new shapes cost more than later ones (the caching allocator grows, kernels
     load on first use); without this the first requests pay it, and the early step costs that AUTO

@@ -82,7 +82,7 @@ def reference(exl2: Any, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def paged_runner(backend: Any, engine: Any, gemm: str, cuda_graphs: bool = True) -> Any:
-    """The exl2 paged runner with a given 4-bit GEMM mode (auto, triton, exllamav2), with or without CUDA
+    """The exl2 paged runner with a given 4-bit GEMM mode (auto, verispec, exllamav2), with or without CUDA
     graphs, sized as build_runner sizes it."""
     from verispec.runner.exl2 import Exl2Runner
 

@@ -44,13 +44,15 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
     return relative, agree
 
 
-@pytest.fixture(scope="module", params=[("triton", True), ("exllamav2", True), ("triton", False), ("exllamav2", False)])
+@pytest.fixture(
+    scope="module", params=[("verispec", True), ("exllamav2", True), ("verispec", False), ("exllamav2", False)]
+)
 def runner(exl2: Any, request: pytest.FixtureRequest) -> Any:
     """The paged runner with each 4-bit GEMM on every batch (the Triton kernel, ExLlamaV2's own), with
     few-token passes replayed as CUDA graphs and launched eagerly."""
     gemm, cuda_graphs = request.param
     made = paged_runner(exl2, SMALL_KV, gemm, cuda_graphs)
-    assert bool(made.q4_layers) == (gemm == "triton")
+    assert bool(made.q4_layers) == (gemm == "verispec")
     assert (made.graphs is not None) == cuda_graphs
     return made
 
@@ -67,12 +69,12 @@ def test_auto_gemm_measures_both_paths_and_keeps_the_faster(exl2: Any) -> None:
     assert made.graphs is not None, "CUDA graphs are on by default"
     assert set(made.graphs.calibration) == {str(rows) for rows in GRAPH_BUCKETS}
     for rows, times in made.graphs.calibration.items():
-        assert made.graphs.captured[int(rows)].use_q4 == (times["triton"] < times["exllamav2"])
+        assert made.graphs.captured[int(rows)].use_q4 == (times["verispec"] < times["exllamav2"])
     print(f"replay ms by rows: {made.graphs.calibration}")
     eager = paged_runner(exl2, SMALL_KV, "auto", cuda_graphs=False)
     assert set(eager.gemm_calibration) == {str(rows) for rows in (1, 2, 4, 8, 16, 32, 64)}
     for rows, times in eager.gemm_calibration.items():
-        assert eager.q4_rows[int(rows)] == (times["triton"] < times["exllamav2"])
+        assert eager.q4_rows[int(rows)] == (times["verispec"] < times["exllamav2"])
     print(f"eager pass ms by rows: {eager.gemm_calibration}")
 
 

@@ -72,7 +72,7 @@ def test_paged_kernel_matches_attention_over_gathered_keys(heads: int, kv_heads:
     assert error < 2e-2 * float(expected.abs().max())
 
 
-@pytest.fixture(scope="module", params=["triton", "exllamav2"])
+@pytest.fixture(scope="module", params=["verispec", "exllamav2"])
 def pair(exl2: Any, request: pytest.FixtureRequest) -> tuple[Any, Any]:
     """A runner that replays CUDA graphs and one that launches eagerly, both with one GEMM everywhere."""
     from verispec.runner.exl2_graphs import GRAPH_BUCKETS

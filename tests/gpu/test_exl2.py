@@ -80,7 +80,7 @@ def _request(mode: SpeculationMode, k: int, request_id: str) -> Request:
     )
 
 
-@pytest.mark.parametrize("gemm", ["auto", "triton", "exllamav2"])
+@pytest.mark.parametrize("gemm", ["auto", "verispec", "exllamav2"])
 @pytest.mark.parametrize("drafter", ["self", "random", "ngram"])
 def test_greedy_speculative_equals_greedy_plain_on_gpu(
     exl2: Any, tiny_draft_dir: Path, drafter: str, gemm: str

@@ -145,7 +145,7 @@ def test_every_linear_of_the_tiny_model_takes_the_kernel(exl2: Any) -> None:
     from verispec.runner.exl2_q4 import plan_layers, q4_weights
 
     layers, report = plan_layers(exl2.model.modules, "auto")
-    assert report and all(path.path == "triton" for path in report)
+    assert report and all(path.path == "verispec" for path in report)
     assert len(layers) == 2 * exl2.model.config.num_hidden_layers + 1  # attention and MLP per layer, the head
     linear = exl2.model.modules[1].q_proj
     weights, _ = q4_weights(linear)

@@ -152,7 +152,7 @@ class Exl2Backend:
         self.config = config
         self.model = ExLlamaV2(config)
         self.cache_mode = cache_mode
-        self.gemm = gemm  # the paged runner's 4-bit GEMM: auto, triton or exllamav2
+        self.gemm = gemm  # the paged runner's 4-bit GEMM: auto, verispec or exllamav2
         self.cuda_graphs = cuda_graphs  # the paged runner replays few-token passes as CUDA graphs
         log.info("model.load.start", model=model_id, backend="exl2", gpu_split=list(gpu_split) or "auto")
         if gpu_split:

@@ -5,9 +5,10 @@ loaded modules itself. Every new token of the batch is one row: the fused ExLlam
 (norm + q/k/v projections + RoPE with a per-row position, then o_proj + residual; the MLP) see
 [sum of new tokens, hidden] at once, and attention reads each sequence's keys and values from the
 paged cache, one fp16 tensor per layer on that layer's GPU. For passes of up to 64 rows the linears can
-run on verispec's Triton 4-bit GEMM instead (runner/exl2_q4.py, kernels/q4_gemm.py): unfused norm, GEMMs
-and RoPE, more launches but a cost that stays flat in rows; `--exl2-gemm auto` times both at start-up and
-keeps the faster per row count. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
+run on verispec's own 4-bit GEMMs instead (runner/exl2_q4.py; kernels/q4_gemm.py picks, per shape and
+bucket of rows, the fastest of its CUDA kernels and its Triton one): unfused norm, GEMMs and RoPE, more
+launches but a cost that grows slowly with rows; `--exl2-gemm auto` times both at start-up and keeps the
+faster per row bucket. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
 and only once an exl2 model is loaded.
 
 Passes of up to 64 rows made of few-token entries (decode, verify, draft steps, short prompts) replay
@@ -113,10 +114,10 @@ class Exl2Runner:
         first = self.attention[0]
         self.heads, self.kv_heads, self.head_dim = first.num_attention_heads, first.num_key_value_heads, first.head_dim
         self.neox_rope = first.archparams.rope_style == RopeStyle.NEOX
-        # Module index -> the Triton 4-bit GEMM's weights, for batches of up to MAX_Q4_ROWS rows.
+        # Module index -> the 4-bit weights verispec's GEMMs read, for batches of up to MAX_Q4_ROWS rows.
         mode = gemm or backend.gemm
         self.q4_layers, self.gemm_paths = plan_layers(modules, mode)
-        # Row buckets (1, 2, 4 ... 64) -> whether the Triton GEMM runs an eager pass of that many rows. In
+        # Row buckets (1, 2, 4 ... 64) -> whether verispec's GEMMs run an eager pass of that many rows. In
         # "auto" mode a measurement after the cache exists decides (see calibrate_gemm).
         self.q4_rows = dict.fromkeys(ROW_BUCKETS, bool(self.q4_layers))
         self.gemm_calibration: dict[str, dict[str, float]] = {}
@@ -146,7 +147,7 @@ class Exl2Runner:
         use_graphs = backend.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graphs = self._capture_graphs(mode) if use_graphs else None  # few-token passes replay these
         if self.graphs is not None:  # eager passes are then prefill chunks: ExLlamaV2's fused kernels launch less
-            self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "triton")
+            self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "verispec")
         elif mode == "auto" and self.q4_layers:
             self.calibrate_gemm()
 
@@ -171,12 +172,12 @@ class Exl2Runner:
             seconds = {}
             for use_q4 in (False, True):
                 self.q4_rows[rows] = use_q4
-                seconds["triton" if use_q4 else "exllamav2"] = median_seconds(partial(self.forward, batch), repeats)
-            self.q4_rows[rows] = seconds["triton"] < seconds["exllamav2"]
+                seconds["verispec" if use_q4 else "exllamav2"] = median_seconds(partial(self.forward, batch), repeats)
+            self.q4_rows[rows] = seconds["verispec"] < seconds["exllamav2"]
             self.gemm_calibration[str(rows)] = {path: round(1000 * t, 3) for path, t in seconds.items()}
         log.info(
             "runner.gemm_calibrated",
-            triton_rows=[rows for rows, use in self.q4_rows.items() if use],
+            verispec_rows=[rows for rows, use in self.q4_rows.items() if use],
             pass_ms=self.gemm_calibration,
         )
 

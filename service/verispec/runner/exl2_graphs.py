@@ -10,8 +10,8 @@ pad a bucket sit at position 0 of the spare page past the pool (runner/exl2.py),
 nothing of a sequence. Attention is the Triton paged kernel (kernels/paged_attention.py), whose grid
 depends on the number of rows only, so one capture serves every context length.
 
-Each bucket is captured with ExLlamaV2's fused kernels and, where the Triton 4-bit GEMM covers the
-layers, with it; `--exl2-gemm auto` keeps the faster replay per bucket (timed at capture). ExLlamaV2's
+Each bucket is captured with ExLlamaV2's fused kernels and, where verispec's 4-bit GEMMs cover the
+layers, with them; `--exl2-gemm auto` keeps the faster replay per bucket (timed at capture). ExLlamaV2's
 own `forward` cannot be captured (it switches streams); its module kernels can.
 """
 
@@ -59,7 +59,7 @@ class GraphedRunner(Protocol):
     modules: list[Any]  # ExLlamaV2's modules: the embedding, then layers, final norm and head
     model: Any  # the ExLlamaV2 model (its config)
     kv: KVLayout
-    q4_layers: dict[int, Any]  # module index -> the Triton GEMM's weights
+    q4_layers: dict[int, Any]  # module index -> the 4-bit weights verispec's GEMMs read
     k_cache: list[torch.Tensor]  # per layer [slots, kv_heads, head_dim]
     v_cache: list[torch.Tensor]
     heads: int
@@ -185,7 +185,7 @@ class DecodeGraphs:
         self.captured: dict[int, _Captured] = {}
         self.calibration: dict[str, dict[str, float]] = {}
         started = time.perf_counter()
-        names = {"exllamav2": ["exllamav2"], "triton": ["triton"], "auto": ["exllamav2", "triton"]}[gemm]
+        names = {"exllamav2": ["exllamav2"], "verispec": ["verispec"], "auto": ["exllamav2", "verispec"]}[gemm]
         if not runner.q4_layers:
             names = ["exllamav2"]
         for rows in GRAPH_BUCKETS:
@@ -200,7 +200,7 @@ class DecodeGraphs:
         log.info(
             "runner.cuda_graphs",
             buckets=sorted(self.captured),
-            triton_rows=[rows for rows, c in sorted(self.captured.items()) if c.use_q4],
+            verispec_rows=[rows for rows, c in sorted(self.captured.items()) if c.use_q4],
             segments=len(self.segments),
             replay_ms=self.calibration,
             seconds=round(time.perf_counter() - started, 2),
@@ -214,7 +214,7 @@ class DecodeGraphs:
         candidates: list[tuple[float, str, _Captured]] = []
         for name in names:
             try:
-                captured = self._capture(rows, name == "triton")
+                captured = self._capture(rows, name == "verispec")
                 seconds = 0.0
                 if len(names) > 1:
                     batch = calibration_batch(self.runner.kv.new_pool(), rows)

@@ -1,6 +1,7 @@
-"""Which of an ExLlamaV2 model's linears the 4-bit Triton GEMM takes, and the layer forwards that use it.
+"""Which of an ExLlamaV2 model's linears verispec's 4-bit GEMMs take, and the layer forwards that use them.
 
-The kernel (kernels/q4_gemm.py) reads the tensors ExLlamaV2 loaded, so nothing is copied: this module
+The kernels (kernels/q4_gemm.py's q4_matmul: CUDA where they build, Triton otherwise) read the tensors
+ExLlamaV2 loaded, so nothing is copied: this module
 only checks each linear (4-bit everywhere, uniform groups, no bias) and records the path every layer
 takes (logged at start-up as `runner.q4_gemm`). A layer's attention or MLP can use the kernel when all of
 its linears are covered; the runner decides per pass of up to MAX_Q4_ROWS rows which GEMM runs
@@ -25,7 +26,7 @@ class LinearPath:
     """The path one linear takes and why."""
 
     key: str
-    path: str  # "triton" or "exllamav2"
+    path: str  # "verispec" (its own 4-bit kernels) or "exllamav2"
     reason: str = ""
 
 
@@ -134,7 +135,7 @@ def plan_layers(modules: list[Any], mode: str) -> tuple[dict[int, Q4Layer], list
     if mode == "exllamav2":
         return layers, report
     if not _triton_available():
-        if mode == "triton":
+        if mode == "verispec":
             from verispec.errors import ConfigError
 
             raise ConfigError("--exl2-gemm", "triton is not importable on this machine")
@@ -157,13 +158,13 @@ def plan_layers(modules: list[Any], mode: str) -> tuple[dict[int, Q4Layer], list
             elif not covered:
                 report.append(LinearPath(linear.key, "exllamav2", "another linear of its layer is not covered"))
             else:
-                report.append(LinearPath(linear.key, "triton"))
+                report.append(LinearPath(linear.key, "verispec"))
         if covered:
             layers[index] = Q4Layer([weights for _, weights, _ in found])
-    fallback = [p for p in report if p.path != "triton"]
+    fallback = [p for p in report if p.path != "verispec"]
     log.info(
         "runner.q4_gemm",
-        linears_triton=len(report) - len(fallback),
+        linears_verispec=len(report) - len(fallback),
         linears_exllamav2=len(fallback),
         fallback=[f"{p.key}: {p.reason}" for p in fallback[:8]],
     )

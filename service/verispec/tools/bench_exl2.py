@@ -26,7 +26,7 @@ import torch
 PROMPT_TOKENS = [1, *range(1000, 1063)]  # 64 tokens
 K_MAX = {"off": 0, "auto": 8}  # num_draft_tokens per mode: AUTO chooses k in 0..8
 # The paged runner's paths, timed in one run: (name, --exl2-gemm, --cuda-graphs).
-RUNNER_PATHS = (("exllamav2", "exllamav2", False), ("triton", "triton", False), ("cuda_graphs", "auto", True))
+RUNNER_PATHS = (("exllamav2", "exllamav2", False), ("verispec", "verispec", False), ("cuda_graphs", "auto", True))
 
 
 def _progress(message: str) -> None:

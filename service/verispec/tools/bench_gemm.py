@@ -57,7 +57,7 @@ def _variants(config: Any) -> dict[str, Any]:
 def add_gemm_arguments(kinds: Any) -> None:
     gemm = kinds.add_parser(
         "gemm",
-        help="weight bandwidth of the Triton 4-bit GEMM vs ExLlamaV2, torch int4 and fp16 cuBLAS (CUDA)",
+        help="weight bandwidth of verispec's 4-bit GEMMs vs ExLlamaV2, torch int4 and fp16 cuBLAS (CUDA)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     gemm.add_argument("--rows", type=concurrency_list, default=ROWS, help="row counts m, comma-separated")
