@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import hashlib
 import os
 import shutil
@@ -265,10 +266,10 @@ def row_bucket(rows: int) -> int:
 
 def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
     """ "mma", "gemv" or "triton": the fastest kernel for this shape at `rows`' bucket of rows, timed once
-    per process at the bucket's size (CUDA events, the median of three runs of 20 calls), so that at most
-    seven timings per shape happen, all in the runner's start-up calibration; never one per ragged row
-    count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on Triton
-    there (the runner's warm-up pass before each capture measures it)."""
+    per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median of three), so
+    that at most seven timings per shape happen, all in the runner's start-up calibration; never one per
+    ragged row count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on
+    Triton there (the runner's warm-up pass before each capture measures it)."""
     device = weights.qweight.device
     bucket = row_bucket(rows)
     key = (device.index or 0, weights.in_features, weights.out_features, weights.group_size, weights.gptq, bucket)
@@ -287,19 +288,41 @@ def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torc
 
 
 def _median_ms(call: Callable[[], object], device: torch.device) -> float:
+    return 1000 * sorted(replay_seconds(call, _TIMED_CALLS, 3, device))[1]
+
+
+def replay_seconds(call: Callable[[], object], iterations: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per call on the GPU alone, as a CUDA-graph pass sees it: `iterations` calls captured in one
+    graph (after a call off the capture: compiled, loaded, the allocator primed), replayed `repeats`
+    times. Launched from Python instead, a small GEMM is timed by its launch, not by its kernels."""
     with torch.cuda.device(device):
-        call()  # compiled and loaded before the clock starts
-        times = []
-        for _ in range(3):
+        stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()  # freeing an old graph while capturing would end the capture
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                for _ in range(iterations):
+                    call()
+        finally:
+            if collecting:
+                gc.enable()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        seconds = []
+        for _ in range(repeats):
             start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
-            for _ in range(_TIMED_CALLS):
-                call()
+            graph.replay()
             end.record()
             end.synchronize()
-            times.append(float(start.elapsed_time(end)) / _TIMED_CALLS)
-    return sorted(times)[1]
+            seconds.append(float(start.elapsed_time(end)) / 1000 / iterations)
+    return seconds
 
 
 @functools.cache

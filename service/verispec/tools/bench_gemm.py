@@ -110,18 +110,10 @@ def _time_graph(call: Callable[[], object], iterations: int, repeats: int) -> di
     """Seconds per call on the GPU alone: `iterations` calls captured in one CUDA graph, replayed."""
     import torch
 
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the capture (compiles, allocator)
-        call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iterations):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    return _event_seconds(graph.replay, iterations, repeats)
+    from verispec.kernels.q4_cuda import replay_seconds
+
+    seconds = replay_seconds(call, iterations, repeats, torch.device("cuda", torch.cuda.current_device()))
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)}
 
 
 def _bandwidth(weight_bytes: int, seconds: dict[str, float]) -> dict[str, float]:
