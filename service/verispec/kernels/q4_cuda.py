@@ -3,15 +3,15 @@
 The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory to reach the tensor cores,
 which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
 to the tensor-core MMA (ExLlamaV2's word order makes each thread's slice of an MMA tile one 16-byte load);
-`q4_gemv` multiplies on the CUDA cores. Which kernel serves a weight shape at a row count is measured, the
-first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
+`q4_gemv` multiplies on the CUDA cores. Which kernel serves a weight shape at a bucket of rows is measured
+by graph replays the first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
 
 The source is compiled by nvcc into a shared library, called through ctypes on the current CUDA stream
 (so graph captures take its launches). Its name carries a digest of the source and the architectures it
 holds code for. One built ahead of time beside this module (`python -m verispec.kernels.q4_cuda --arch
 89,90`, as the GPU container build does, where no GPU is present) or in the cache directory is used when it
-covers every visible GPU; otherwise it is built into the cache directory on first use (about 30 s), which
-needs nvcc. It needs compute capability 8.0 or newer; where it cannot be had the Triton GEMM serves every
+covers every visible GPU; otherwise it is built into the cache directory on first use (12 s on an H200),
+which needs nvcc. It needs compute capability 8.0 or newer; where it cannot be had the Triton GEMM serves every
 row count, and `unavailable()` says why.
 """
 
@@ -21,7 +21,6 @@ import ctypes
 import functools
 import gc
 import hashlib
-import os
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +37,6 @@ log = structlog.get_logger(__name__)
 
 MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
 MAX_GEMV_ROWS = 16
-KERNELS = ("mma", "gemv")
 _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
@@ -48,12 +46,13 @@ _TIMED_CALLS = 20
 
 
 def _nvcc() -> str | None:
-    """nvcc from $CUDA_HOME, the PATH, or the CUDA directory torch was built against."""
+    """nvcc of the CUDA directory torch's extension builder finds ($CUDA_HOME, else nvcc's own), else the
+    PATH's."""
     from torch.utils import cpp_extension
 
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
 
 
@@ -84,7 +83,7 @@ def build(out_dir: Path, architectures: list[str], nvcc: str | None = None) -> P
     command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, str(_SOURCE)]
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, about 30 s")
+    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, 10-20 s")
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         built = Path(scratch) / target.name
         subprocess.run([*command, "-o", str(built)], capture_output=True, text=True, check=True)
@@ -145,9 +144,10 @@ def unavailable() -> str | None:
 
 
 def covers(weights: Q4Weights, rows: int) -> bool:
-    """Whether q4_mma takes these weights at this row count (groups in whole batches of 128); q4_gemv
-    takes them up to MAX_GEMV_ROWS."""
-    return 1 <= rows <= MAX_MMA_ROWS and weights.group_size % _BATCH_K == 0 and unavailable() is None
+    """Whether q4_mma takes these weights at this row count (groups in whole batches of 128, scale_max
+    readable in 4-byte pairs); q4_gemv takes them up to MAX_GEMV_ROWS."""
+    aligned = weights.scale_max is None or weights.scale_max.data_ptr() % 4 == 0
+    return 1 <= rows <= MAX_MMA_ROWS and weights.group_size % _BATCH_K == 0 and aligned and unavailable() is None
 
 
 def mma_slices(weights: Q4Weights, num_sms: int) -> int:
@@ -184,8 +184,10 @@ def _checked(
         raise ValueError(f"this CUDA 4-bit kernel takes 1 to {max_rows} rows, not {rows}")
     if columns != weights.in_features or x.dtype != torch.float16:
         raise ValueError(f"x must be fp16 [rows, {weights.in_features}], not {x.dtype} {list(x.shape)}")
-    if residual is not None and (residual.shape != (rows, weights.out_features) or not residual.is_contiguous()):
-        raise ValueError(f"residual must be contiguous [{rows}, {weights.out_features}]")
+    if residual is not None and (
+        residual.shape != (rows, weights.out_features) or not residual.is_contiguous() or residual.dtype != x.dtype
+    ):
+        raise ValueError(f"residual must be contiguous fp16 [{rows}, {weights.out_features}]")
     if weights.scale_max is not None and weights.scale_max.data_ptr() % 4:
         raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
