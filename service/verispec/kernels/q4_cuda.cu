@@ -62,19 +62,20 @@ __device__ __forceinline__ void dequantize_word(uint32_t word, const ColumnScale
       __hmul2(__hfma2(as_half2(lop3_or_and(high, 0x00f000f0u, 0x64006400u)), sixteenth, s.offset_16), s.scale));
 }
 
-// The scales of four consecutive columns (the first a multiple of 4) in group g.
+// The scales of four consecutive columns (the first a multiple of 4) in group `group`, from the words they
+// are stored in (scale_words, or the same words staged by q4_mma): EXL2 {scale codes, scale_max pair},
+// GPTQ {four fp16 scales, zero codes}.
 template <bool GPTQ>
-__device__ __forceinline__ void group_scales(const void* scales, const half* scale_max, const uint32_t* zeros, int g,
-                                             int n, int column, ColumnScale (&out)[4]) {
+__device__ __forceinline__ void meta_scales(const uint4& meta, int group, int column, ColumnScale (&out)[4]) {
   if constexpr (GPTQ) {
-    const uint2 bits = *reinterpret_cast<const uint2*>(static_cast<const half*>(scales) + (size_t)g * n + column);
-    const half* scale = reinterpret_cast<const half*>(&bits);
-    const uint32_t zero_word = zeros[(size_t)g * (n / 8) + column / 8] >> (4 * (column % 8));
+    const half* scale = reinterpret_cast<const half*>(&meta);  // meta.x, meta.y: four fp16 scales
+    const uint32_t zero_word = meta.z >> (4 * (column % 8));
 #pragma unroll
     for (int c = 0; c < 4; ++c) out[c] = column_scale(scale[c], ((zero_word >> (4 * c)) & 0xF) + 1);
   } else {
-    const uint32_t code_word = static_cast<const uint32_t*>(scales)[(size_t)g * (n / 8) + column / 8] >> (4 * (column % 8));
-    const half top = scale_max[g];
+    const uint32_t code_word = meta.x >> (4 * (column % 8));
+    const half2 pair = as_half2(meta.y);
+    const half top = (group & 1) ? __high2half(pair) : __low2half(pair);
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int code = ((code_word >> (4 * c)) & 0xF) + 1;
@@ -103,6 +104,18 @@ struct Problem {
   float* partial;          // [slices, rows, N]
   int rows, n, k, x_stride, group_size;
 };
+
+// The words meta_scales reads for group `group` and four columns from `column`, straight from memory.
+template <bool GPTQ>
+__device__ __forceinline__ uint4 scale_words(const Problem& p, int group, int column) {
+  if constexpr (GPTQ) {
+    const uint2 scales = *reinterpret_cast<const uint2*>(static_cast<const half*>(p.scales) + (size_t)group * p.n + column);
+    return make_uint4(scales.x, scales.y, p.zeros[(size_t)group * (p.n / 8) + column / 8], 0);
+  } else {
+    const uint32_t codes = static_cast<const uint32_t*>(p.scales)[(size_t)group * (p.n / 8) + column / 8];
+    return make_uint4(codes, *reinterpret_cast<const uint32_t*>(p.scale_max + (group & ~1)), 0, 0);
+  }
+}
 
 // ---- q4_mma: tensor cores, dequantized in registers ---------------------------------------------------
 //
@@ -194,25 +207,6 @@ __device__ __forceinline__ void issue_batch(const Problem& p, MmaStage<M_TILES>&
     const int row = index / (kBatchK / 8), chunk = index % (kBatchK / 8);
     if (row < p.rows) {
       cp_async_16(&stage.x[row][8 * chunk], p.x + (size_t)row * p.x_stride + batch * kBatchK + 8 * chunk);
-    }
-  }
-}
-
-template <bool GPTQ>
-__device__ __forceinline__ void meta_scales(const uint4& meta, int group, int column, ColumnScale (&out)[4]) {
-  if constexpr (GPTQ) {
-    const half* scale = reinterpret_cast<const half*>(&meta);  // meta.x, meta.y: four fp16 scales
-    const uint32_t zero_word = meta.z >> (4 * (column % 8));
-#pragma unroll
-    for (int c = 0; c < 4; ++c) out[c] = column_scale(scale[c], ((zero_word >> (4 * c)) & 0xF) + 1);
-  } else {
-    const uint32_t code_word = meta.x >> (4 * (column % 8));
-    const half2 pair = as_half2(meta.y);
-    const half top = (group & 1) ? __high2half(pair) : __low2half(pair);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int code = ((code_word >> (4 * c)) & 0xF) + 1;
-      out[c] = column_scale(__hmul(__int2half_rn(code * code), top), 8);
     }
   }
 }
@@ -334,6 +328,16 @@ cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, half
   return cudaGetLastError();
 }
 
+// Tiles of 8 rows: 1, 2, 4 or 8 of them.
+template <bool GPTQ>
+cudaError_t launch_mma_rows(const Problem& p, int slices, int batches_per_slice, half* out, const half* residual,
+                            cudaStream_t stream) {
+  if (p.rows <= 8) return launch_mma<1, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
+  if (p.rows <= 16) return launch_mma<2, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
+  if (p.rows <= 32) return launch_mma<4, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
+  return launch_mma<8, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
+}
+
 // ---- q4_gemv: CUDA cores ------------------------------------------------------------------------------
 //
 // A block of 4 warps owns 128 columns (4 a thread, one 16-byte load per word row); each warp takes whole
@@ -375,7 +379,8 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int gr
   ColumnScale scale[4];
   for (int w0 = first_word; active && w0 < end_word; w0 += kChunkWords) {
     if (w0 % words_per_group == 0) {
-      group_scales<GPTQ>(p.scales, p.scale_max, p.zeros, w0 / words_per_group, p.n, column, scale);
+      const int group = w0 / words_per_group;
+      meta_scales<GPTQ>(scale_words<GPTQ>(p, group, column), group, column, scale);
     }
     uint4 current[kChunkWords];
     if constexpr (PREFETCH) {
@@ -477,20 +482,8 @@ int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void
   const bool gptq = zeros != nullptr;
   auto* result = static_cast<half*>(out);
   const auto* add = static_cast<const half*>(residual);
-  cudaError_t error;
-  if (rows <= 8) {
-    error = gptq ? launch_mma<1, true>(p, slices, batches_per_slice, result, add, stream)
-                 : launch_mma<1, false>(p, slices, batches_per_slice, result, add, stream);
-  } else if (rows <= 16) {
-    error = gptq ? launch_mma<2, true>(p, slices, batches_per_slice, result, add, stream)
-                 : launch_mma<2, false>(p, slices, batches_per_slice, result, add, stream);
-  } else if (rows <= 32) {
-    error = gptq ? launch_mma<4, true>(p, slices, batches_per_slice, result, add, stream)
-                 : launch_mma<4, false>(p, slices, batches_per_slice, result, add, stream);
-  } else {
-    error = gptq ? launch_mma<8, true>(p, slices, batches_per_slice, result, add, stream)
-                 : launch_mma<8, false>(p, slices, batches_per_slice, result, add, stream);
-  }
+  const cudaError_t error = gptq ? launch_mma_rows<true>(p, slices, batches_per_slice, result, add, stream)
+                                 : launch_mma_rows<false>(p, slices, batches_per_slice, result, add, stream);
   if (error != cudaSuccess || slices == 1) return error;
   return sum_slices(p.partial, add, result, rows * n, slices, stream);
 }

@@ -190,7 +190,7 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
     x_bf16 = x.to(torch.bfloat16)
     out = torch.empty((m, ops.n), dtype=torch.half, device="cuda")
     q4_bytes, fp16_bytes = ops.k * ops.n // 2, ops.k * ops.n * 2
-    config = default_config(ops.q4, torch.cuda.get_device_properties(0).multi_processor_count)
+    config = default_config(ops.q4, _num_sms())
 
     def timed(call: Callable[[], object], repeats: int = args.repeats) -> dict[str, Any]:
         """GPU time from a graph replay (the kernel's own bandwidth), and the time with Python launches."""
