@@ -11,7 +11,7 @@ from tests.gpu.test_q4_gemm import ODD_SHAPES, _exl2_tensors, _exllamav2_matrix,
 
 pytestmark = pytest.mark.gpu
 
-KERNELS = ["mma", "gemv"]
+KERNELS = ["mma", "mma_registers", "gemv"]
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,9 @@ def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[A
 def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
     from verispec.kernels import q4_cuda
 
-    return q4_cuda.q4_mma(x, weights, **options) if kernel == "mma" else q4_cuda.q4_gemv(x, weights, **options)
+    if kernel == "mma_registers":
+        options.setdefault("pipeline", q4_cuda.REGISTER_PIPELINE)
+    return q4_cuda.q4_gemv(x, weights, **options) if kernel == "gemv" else q4_cuda.q4_mma(x, weights, **options)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -69,7 +71,7 @@ def test_matches_dequantize_then_matmul_at_every_row_count(
 
     weights, dense = _weights(layout, k, n, 3, False)
     generator = torch.Generator(device="cuda").manual_seed(11)
-    most = q4_cuda.MAX_MMA_ROWS if kernel == "mma" else q4_cuda.MAX_GEMV_ROWS
+    most = q4_cuda.MAX_GEMV_ROWS if kernel == "gemv" else q4_cuda.MAX_MMA_ROWS
     for rows in range(1, most + 1):
         x = torch.randn((rows, k), generator=generator, device="cuda").half()
         residual = torch.randn((rows, n), generator=generator, device="cuda").half()
@@ -87,8 +89,42 @@ def test_rows_do_not_depend_on_the_batch(kernel: str) -> None:
     weights, _ = _weights("exl2", 8192, 1024, 5, True)
     x = torch.randn((64, 8192), device="cuda").half()
     alone = _run(kernel, x[:1], weights)[0]
-    for rows in (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64) if kernel == "mma" else (2, 3, 4, 5, 8, 9, 16):
+    for rows in (2, 3, 4, 5, 8, 9, 16) if kernel == "gemv" else (2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64):
         assert torch.equal(_run(kernel, x[:rows], weights)[0], alone), f"rows={rows}"
+
+
+@pytest.mark.parametrize("layout", ["exl2", "gptq"])
+def test_mma_pipelines_give_the_same_bits(layout: str) -> None:
+    """Shared-memory staging and every depth of the register pipeline add the same products in the same
+    order: equal bits at every row bound and slicing."""
+    from verispec.kernels import q4_cuda
+
+    weights, _ = _weights(layout, 4096, 1000, 9, True)
+    x = torch.randn((64, 4096), device="cuda").half()
+    for rows in (1, 7, 8, 16, 24, 64):
+        for slices in (1, 5):
+            staged = q4_cuda.q4_mma(x[:rows], weights, slices=slices)
+            for depth in q4_cuda.MMA_PIPELINES[1:]:
+                got = q4_cuda.q4_mma(x[:rows], weights, slices=slices, pipeline=depth)
+                assert torch.equal(got, staged), f"rows={rows} slices={slices} pipeline={depth}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) -> None:
+    """With K in slices, the last block of each column range to finish adds them in slice order: repeated
+    launches give the same bits whichever block came last, the product is right, and the device's arrival
+    counts are back at zero after every launch."""
+    from verispec.kernels import q4_cuda
+
+    weights, dense = _weights("exl2", 2048, 1000, 17, False)
+    x = torch.randn((3, 2048), device="cuda").half()
+    for slices in (2, 4, 16):
+        for _ in range(3):
+            got = _run(kernel, x, weights, slices=slices)
+            assert torch.equal(got, _run(kernel, x, weights, slices=slices)), f"slices={slices}"
+        assert int(q4_cuda._ARRIVALS[0].count_nonzero()) == 0
+    expected = x.float() @ dense.float()
+    assert (got.float() - expected).abs().max().item() <= 2e-3 * expected.abs().max().item() + 1e-3
 
 
 def test_mma_is_captured_by_a_cuda_graph() -> None:

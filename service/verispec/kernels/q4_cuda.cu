@@ -11,8 +11,8 @@
 //
 // A weight is fp16(q - zero) * scale with one rounding, ExLlamaV2's `reconstruct`, so the matrix multiplied
 // by is get_weight_tensor_dq()'s bit for bit. K is cut into slices fixed by the shape alone; each slice's
-// fp32 sums are added in slice order by a second kernel, so a row's result depends on its own input only,
-// whichever rows share its launch (batched greedy = solo greedy).
+// fp32 sums are added in slice order by the last block to finish (finish_slices), so a row's result depends
+// on its own input only, whichever rows share its launch (batched greedy = solo greedy).
 //
 // Built by kernels/q4_cuda.py with nvcc into a shared library called through ctypes (C entry points at the
 // end; every launch goes on the caller's stream, so CUDA graphs capture it).
@@ -84,26 +84,43 @@ __device__ __forceinline__ void meta_scales(const uint4& meta, int group, int co
   }
 }
 
-// out = fp16(sum over slices, in slice order, + residual).
-__global__ void sum_slices_kernel(const float* __restrict__ partial, const half* __restrict__ residual,
-                                  half* __restrict__ out, int size, int slices) {
-  const int index = blockIdx.x * blockDim.x + threadIdx.x;
-  if (index >= size) return;
-  float total = 0.0f;
-  for (int s = 0; s < slices; ++s) total += partial[(size_t)s * size + index];
-  if (residual != nullptr) total += __half2float(residual[index]);
-  out[index] = __float2half_rn(total);
-}
-
 struct Problem {
   const half* x;  // [rows, K], row stride x_stride, columns in sorted order, 16-byte aligned rows
   const void* qweight;
   const void* scales;
   const half* scale_max;   // EXL2
   const uint32_t* zeros;   // GPTQ
-  float* partial;          // [slices, rows, N]
+  const half* residual;    // [rows, N] or null
+  half* out;               // [rows, N]
+  float* partial;          // [slices, rows, N] where K is cut into slices
+  int* arrivals;           // a count per block of columns, zero between launches
   int rows, n, k, x_stride, group_size;
 };
+
+// Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
+// first_column .. + width of every row; the block of those columns that arrives last (counted in
+// arrivals[blockIdx.x]) adds them in slice order, then the residual, into fp16 out, and sets the count back to
+// zero for the next launch. The order is fixed whichever block arrives last, so a row's bits depend on
+// neither timing nor the rows beside it.
+__device__ void finish_slices(const Problem& p, int first_column, int width) {
+  __shared__ bool last;
+  __threadfence();  // this thread's partial sums reach the whole device before its block is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(p.arrivals + blockIdx.x, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int index = threadIdx.x; index < p.rows * width; index += blockDim.x) {
+    const int row = index / width, column = first_column + index % width;
+    if (column >= p.n) continue;
+    const size_t at = (size_t)row * p.n + column;
+    float total = 0.0f;
+    for (int slice = 0; slice < (int)gridDim.y; ++slice) total += __ldcg(p.partial + (size_t)slice * p.rows * p.n + at);
+    if (p.residual != nullptr) total += __half2float(p.residual[at]);
+    p.out[at] = __float2half_rn(total);
+  }
+  if (threadIdx.x == 0) p.arrivals[blockIdx.x] = 0;
+}
 
 // The words meta_scales reads for group `group` and four columns from `column`, straight from memory.
 template <bool GPTQ>
@@ -211,6 +228,73 @@ __device__ __forceinline__ void issue_batch(const Problem& p, MmaStage<M_TILES>&
   }
 }
 
+// acc += W^T tile products for one batch of 128 positions of K: this thread's words of the batch's four
+// quads (its word row t of each, its four columns), its scale words, and input_at(row, quad): the 16 bytes
+// x[row][batch * 128 + 32 quad + 8 t ..] of a row below `rows` (rows past it are never read: zero).
+template <int M_TILES, bool GPTQ, typename InputAt>
+__device__ __forceinline__ void multiply_batch(float (&acc)[2][M_TILES][4], const uint4 (&words)[kQuads],
+                                               const uint4& meta, int group, int column, int rows, InputAt input_at) {
+  const int g = (threadIdx.x % 32) / 4;
+  ColumnScale scale[4];
+  meta_scales<GPTQ>(meta, group, column, scale);
+#pragma unroll
+  for (int quad = 0; quad < kQuads; ++quad) {
+    const uint32_t word[4] = {words[quad].x, words[quad].y, words[quad].z, words[quad].w};
+    uint32_t pairs[4][4];  // [column of the four][pair]
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
+    uint4 input[M_TILES];
+#pragma unroll
+    for (int v = 0; v < M_TILES; ++v) {
+      const int row = 8 * v + g;
+      input[v] = row < rows ? input_at(row, quad) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t a[4] = {pairs[2 * u][2 * s], pairs[2 * u + 1][2 * s], pairs[2 * u][2 * s + 1],
+                               pairs[2 * u + 1][2 * s + 1]};
+#pragma unroll
+        for (int v = 0; v < M_TILES; ++v) {
+          const uint32_t b0 = s == 0 ? input[v].x : input[v].z;
+          const uint32_t b1 = s == 0 ? input[v].y : input[v].w;
+          mma_16816(acc[u][v], a, b0, b1);
+        }
+      }
+    }
+  }
+}
+
+// The sums of this thread's D slots: out (+ residual) in fp16 when the launch has one slice of K, else this
+// slice's fp32 partial sums. acc[u][v] = {(col + 2u, row 8v + 2t), (col + 2u, row 8v + 2t + 1),
+// (col + 2u + 1, row 8v + 2t), (col + 2u + 1, row 8v + 2t + 1)}.
+template <int M_TILES>
+__device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], const Problem& p, int column) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int v = 0; v < M_TILES; ++v) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 8 * v + 2 * t + r;
+      if (row >= p.rows) continue;
+      const float sums[4] = {acc[0][v][r], acc[0][v][2 + r], acc[1][v][r], acc[1][v][2 + r]};
+      const size_t at = (size_t)row * p.n + column;
+      if (gridDim.y == 1) {
+        half results[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          results[c] = __float2half_rn(sums[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
+        }
+        *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
+      } else {
+        *reinterpret_cast<float4*>(p.partial + (size_t)blockIdx.y * p.rows * p.n + at) =
+            make_float4(sums[0], sums[1], sums[2], sums[3]);
+      }
+    }
+  }
+}
+
 // Stages in flight: four, or three where the input rows make a stage large (a block must fit twice per SM).
 template <int M_TILES>
 __host__ __device__ constexpr int mma_stages() {
@@ -218,13 +302,12 @@ __host__ __device__ constexpr int mma_stages() {
 }
 
 template <int M_TILES, bool GPTQ>
-__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batches_per_slice, half* out,
-                                                             const half* residual) {
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batches_per_slice) {
   constexpr int kMmaStages = mma_stages<M_TILES>();
   extern __shared__ uint4 shared_memory[];
   auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * g;  // this thread's first of four
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * (lane / 4);  // this thread's first of four
   const bool active = column < p.n;
   const int first = blockIdx.y * batches_per_slice;
   const int end = min(first + batches_per_slice, p.k / kBatchK);
@@ -235,13 +318,7 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
     cp_async_commit();
   }
 
-  float acc[2][M_TILES][4];
-#pragma unroll
-  for (int u = 0; u < 2; ++u)
-#pragma unroll
-    for (int v = 0; v < M_TILES; ++v)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[u][v][i] = 0.0f;
+  float acc[2][M_TILES][4] = {};
 
   for (int batch = first, it = 0; batch < end; ++batch, ++it) {
     cp_async_wait<kMmaStages - 2>();
@@ -251,68 +328,99 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
     cp_async_commit();
 
     const MmaStage<M_TILES>& stage = stages[it % kMmaStages];
-    ColumnScale scale[4];
-    meta_scales<GPTQ>(stage.meta[warp][lane], (batch * kBatchK) / p.group_size, column, scale);
+    uint4 words[kQuads];
 #pragma unroll
-    for (int quad = 0; quad < kQuads; ++quad) {
-      const uint4 words = stage.weights[warp][quad][lane];
-      const uint32_t word[4] = {words.x, words.y, words.z, words.w};
-      uint32_t pairs[4][4];  // [column of the four][pair]
-#pragma unroll
-      for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
-      uint4 input[M_TILES];
-#pragma unroll
-      for (int v = 0; v < M_TILES; ++v) {
-        const int row = 8 * v + g;
-        input[v] = row < p.rows ? *reinterpret_cast<const uint4*>(&stage.x[row][32 * quad + 8 * t]) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const uint32_t a[4] = {pairs[2 * u][2 * s], pairs[2 * u + 1][2 * s], pairs[2 * u][2 * s + 1],
-                                 pairs[2 * u + 1][2 * s + 1]};
-#pragma unroll
-          for (int v = 0; v < M_TILES; ++v) {
-            const uint32_t b0 = s == 0 ? input[v].x : input[v].z;
-            const uint32_t b1 = s == 0 ? input[v].y : input[v].w;
-            mma_16816(acc[u][v], a, b0, b1);
-          }
-        }
-      }
-    }
+    for (int quad = 0; quad < kQuads; ++quad) words[quad] = stage.weights[warp][quad][lane];
+    multiply_batch<M_TILES, GPTQ>(acc, words, stage.meta[warp][lane], (batch * kBatchK) / p.group_size, column, p.rows,
+                                  [&](int row, int quad) { return *reinterpret_cast<const uint4*>(&stage.x[row][32 * quad + 8 * t]); });
   }
   cp_async_wait<0>();
+  if (active) store_sums<M_TILES>(acc, p, column);
+  if (gridDim.y > 1) finish_slices(p, blockIdx.x * 32 * kMmaWarps, 32 * kMmaWarps);
+}
 
-  if (!active) return;
-  // D slots: acc[u][v] = {(col + 2u, row 8v + 2t), (col + 2u, row 8v + 2t + 1), (col + 2u + 1, row 8v + 2t),
-  // (col + 2u + 1, row 8v + 2t + 1)}.
+// ---- q4_mma, weights streamed through registers -------------------------------------------------------
+//
+// The same tiles and fragments, without shared memory or barriers: each warp loads its own weights and
+// scales straight into registers, STAGES batches ahead, and reads its input fragments from global memory,
+// where they stay in L1 (the warps of a slice read the same input). Warps run independently; the loads bypass
+// L1 so that the weights, read once, do not evict the input.
+
+__device__ __forceinline__ uint4 load_streaming(const void* address) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(address));
+  return v;
+}
+
+// This thread's words of batch `batch` (its word row of each quad, its four columns) and its scale words.
+template <bool GPTQ>
+__device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, int column, uint4 (&words)[kQuads],
+                                           uint4& meta) {
+  const uint4* qweight = static_cast<const uint4*>(p.qweight);
 #pragma unroll
-  for (int v = 0; v < M_TILES; ++v) {
+  for (int quad = 0; quad < kQuads; ++quad) {
+    words[quad] = load_streaming(qweight + (size_t)((batch * kBatchK) / 8 + 4 * quad + t) * (p.n / 4) + column / 4);
+  }
+  meta = scale_words<GPTQ>(p, (batch * kBatchK) / p.group_size, column);
+}
+
+template <int M_TILES, bool GPTQ, int STAGES>
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p, int batches_per_slice) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * (lane / 4);
+  const bool active = column < p.n;  // lanes past it still join every mma.sync, on zero words
+  const int first = blockIdx.y * batches_per_slice;
+  const int end = min(first + batches_per_slice, p.k / kBatchK);
+
+  uint4 words[STAGES][kQuads], meta[STAGES];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = 8 * v + 2 * t + r;
-      if (row >= p.rows) continue;
-      const float4 sums = make_float4(acc[0][v][r], acc[0][v][2 + r], acc[1][v][r], acc[1][v][2 + r]);
-      const size_t at = (size_t)row * p.n + column;
-      if (gridDim.y == 1) {
-        float values[4] = {sums.x, sums.y, sums.z, sums.w};
-        half results[4];
+  for (int s = 0; s < STAGES; ++s) {
+    meta[s] = make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          results[c] = __float2half_rn(values[c] + (residual != nullptr ? __half2float(residual[at + c]) : 0.0f));
-        }
-        *reinterpret_cast<uint2*>(out + at) = *reinterpret_cast<uint2*>(results);
-      } else {
-        *reinterpret_cast<float4*>(p.partial + (size_t)blockIdx.y * p.rows * p.n + at) = sums;
-      }
+    for (int quad = 0; quad < kQuads; ++quad) words[s][quad] = make_uint4(0, 0, 0, 0);
+    if (active && first + s < end) load_batch<GPTQ>(p, first + s, t, column, words[s], meta[s]);
+  }
+  float acc[2][M_TILES][4] = {};
+  const half* x = p.x + 8 * t;
+  for (int base = first; base < end; base += STAGES) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      const int batch = base + s;
+      if (batch >= end) break;
+      uint4 current[kQuads];
+#pragma unroll
+      for (int quad = 0; quad < kQuads; ++quad) current[quad] = words[s][quad];
+      const uint4 current_meta = meta[s];
+      if (active && batch + STAGES < end) load_batch<GPTQ>(p, batch + STAGES, t, column, words[s], meta[s]);
+      const half* x_batch = x + batch * kBatchK;
+      multiply_batch<M_TILES, GPTQ>(acc, current, current_meta, (batch * kBatchK) / p.group_size, column, p.rows,
+                                    [&](int row, int quad) {
+                                      return __ldg(reinterpret_cast<const uint4*>(x_batch + (size_t)row * p.x_stride + 32 * quad));
+                                    });
     }
   }
+  if (active) store_sums<M_TILES>(acc, p, column);
+  if (gridDim.y > 1) finish_slices(p, blockIdx.x * 32 * kMmaWarps, 32 * kMmaWarps);
 }
 
 template <int M_TILES, bool GPTQ>
-cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, half* out, const half* residual,
-                       cudaStream_t stream) {
+cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, int pipeline, cudaStream_t stream) {
+  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
+  if (pipeline != 0) {
+    // Past two tiles of rows a deeper pipeline spills its registers: two batches ahead there.
+    if constexpr (M_TILES >= 4) {
+      q4_mma_registers_kernel<M_TILES, GPTQ, 2><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
+    } else if (pipeline == 2) {
+      q4_mma_registers_kernel<M_TILES, GPTQ, 2><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
+    } else if (pipeline == 3) {
+      q4_mma_registers_kernel<M_TILES, GPTQ, 3><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
+    } else {
+      q4_mma_registers_kernel<M_TILES, GPTQ, 4><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
+    }
+    return cudaGetLastError();
+  }
   const int bytes = mma_stages<M_TILES>() * sizeof(MmaStage<M_TILES>);
   static bool attribute_set[64] = {};  // per template instance and device
   int device = 0;
@@ -323,19 +431,17 @@ cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, half
     if (error != cudaSuccess) return error;
     if (device < 64) attribute_set[device] = true;
   }
-  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
-  q4_mma_kernel<M_TILES, GPTQ><<<grid, kMmaThreads, bytes, stream>>>(p, batches_per_slice, out, residual);
+  q4_mma_kernel<M_TILES, GPTQ><<<grid, kMmaThreads, bytes, stream>>>(p, batches_per_slice);
   return cudaGetLastError();
 }
 
 // Tiles of 8 rows: 1, 2, 4 or 8 of them.
 template <bool GPTQ>
-cudaError_t launch_mma_rows(const Problem& p, int slices, int batches_per_slice, half* out, const half* residual,
-                            cudaStream_t stream) {
-  if (p.rows <= 8) return launch_mma<1, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
-  if (p.rows <= 16) return launch_mma<2, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
-  if (p.rows <= 32) return launch_mma<4, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
-  return launch_mma<8, GPTQ>(p, slices, batches_per_slice, out, residual, stream);
+cudaError_t launch_mma_rows(const Problem& p, int slices, int batches_per_slice, int pipeline, cudaStream_t stream) {
+  if (p.rows <= 8) return launch_mma<1, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
+  if (p.rows <= 16) return launch_mma<2, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
+  if (p.rows <= 32) return launch_mma<4, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
+  return launch_mma<8, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
 }
 
 // ---- q4_gemv: CUDA cores ------------------------------------------------------------------------------
@@ -434,8 +540,14 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int gr
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < kGemvWarps; ++w) total += shared[w][m][local];
-    p.partial[((size_t)blockIdx.y * p.rows + m) * p.n + out_column] = total;
+    const size_t at = (size_t)m * p.n + out_column;
+    if (gridDim.y == 1) {
+      p.out[at] = __float2half_rn(total + (p.residual != nullptr ? __half2float(p.residual[at]) : 0.0f));
+    } else {
+      p.partial[(size_t)blockIdx.y * p.rows * p.n + at] = total;
+    }
   }
+  if (gridDim.y > 1) finish_slices(p, blockIdx.x * kGemvColumns, kGemvColumns);
 }
 
 template <int MAX_ROWS, bool PREFETCH>
@@ -458,48 +570,54 @@ cudaError_t launch_gemv_rows(const Problem& p, bool gptq, int slices, int groups
   return launch_gemv<16, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
 }
 
-cudaError_t sum_slices(const float* partial, const half* residual, half* out, int size, int slices,
-                       cudaStream_t stream) {
-  sum_slices_kernel<<<(size + 255) / 256, 256, 0, stream>>>(partial, residual, out, size, slices);
-  return cudaGetLastError();
-}
 
 }  // namespace
 
 // ---- C entry points (ctypes) --------------------------------------------------------------------------
 // Shapes and alignment are checked by the Python caller (kernels/q4_cuda.py); these return a cudaError_t.
 
+namespace {
+
+Problem problem(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
+                const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows, int n,
+                int k, int group_size) {
+  return Problem{static_cast<const half*>(x),  qweight, scales, static_cast<const half*>(scale_max),
+                 static_cast<const uint32_t*>(zeros), static_cast<const half*>(residual), static_cast<half*>(out),
+                 static_cast<float*>(partial), static_cast<int*>(arrivals), rows, n, k, x_stride, group_size};
+}
+
+}  // namespace
+
 extern "C" {
 
 // x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16, rows 1..64, K a multiple of 128
-// and of the group size, which is a multiple of 128. `partial` holds [slices, rows, N] fp32 when slices > 1.
+// and of the group size, which is a multiple of 128. Where K is cut into slices > 1, `partial` holds
+// [slices, rows, N] fp32 and `arrivals` ceil(N / 128) ints, zero (and zero again when the launch ends).
+// `pipeline`: 0 stages weights through shared memory, 2 to 4 streams them through registers that many batches
+// ahead. Launches that share `arrivals` must not overlap (one stream).
 int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
-                    const void* zeros, const void* residual, void* out, void* partial, int rows, int n, int k,
-                    int group_size, int slices, int batches_per_slice, void* stream_handle) {
-  const Problem p{static_cast<const half*>(x), qweight, scales, static_cast<const half*>(scale_max),
-                  static_cast<const uint32_t*>(zeros), static_cast<float*>(partial), rows, n, k, x_stride, group_size};
+                    const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows,
+                    int n, int k, int group_size, int slices, int batches_per_slice, int pipeline,
+                    void* stream_handle) {
+  const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
+                            n, k, group_size);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
-  const bool gptq = zeros != nullptr;
-  auto* result = static_cast<half*>(out);
-  const auto* add = static_cast<const half*>(residual);
-  const cudaError_t error = gptq ? launch_mma_rows<true>(p, slices, batches_per_slice, result, add, stream)
-                                 : launch_mma_rows<false>(p, slices, batches_per_slice, result, add, stream);
-  if (error != cudaSuccess || slices == 1) return error;
-  return sum_slices(p.partial, add, result, rows * n, slices, stream);
+  return zeros != nullptr ? launch_mma_rows<true>(p, slices, batches_per_slice, pipeline, stream)
+                          : launch_mma_rows<false>(p, slices, batches_per_slice, pipeline, stream);
 }
 
-// The same product on CUDA cores; group size a multiple of 64, K cut into `slices` runs of whole groups.
+// The same product on CUDA cores, rows 1..16; group size a multiple of 64, K cut into `slices` runs of whole
+// groups (buffers as above).
 int verispec_q4_gemv(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
-                     const void* zeros, const void* residual, void* out, void* partial, int rows, int n, int k,
-                     int group_size, int slices, int groups_per_warp, int prefetch, void* stream_handle) {
-  const Problem p{static_cast<const half*>(x), qweight, scales, static_cast<const half*>(scale_max),
-                  static_cast<const uint32_t*>(zeros), static_cast<float*>(partial), rows, n, k, x_stride, group_size};
+                     const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows,
+                     int n, int k, int group_size, int slices, int groups_per_warp, int prefetch,
+                     void* stream_handle) {
+  const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
+                            n, k, group_size);
   const auto stream = static_cast<cudaStream_t>(stream_handle);
   const bool gptq = zeros != nullptr;
-  const cudaError_t error = prefetch ? launch_gemv_rows<true>(p, gptq, slices, groups_per_warp, stream)
-                                     : launch_gemv_rows<false>(p, gptq, slices, groups_per_warp, stream);
-  if (error != cudaSuccess) return error;
-  return sum_slices(p.partial, static_cast<const half*>(residual), static_cast<half*>(out), rows * n, slices, stream);
+  return prefetch ? launch_gemv_rows<true>(p, gptq, slices, groups_per_warp, stream)
+                  : launch_gemv_rows<false>(p, gptq, slices, groups_per_warp, stream);
 }
 
 const char* verispec_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }

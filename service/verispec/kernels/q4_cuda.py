@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
 MAX_GEMV_ROWS = 16
+MMA_PIPELINES = (0, 2, 3, 4)  # q4_mma: 0 through shared memory, else through registers, batches ahead
+REGISTER_PIPELINE = 3
 _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
@@ -129,8 +131,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
     pointer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_void_p
     integer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_int
-    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 7, *[integer] * 6, pointer]
-    library.verispec_q4_gemv.argtypes = [pointer, integer, *[pointer] * 7, *[integer] * 7, pointer]
+    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 7, pointer]
+    library.verispec_q4_gemv.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 7, pointer]
     library.verispec_q4_mma.restype = library.verispec_q4_gemv.restype = integer
     library.verispec_error_string.argtypes = [integer]
     library.verispec_error_string.restype = ctypes.c_char_p
@@ -190,6 +192,8 @@ def _checked(
         raise ValueError(f"residual must be contiguous fp16 [{rows}, {weights.out_features}]")
     if weights.scale_max is not None and weights.scale_max.data_ptr() % 4:
         raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
+    if -(-weights.out_features // _MMA_BLOCK_COLUMNS) > _MAX_COLUMN_BLOCKS:
+        raise ValueError(f"at most {_MAX_COLUMN_BLOCKS * _MMA_BLOCK_COLUMNS} output columns")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         x = x.clone(memory_format=torch.contiguous_format)
     return library, x
@@ -201,14 +205,15 @@ def _call(
     x: torch.Tensor,
     weights: Q4Weights,
     residual: torch.Tensor | None,
-    partial_slices: int,
+    slices: int,
     tail: list[int],
 ) -> torch.Tensor:
-    """One launch of the library's `entry` on the current stream: the output, and a buffer of
-    `partial_slices` fp32 partial sums (none for 0)."""
+    """One launch of the library's `entry` on the current stream: the output, and where K is cut into
+    `slices` > 1, a buffer of their fp32 partial sums and the device's arrival counts."""
     rows, n = x.shape[0], weights.out_features
     out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
-    partial = torch.empty((partial_slices, rows, n), dtype=torch.float32, device=x.device) if partial_slices else None
+    partial = torch.empty((slices, rows, n), dtype=torch.float32, device=x.device) if slices > 1 else None
+    arrivals = _arrivals(x.device) if slices > 1 else None
 
     def address(tensor: torch.Tensor | None) -> int | None:
         return tensor.data_ptr() if tensor is not None else None
@@ -218,7 +223,7 @@ def _call(
         error = getattr(library, entry)(
             x.data_ptr(), x.stride(0), weights.qweight.data_ptr(), weights.scales.data_ptr(),
             address(weights.scale_max), address(weights.zeros), address(residual), out.data_ptr(), address(partial),
-            rows, n, weights.in_features, weights.group_size, *tail, stream,
+            address(arrivals), rows, n, weights.in_features, weights.group_size, slices, *tail, stream,
         )  # fmt: skip
     if error:
         raise RuntimeError(f"{entry}: {library.verispec_error_string(error).decode()}")
@@ -226,16 +231,23 @@ def _call(
 
 
 def q4_mma(
-    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
+    x: torch.Tensor,
+    weights: Q4Weights,
+    residual: torch.Tensor | None = None,
+    slices: int | None = None,
+    pipeline: int = 0,
 ) -> torch.Tensor:
     """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
-    tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices)."""
+    tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices).
+    `pipeline` 0 stages the weights through shared memory (cp.async, the block in step); 2 to 4 streams them
+    through each warp's registers that many batches ahead (two past 16 rows). Same sums, same bits."""
+    if pipeline not in MMA_PIPELINES:
+        raise ValueError(f"pipeline must be one of {MMA_PIPELINES}, not {pipeline}")
     library, x = _checked(x, weights, residual, MAX_MMA_ROWS)
     if slices is None:
         slices = mma_slices(weights, _num_sms(x.device))
     slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
-    partial_slices = slices if slices > 1 else 0  # one slice writes the output directly
-    return _call(library, "verispec_q4_mma", x, weights, residual, partial_slices, [slices, per_slice])
+    return _call(library, "verispec_q4_mma", x, weights, residual, slices, [per_slice, pipeline])
 
 
 def q4_gemv(
@@ -253,8 +265,7 @@ def q4_gemv(
     groups = weights.in_features // weights.group_size
     per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
     slices = -(-groups // (per_warp * _GEMV_WARPS))
-    tail = [slices, per_warp, int(prefetch)]  # the gemv always sums through the partial buffer
-    return _call(library, "verispec_q4_gemv", x, weights, residual, slices, tail)
+    return _call(library, "verispec_q4_gemv", x, weights, residual, slices, [per_warp, int(prefetch)])
 
 
 _CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
@@ -267,9 +278,9 @@ def row_bucket(rows: int) -> int:
 
 
 def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
-    """ "mma", "gemv" or "triton": the fastest kernel for this shape at `rows`' bucket of rows, timed once
-    per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median of three), so
-    that at most seven timings per shape happen, all in the runner's start-up calibration; never one per
+    """ "mma", "mma_registers", "gemv" or "triton": the fastest kernel for this shape at `rows`' bucket of
+    rows, timed once per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median
+    of three), so that at most seven timings per shape happen, all in the runner's start-up calibration; never one per
     ragged row count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on
     Triton there (the runner's warm-up pass before each capture measures it)."""
     device = weights.qweight.device
@@ -280,7 +291,11 @@ def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torc
     if torch.cuda.is_current_stream_capturing():
         return "triton"
     x = torch.randn((bucket, weights.in_features), dtype=torch.float16, device=device)
-    candidates: dict[str, Callable[[], object]] = {"mma": lambda: q4_mma(x, weights), "triton": lambda: triton(x)}
+    candidates: dict[str, Callable[[], object]] = {
+        "mma": lambda: q4_mma(x, weights),
+        "mma_registers": lambda: q4_mma(x, weights, pipeline=REGISTER_PIPELINE),
+        "triton": lambda: triton(x),
+    }
     if bucket <= MAX_GEMV_ROWS:
         candidates["gemv"] = lambda: q4_gemv(x, weights)
     times = {name: _median_ms(call, device) for name, call in candidates.items()}
@@ -325,6 +340,26 @@ def replay_seconds(call: Callable[[], object], iterations: int, repeats: int, de
             end.synchronize()
             seconds.append(float(start.elapsed_time(end)) / 1000 / iterations)
     return seconds
+
+
+_MAX_COLUMN_BLOCKS = 1 << 16  # arrival counts per device: N up to 8M columns
+
+
+_ARRIVALS: dict[int, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device) -> torch.Tensor:
+    """The device's arrival counts (one per block of 128 columns), zero between launches: the last block of
+    a column range to finish adds the slices of K (q4_cuda.cu's finish_slices). One buffer for every launch
+    on the device, so its launches must not overlap in time, as those of one stream never do. Made on the
+    device's first launch, which must not be inside a graph capture (the zeros would only be written when the
+    graph replays); the runner's warm-up and `fastest` launch every kernel eagerly first."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARRIVALS:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the CUDA 4-bit kernels' first launch on a device cannot be inside a graph capture")
+        _ARRIVALS[index] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=torch.device("cuda", index))
+    return _ARRIVALS[index]
 
 
 @functools.cache

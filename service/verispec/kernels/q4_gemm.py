@@ -255,6 +255,8 @@ def q4_matmul(
         choice = q4_cuda.fastest(weights, x.shape[0], functools.partial(_triton_matmul, weights=weights))
         if choice == "mma":
             return q4_cuda.q4_mma(x, weights, residual)
+        if choice == "mma_registers":
+            return q4_cuda.q4_mma(x, weights, residual, pipeline=q4_cuda.REGISTER_PIPELINE)
         if choice == "gemv":
             return q4_cuda.q4_gemv(x, weights, residual)
     return _triton_matmul(x, weights, residual, config)
@@ -319,15 +321,16 @@ def _triton_matmul(
 
 def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: str = "triton") -> torch.Tensor:
     """The fp16 matrix [K, N] in the input's own row order, as a kernel itself sees it (`kernel`: the
-    Triton one at `config`, or q4_cuda's "mma" or "gemv"): the product with an identity matrix is exact
+    Triton one at `config`, or q4_cuda's "mma", "mma_registers" or "gemv"): the product with an identity matrix is exact
     (one nonzero fp16 term per sum), so this is the kernel's weights."""
     size = weights.in_features
     eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
     in_order = dataclasses.replace(weights, perm=None)
-    step = {"triton": MAX_Q4_ROWS, "mma": q4_cuda.MAX_MMA_ROWS, "gemv": q4_cuda.MAX_GEMV_ROWS}[kernel]
+    step = {"triton": MAX_Q4_ROWS, "gemv": q4_cuda.MAX_GEMV_ROWS}.get(kernel, q4_cuda.MAX_MMA_ROWS)
     run: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "triton": functools.partial(_triton_matmul, weights=in_order, config=config),
         "mma": functools.partial(q4_cuda.q4_mma, weights=in_order),
+        "mma_registers": functools.partial(q4_cuda.q4_mma, weights=in_order, pipeline=q4_cuda.REGISTER_PIPELINE),
         "gemv": functools.partial(q4_cuda.q4_gemv, weights=in_order),
     }
 

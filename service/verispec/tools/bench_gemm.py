@@ -242,8 +242,9 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
 def _cuda_points(
     ops: _Operands, x: Any, m: int, sweep: bool, kernel: Callable[[int, Callable[[], object]], dict[str, Any]]
 ) -> dict[str, Any]:
-    """The CUDA kernels at their default slices of K (with --variants also at each count of slices, and the
-    CUDA-core one without prefetching), and q4_matmul as the runner calls it (the fastest kernel at m)."""
+    """The CUDA kernels at their default slices of K (with --variants also at each count of slices, the
+    register pipeline at each depth, and the CUDA-core one without prefetching), and q4_matmul as the runner
+    calls it (the fastest kernel at m)."""
     from verispec.kernels import q4_cuda
     from verispec.kernels.q4_gemm import q4_matmul
 
@@ -251,12 +252,14 @@ def _cuda_points(
     if not q4_cuda.covers(ops.q4, m):
         reason = q4_cuda.unavailable()
         return {"cuda_unavailable": reason} if reason else {}
+    registers = partial(q4_cuda.q4_mma, pipeline=q4_cuda.REGISTER_PIPELINE)
     point: dict[str, Any] = {
         "cuda_mma": kernel(q4_bytes, lambda: q4_cuda.q4_mma(x, ops.q4)),
+        "cuda_mma_registers": kernel(q4_bytes, lambda: registers(x, ops.q4)),
         "cuda_mma_slices": q4_cuda.mma_slices(ops.q4, _num_sms()),
         "q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4)),
     }
-    kernels: list[tuple[str, Callable[..., Any]]] = [("mma", q4_cuda.q4_mma)]
+    kernels: list[tuple[str, Callable[..., Any]]] = [("mma", q4_cuda.q4_mma), ("mma_registers", registers)]
     if m <= q4_cuda.MAX_GEMV_ROWS:
         point["cuda_gemv"] = kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4))
         point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.q4, _num_sms())
@@ -264,6 +267,8 @@ def _cuda_points(
     if sweep:
         if m <= q4_cuda.MAX_GEMV_ROWS:
             point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
+        for depth in q4_cuda.MMA_PIPELINES[1:]:
+            point[f"cuda_mma_registers_{depth}"] = kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=depth))
         for name, run in kernels:
             point[f"cuda_{name}_by_slices"] = {
                 str(slices): kernel(q4_bytes, partial(run, x, ops.q4, slices=slices))["tb_per_s"]
@@ -317,11 +322,15 @@ def run_gemm(args: argparse.Namespace) -> dict[str, Any]:
 
 def _summary(result: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """Per kernel and m: the lowest effective bandwidth over the four shapes (the goal is a floor)."""
+    from verispec.kernels.q4_cuda import MMA_PIPELINES
+
     summary: dict[str, Any] = {}
     variants = [f"triton_{name}" for name in ("half2", "swap_ab", "interleave", "interleave_half2")]
     kernels = (
         "q4_matmul",
         "cuda_mma",
+        "cuda_mma_registers",
+        *(f"cuda_mma_registers_{depth}" for depth in MMA_PIPELINES[1:]),
         "cuda_gemv",
         "cuda_gemv_no_prefetch",
         "triton",
