@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import statistics
 import sys
@@ -151,6 +152,7 @@ def _pass_figures(target: Any, draft: Any, n: int) -> dict[str, Any]:
     for role, model in (("target", target), ("draft", draft)):
         for name, gemm, graphs in RUNNER_PATHS:
             passes[role][name] = _runner_pass_costs(model, gemm, graphs)
+            _progress(f"{role} {name}: {json.dumps(passes[role][name])}")
             gc.collect()  # a runner and its graphs refer to each other: their memory goes back now
             torch.cuda.empty_cache()
     result["runner_passes"] = passes
@@ -287,17 +289,18 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     try:
         measurements = _engine_measurements(core, target.info.vocab_size, n, k, args.repeats)
         result.update(measurements)
+        _progress(f"engine: {json.dumps(measurements)}")
         result["service_vs_direct"] = round(result["engine_off_tokens_per_s"] / result["direct_tokens_per_s"], 3)
     finally:
         core.stop(10)
     result["used_gib_per_gpu_after_engine_runs"] = [round(gib, 2) for gib in _used_gib_per_gpu()]
     _progress("ExLlamaV2DynamicGenerator, unpaged, without and with the draft")
     try:
-        result["exllamav2_dynamic_generator_tokens_per_s"] = round(_dynamic_generator(target, None, k, n), 2)
-        with_draft = _dynamic_generator(target, draft, k, n)
-        result[f"exllamav2_dynamic_generator_with_draft_k{k}_tokens_per_s"] = round(with_draft, 2)
-        generator_tps = result["exllamav2_dynamic_generator_tokens_per_s"]
+        generator_tps = round(_dynamic_generator(target, None, k, n), 2)
+        result["exllamav2_dynamic_generator_tokens_per_s"] = generator_tps
         result["engine_off_vs_exllamav2_generator"] = round(result["engine_off_tokens_per_s"] / generator_tps, 3)
+        with_draft = _dynamic_generator(target, draft, k, n)  # its cache may not fit beside the engine's pool
+        result[f"exllamav2_dynamic_generator_with_draft_k{k}_tokens_per_s"] = round(with_draft, 2)
     except Exception as exc:  # keep the engine's figures even if the comparison run fails
         result["exllamav2_dynamic_generator_error"] = f"{type(exc).__name__}: {exc}"
     return result
