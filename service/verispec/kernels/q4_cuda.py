@@ -2,15 +2,16 @@
 
 The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory to reach the tensor cores,
 which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
-to the tensor-core MMA (ExLlamaV2's word order makes each thread's slice of an MMA tile one 16-byte load);
-`q4_gemv` multiplies on the CUDA cores. Which kernel serves a weight shape at a bucket of rows is measured
+to the tensor-core MMA (ExLlamaV2's word order makes each thread's slice of an MMA tile one 16-byte load),
+staged through shared memory or streamed through each warp's registers; `q4_gemv` multiplies on the CUDA
+cores. Which kernel serves a weight shape at a bucket of rows is measured
 by graph replays the first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
 
 The source is compiled by nvcc into a shared library, called through ctypes on the current CUDA stream
 (so graph captures take its launches). Its name carries a digest of the source and the architectures it
 holds code for. One built ahead of time beside this module (`python -m verispec.kernels.q4_cuda --arch
 89,90`, as the GPU container build does, where no GPU is present) or in the cache directory is used when it
-covers every visible GPU; otherwise it is built into the cache directory on first use (12 s on an H200),
+covers every visible GPU; otherwise it is built into the cache directory on first use (10-30 s),
 which needs nvcc. It needs compute capability 8.0 or newer; where it cannot be had the Triton GEMM serves every
 row count, and `unavailable()` says why.
 """
@@ -85,7 +86,7 @@ def build(out_dir: Path, architectures: list[str], nvcc: str | None = None) -> P
     command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, str(_SOURCE)]
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, 10-20 s")
+    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, 10-30 s")
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         built = Path(scratch) / target.name
         subprocess.run([*command, "-o", str(built)], capture_output=True, text=True, check=True)
