@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -39,9 +40,12 @@ def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[A
 def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
     from verispec.kernels import q4_cuda
 
-    if kernel == "mma_registers":
-        options.setdefault("pipeline", q4_cuda.REGISTER_PIPELINE)
-    return q4_cuda.q4_gemv(x, weights, **options) if kernel == "gemv" else q4_cuda.q4_mma(x, weights, **options)
+    run: Callable[..., torch.Tensor] = {
+        "mma": q4_cuda.q4_mma,
+        "mma_registers": q4_cuda.q4_mma_registers,
+        "gemv": q4_cuda.q4_gemv,
+    }[kernel]
+    return run(x, weights, **options)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -44,6 +44,7 @@ _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
 _GEMV_COLUMNS = 128  # per block (kGemvColumns)
+_MAX_COLUMN_BLOCKS = 1 << 16  # arrival counts per device: N up to 8M columns
 _SOURCE = Path(__file__).with_name("q4_cuda.cu")
 _TIMED_CALLS = 20
 
@@ -269,6 +270,21 @@ def q4_gemv(
     return _call(library, "verispec_q4_gemv", x, weights, residual, slices, [per_warp, int(prefetch)])
 
 
+def q4_mma_registers(
+    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
+) -> torch.Tensor:
+    """q4_mma through the register pipeline, REGISTER_PIPELINE batches ahead."""
+    return q4_mma(x, weights, residual, slices, pipeline=REGISTER_PIPELINE)
+
+
+# The CUDA kernels by the name `fastest` chooses them by: (x, weights, residual) -> out.
+KERNELS: dict[str, Callable[[torch.Tensor, Q4Weights, torch.Tensor | None], torch.Tensor]] = {
+    "mma": q4_mma,
+    "mma_registers": q4_mma_registers,
+    "gemv": q4_gemv,
+}
+MAX_ROWS = {"mma": MAX_MMA_ROWS, "mma_registers": MAX_MMA_ROWS, "gemv": MAX_GEMV_ROWS}
+
 _CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
 
 
@@ -279,10 +295,10 @@ def row_bucket(rows: int) -> int:
 
 
 def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
-    """ "mma", "mma_registers", "gemv" or "triton": the fastest kernel for this shape at `rows`' bucket of
-    rows, timed once per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median
-    of three), so that at most seven timings per shape happen, all in the runner's start-up calibration; never one per
-    ragged row count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on
+    """A name in KERNELS, or "triton": the fastest kernel for this shape at `rows`' bucket of rows, timed
+    once per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median of three),
+    so that a shape is timed at seven buckets at most, all in the runner's start-up calibration; never once
+    per ragged row count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on
     Triton there (the runner's warm-up pass before each capture measures it)."""
     device = weights.qweight.device
     bucket = row_bucket(rows)
@@ -293,12 +309,9 @@ def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torc
         return "triton"
     x = torch.randn((bucket, weights.in_features), dtype=torch.float16, device=device)
     candidates: dict[str, Callable[[], object]] = {
-        "mma": lambda: q4_mma(x, weights),
-        "mma_registers": lambda: q4_mma(x, weights, pipeline=REGISTER_PIPELINE),
-        "triton": lambda: triton(x),
+        name: functools.partial(run, x, weights, None) for name, run in KERNELS.items() if bucket <= MAX_ROWS[name]
     }
-    if bucket <= MAX_GEMV_ROWS:
-        candidates["gemv"] = lambda: q4_gemv(x, weights)
+    candidates["triton"] = lambda: triton(x)
     times = {name: _median_ms(call, device) for name, call in candidates.items()}
     _CHOICE[key] = min(times, key=lambda name: times[name])
     log.debug("kernels.q4_chosen", shape=key[1:3], rows=bucket, choice=_CHOICE[key], ms=times)
@@ -341,9 +354,6 @@ def replay_seconds(call: Callable[[], object], iterations: int, repeats: int, de
             end.synchronize()
             seconds.append(float(start.elapsed_time(end)) / 1000 / iterations)
     return seconds
-
-
-_MAX_COLUMN_BLOCKS = 1 << 16  # arrival counts per device: N up to 8M columns
 
 
 _ARRIVALS: dict[int, torch.Tensor] = {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -253,12 +252,8 @@ def q4_matmul(
     x = x.contiguous()
     if config is None and x.is_cuda and q4_cuda.covers(weights, x.shape[0]):
         choice = q4_cuda.fastest(weights, x.shape[0], functools.partial(_triton_matmul, weights=weights))
-        if choice == "mma":
-            return q4_cuda.q4_mma(x, weights, residual)
-        if choice == "mma_registers":
-            return q4_cuda.q4_mma(x, weights, residual, pipeline=q4_cuda.REGISTER_PIPELINE)
-        if choice == "gemv":
-            return q4_cuda.q4_gemv(x, weights, residual)
+        if choice in q4_cuda.KERNELS:
+            return q4_cuda.KERNELS[choice](x, weights, residual)
     return _triton_matmul(x, weights, residual, config)
 
 
@@ -320,21 +315,20 @@ def _triton_matmul(
 
 
 def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: str = "triton") -> torch.Tensor:
-    """The fp16 matrix [K, N] in the input's own row order, as a kernel itself sees it (`kernel`: the
-    Triton one at `config`, or q4_cuda's "mma", "mma_registers" or "gemv"): the product with an identity matrix is exact
+    """The fp16 matrix [K, N] in the input's own row order, as a kernel itself sees it (`kernel`: "triton",
+    the Triton one at `config`, or a name in q4_cuda.KERNELS): the product with an identity matrix is exact
     (one nonzero fp16 term per sum), so this is the kernel's weights."""
     size = weights.in_features
     eye = torch.eye(size, dtype=torch.float16, device=weights.qweight.device)
     in_order = dataclasses.replace(weights, perm=None)
-    step = {"triton": MAX_Q4_ROWS, "gemv": q4_cuda.MAX_GEMV_ROWS}.get(kernel, q4_cuda.MAX_MMA_ROWS)
-    run: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "triton": functools.partial(_triton_matmul, weights=in_order, config=config),
-        "mma": functools.partial(q4_cuda.q4_mma, weights=in_order),
-        "mma_registers": functools.partial(q4_cuda.q4_mma, weights=in_order, pipeline=q4_cuda.REGISTER_PIPELINE),
-        "gemv": functools.partial(q4_cuda.q4_gemv, weights=in_order),
-    }
+    step = MAX_Q4_ROWS if kernel == "triton" else q4_cuda.MAX_ROWS[kernel]
 
-    sorted_rows = torch.cat([run[kernel](eye[i : i + step]) for i in range(0, size, step)])
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if kernel == "triton":
+            return _triton_matmul(rows, in_order, config=config)
+        return q4_cuda.KERNELS[kernel](rows, in_order, None)
+
+    sorted_rows = torch.cat([run(eye[i : i + step]) for i in range(0, size, step)])
     if weights.perm is None:
         return sorted_rows
     result = torch.empty_like(sorted_rows)

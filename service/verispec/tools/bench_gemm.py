@@ -252,14 +252,16 @@ def _cuda_points(
     if not q4_cuda.covers(ops.q4, m):
         reason = q4_cuda.unavailable()
         return {"cuda_unavailable": reason} if reason else {}
-    registers = partial(q4_cuda.q4_mma, pipeline=q4_cuda.REGISTER_PIPELINE)
     point: dict[str, Any] = {
         "cuda_mma": kernel(q4_bytes, lambda: q4_cuda.q4_mma(x, ops.q4)),
-        "cuda_mma_registers": kernel(q4_bytes, lambda: registers(x, ops.q4)),
+        "cuda_mma_registers": kernel(q4_bytes, lambda: q4_cuda.q4_mma_registers(x, ops.q4)),
         "cuda_mma_slices": q4_cuda.mma_slices(ops.q4, _num_sms()),
         "q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4)),
     }
-    kernels: list[tuple[str, Callable[..., Any]]] = [("mma", q4_cuda.q4_mma), ("mma_registers", registers)]
+    kernels: list[tuple[str, Callable[..., Any]]] = [
+        ("mma", q4_cuda.q4_mma),
+        ("mma_registers", q4_cuda.q4_mma_registers),
+    ]
     if m <= q4_cuda.MAX_GEMV_ROWS:
         point["cuda_gemv"] = kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4))
         point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.q4, _num_sms())
