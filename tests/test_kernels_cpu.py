@@ -64,3 +64,14 @@ def test_kernel_choices_are_made_per_bucket_of_rows() -> None:
         1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 64,
     ]  # fmt: skip
     assert len({q4_cuda.row_bucket(rows) for rows in range(1, q4_cuda.MAX_MMA_ROWS + 1)}) == 7
+
+
+def test_every_kernel_fastest_can_choose_has_a_row_bound_and_a_bad_pipeline_is_refused_by_name() -> None:
+    """KERNELS and MAX_ROWS name the same kernels; a register-pipeline depth the library has no code for is
+    refused before any launch, with the argument named."""
+    import torch
+
+    assert set(q4_cuda.KERNELS) == set(q4_cuda.MAX_ROWS)
+    assert q4_cuda.REGISTER_PIPELINE in q4_cuda.MMA_PIPELINES[1:]
+    with pytest.raises(ValueError, match="pipeline must be one of"):
+        q4_cuda.q4_mma(torch.empty(1, 8192, dtype=torch.float16), _weights(8192, 8192), pipeline=5)
