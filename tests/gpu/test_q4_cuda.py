@@ -40,11 +40,7 @@ def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[A
 def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
     from verispec.kernels import q4_cuda
 
-    run: Callable[..., torch.Tensor] = {
-        "mma": q4_cuda.q4_mma,
-        "mma_registers": q4_cuda.q4_mma_registers,
-        "gemv": q4_cuda.q4_gemv,
-    }[kernel]
+    run: Callable[..., torch.Tensor] = q4_cuda.KERNELS[kernel]  # each also takes slices= (and its own options)
     return run(x, weights, **options)
 
 
