@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.gpu.test_q4_gemm import ODD_SHAPES, _exl2_tensors, _exllamav2_matrix, _gptq_tensors
+from verispec.kernels import Q4Weights, q4_cuda
 
 pytestmark = pytest.mark.gpu
 
-KERNELS = ["mma", "mma_registers", "gemv"]
+KERNELS = list(q4_cuda.KERNELS)
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,6 @@ def _kernels() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     pytest.importorskip("exllamav2")
-    from verispec.kernels import q4_cuda
 
     reason = q4_cuda.unavailable()
     assert reason is None, f"the CUDA kernels did not build on a CUDA machine: {reason}"
@@ -38,7 +38,6 @@ def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[A
 
 
 def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
-    from verispec.kernels import q4_cuda
 
     run: Callable[..., torch.Tensor] = q4_cuda.KERNELS[kernel]  # each also takes slices= (and its own options)
     return run(x, weights, **options)
@@ -67,7 +66,6 @@ def test_matches_dequantize_then_matmul_at_every_row_count(
 ) -> None:
     """Every row count the kernel takes (1..64 tensor cores, 1..16 CUDA cores), any slicing of K, with and
     without a residual: the Triton kernel's tolerance."""
-    from verispec.kernels import q4_cuda
 
     weights, dense = _weights(layout, k, n, 3, False)
     generator = torch.Generator(device="cuda").manual_seed(11)
@@ -95,18 +93,33 @@ def test_rows_do_not_depend_on_the_batch(kernel: str) -> None:
 
 @pytest.mark.parametrize("layout", ["exl2", "gptq"])
 def test_mma_pipelines_give_the_same_bits(layout: str) -> None:
-    """Shared-memory staging and every depth of the register pipeline add the same products in the same
-    order: equal bits at every row bound and slicing."""
-    from verispec.kernels import q4_cuda
-
+    """Shared-memory staging and every depth of the register pipeline, with L2 prefetch or without, add the
+    same products in the same order: equal bits at every row bound and slicing."""
     weights, _ = _weights(layout, 4096, 1000, 9, True)
     x = torch.randn((64, 4096), device="cuda").half()
     for rows in (1, 7, 8, 16, 24, 64):
         for slices in (1, 5):
             staged = q4_cuda.q4_mma(x[:rows], weights, slices=slices)
-            for depth in q4_cuda.MMA_PIPELINES[1:]:
-                got = q4_cuda.q4_mma(x[:rows], weights, slices=slices, pipeline=depth)
-                assert torch.equal(got, staged), f"rows={rows} slices={slices} pipeline={depth}"
+            for depth in q4_cuda.MMA_PIPELINES:
+                for ahead in (0, 1, 4, 40):  # 40: past every slice's end
+                    got = q4_cuda.q4_mma(x[:rows], weights, slices=slices, pipeline=depth, l2_prefetch=ahead)
+                    assert torch.equal(got, staged), f"rows={rows} slices={slices} pipeline={depth} l2={ahead}"
+
+
+def test_the_default_grid_fills_its_waves_of_blocks() -> None:
+    """The occupancy calculator's resident blocks per SM are sane for every pipeline, and the default cut of
+    K fills the waves of blocks it takes to three quarters on the 70B shapes."""
+    device = torch.device("cuda", 0)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for pipeline in q4_cuda.MMA_PIPELINES:
+        for gptq in (False, True):
+            resident = q4_cuda.mma_resident_blocks(device, pipeline, gptq)
+            assert 1 <= resident <= 16, f"pipeline={pipeline} gptq={gptq}: {resident}"
+            for k, n in ((8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)):
+                shape = Q4Weights(torch.empty(0), torch.empty(0), None, None, None, 128, k, n)
+                blocks = -(-n // 128) * q4_cuda.mma_slices(shape, sms, resident)
+                waves = -(-blocks // (resident * sms))
+                assert blocks >= 0.75 * waves * resident * sms, f"{k}x{n} pipeline={pipeline}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -114,7 +127,6 @@ def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) 
     """With K in slices, the last block of each column range to finish adds them in slice order: repeated
     launches give the same bits whichever block came last, the product is right, and the device's arrival
     counts are back at zero after every launch."""
-    from verispec.kernels import q4_cuda
 
     weights, dense = _weights("exl2", 2048, 1000, 17, False)
     x = torch.randn((3, 2048), device="cuda").half()
@@ -129,7 +141,6 @@ def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) 
 
 def test_mma_is_captured_by_a_cuda_graph() -> None:
     """Launched on the current stream, the kernel replays inside a graph with the eager result."""
-    from verispec.kernels import q4_cuda
 
     weights, _ = _weights("exl2", 1024, 4104, 13, False)
     x = torch.randn((5, 1024), device="cuda").half()
@@ -147,7 +158,6 @@ def test_mma_is_captured_by_a_cuda_graph() -> None:
 def test_q4_matmul_takes_the_measured_kernel_and_gives_its_result() -> None:
     """q4_matmul times the kernels once per shape and bucket of rows and returns the bits of the one it
     chose; rows of one bucket share its choice."""
-    from verispec.kernels import q4_cuda
     from verispec.kernels.q4_gemm import _triton_matmul, q4_matmul
 
     weights, _ = _weights("exl2", 8192, 1024, 9, False)

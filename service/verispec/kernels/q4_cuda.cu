@@ -95,6 +95,7 @@ struct Problem {
   float* partial;          // [slices, rows, N] where K is cut into slices
   int* arrivals;           // a count per block of columns, zero between launches
   int rows, n, k, x_stride, group_size;
+  int l2_prefetch;         // q4_mma: batches of weights asked into L2 ahead of the loads (0: none)
 };
 
 // Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
@@ -131,6 +132,20 @@ __device__ __forceinline__ uint4 scale_words(const Problem& p, int group, int co
   } else {
     const uint32_t codes = static_cast<const uint32_t*>(p.scales)[(size_t)group * (p.n / 8) + column / 8];
     return make_uint4(codes, *reinterpret_cast<const uint32_t*>(p.scale_max + (group & ~1)), 0, 0);
+  }
+}
+
+// Asks L2 for a warp's words of batches [from, to) below `end` (a batch: K positions batch * 128 .. + 127)
+// in its 32 columns from `warp_column`: sixteen word rows of 128 bytes a batch, one line each for lanes 0-15.
+// Nothing waits on it and no register or shared memory holds it; the loads that come later find the words in
+// L2 instead of memory. The kernels ask l2_prefetch batches past the ones they have loaded or in flight
+// (none when it is 0).
+__device__ __forceinline__ void prefetch_batches(const Problem& p, int from, int to, int end, int warp_column, int lane) {
+  constexpr int kWordRows = 128 / 8;  // word rows per batch
+  if (p.l2_prefetch == 0 || lane >= kWordRows || warp_column >= p.n) return;
+  for (int batch = from; batch < min(to, end); ++batch) {
+    const uint32_t* line = static_cast<const uint32_t*>(p.qweight) + (size_t)(batch * kWordRows + lane) * p.n + warp_column;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
   }
 }
 
@@ -307,7 +322,8 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
   extern __shared__ uint4 shared_memory[];
   auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * (lane / 4);  // this thread's first of four
+  const int warp_column = (blockIdx.x * kMmaWarps + warp) * 32;
+  const int column = warp_column + 4 * (lane / 4);  // this thread's first of four
   const bool active = column < p.n;
   const int first = blockIdx.y * batches_per_slice;
   const int end = min(first + batches_per_slice, p.k / kBatchK);
@@ -317,15 +333,18 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
     if (first + s < end) issue_batch<M_TILES, GPTQ>(p, stages[s], first + s, warp, lane, column, active);
     cp_async_commit();
   }
+  const int in_flight = kMmaStages - 1;
+  prefetch_batches(p, first + in_flight, first + in_flight + p.l2_prefetch, end, warp_column, lane);
 
   float acc[2][M_TILES][4] = {};
 
   for (int batch = first, it = 0; batch < end; ++batch, ++it) {
     cp_async_wait<kMmaStages - 2>();
     __syncthreads();  // batch `it` is in for every thread; the stage read last round is free again
-    const int ahead = batch + kMmaStages - 1;
-    if (ahead < end) issue_batch<M_TILES, GPTQ>(p, stages[(it + kMmaStages - 1) % kMmaStages], ahead, warp, lane, column, active);
+    const int ahead = batch + in_flight;
+    if (ahead < end) issue_batch<M_TILES, GPTQ>(p, stages[(it + in_flight) % kMmaStages], ahead, warp, lane, column, active);
     cp_async_commit();
+    prefetch_batches(p, ahead + p.l2_prefetch, ahead + p.l2_prefetch + 1, end, warp_column, lane);
 
     const MmaStage<M_TILES>& stage = stages[it % kMmaStages];
     uint4 words[kQuads];
@@ -369,7 +388,8 @@ __device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, i
 template <int M_TILES, bool GPTQ, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p, int batches_per_slice) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int column = (blockIdx.x * kMmaWarps + warp) * 32 + 4 * (lane / 4);
+  const int warp_column = (blockIdx.x * kMmaWarps + warp) * 32;
+  const int column = warp_column + 4 * (lane / 4);
   const bool active = column < p.n;  // lanes past it still join every mma.sync, on zero words
   const int first = blockIdx.y * batches_per_slice;
   const int end = min(first + batches_per_slice, p.k / kBatchK);
@@ -382,6 +402,7 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p
     for (int quad = 0; quad < kQuads; ++quad) words[s][quad] = make_uint4(0, 0, 0, 0);
     if (active && first + s < end) load_batch<GPTQ>(p, first + s, t, column, words[s], meta[s]);
   }
+  prefetch_batches(p, first + STAGES, first + STAGES + p.l2_prefetch, end, warp_column, lane);
   float acc[2][M_TILES][4] = {};
   const half* x = p.x + 8 * t;
   for (int base = first; base < end; base += STAGES) {
@@ -394,6 +415,7 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p
       for (int quad = 0; quad < kQuads; ++quad) current[quad] = words[s][quad];
       const uint4 current_meta = meta[s];
       if (active && batch + STAGES < end) load_batch<GPTQ>(p, batch + STAGES, t, column, words[s], meta[s]);
+      prefetch_batches(p, batch + STAGES + p.l2_prefetch, batch + STAGES + p.l2_prefetch + 1, end, warp_column, lane);
       const half* x_batch = x + batch * kBatchK;
       multiply_batch<M_TILES, GPTQ>(acc, current, current_meta, (batch * kBatchK) / p.group_size, column, p.rows,
                                     [&](int row, int quad) {
@@ -405,43 +427,58 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p
   if (gridDim.y > 1) finish_slices(p, blockIdx.x * 32 * kMmaWarps, 32 * kMmaWarps);
 }
 
+using KernelFunction = void (*)(Problem, int);  // every kernel here: the problem and its cut of K
+
+// A kernel of the library with the dynamic shared memory it launches with.
+struct Kernel {
+  KernelFunction function;
+  int shared_bytes;
+};
+
+// The q4_mma kernel for M_TILES tiles of rows and `pipeline` (0 staged, else registers that many batches
+// ahead; past two tiles of rows a deeper register pipeline spills, so two there), its shared memory size set.
 template <int M_TILES, bool GPTQ>
-cudaError_t launch_mma(const Problem& p, int slices, int batches_per_slice, int pipeline, cudaStream_t stream) {
-  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
-  if (pipeline != 0) {
-    // Past two tiles of rows a deeper pipeline spills its registers: two batches ahead there.
-    if constexpr (M_TILES >= 4) {
-      q4_mma_registers_kernel<M_TILES, GPTQ, 2><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
-    } else if (pipeline == 2) {
-      q4_mma_registers_kernel<M_TILES, GPTQ, 2><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
-    } else if (pipeline == 3) {
-      q4_mma_registers_kernel<M_TILES, GPTQ, 3><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
-    } else {
-      q4_mma_registers_kernel<M_TILES, GPTQ, 4><<<grid, kMmaThreads, 0, stream>>>(p, batches_per_slice);
-    }
-    return cudaGetLastError();
+cudaError_t mma_kernel(int pipeline, Kernel& kernel) {
+  KernelFunction function = q4_mma_kernel<M_TILES, GPTQ>;
+  if constexpr (M_TILES >= 4) {
+    if (pipeline != 0) function = q4_mma_registers_kernel<M_TILES, GPTQ, 2>;
+  } else if (pipeline == 2) {
+    function = q4_mma_registers_kernel<M_TILES, GPTQ, 2>;
+  } else if (pipeline == 3) {
+    function = q4_mma_registers_kernel<M_TILES, GPTQ, 3>;
+  } else if (pipeline == 4) {
+    function = q4_mma_registers_kernel<M_TILES, GPTQ, 4>;
   }
-  const int bytes = mma_stages<M_TILES>() * sizeof(MmaStage<M_TILES>);
+  kernel = {function, 0};
+  if (pipeline != 0) return cudaSuccess;
+  kernel.shared_bytes = mma_stages<M_TILES>() * sizeof(MmaStage<M_TILES>);
   static bool attribute_set[64] = {};  // per template instance and device
   int device = 0;
   cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess) return error;
-  if (device >= 64 || !attribute_set[device]) {
-    error = cudaFuncSetAttribute(q4_mma_kernel<M_TILES, GPTQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (error != cudaSuccess) return error;
-    if (device < 64) attribute_set[device] = true;
-  }
-  q4_mma_kernel<M_TILES, GPTQ><<<grid, kMmaThreads, bytes, stream>>>(p, batches_per_slice);
-  return cudaGetLastError();
+  if (error != cudaSuccess || (device < 64 && attribute_set[device])) return error;
+  error = cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, kernel.shared_bytes);
+  if (error == cudaSuccess && device < 64) attribute_set[device] = true;
+  return error;
 }
 
 // Tiles of 8 rows: 1, 2, 4 or 8 of them.
 template <bool GPTQ>
-cudaError_t launch_mma_rows(const Problem& p, int slices, int batches_per_slice, int pipeline, cudaStream_t stream) {
-  if (p.rows <= 8) return launch_mma<1, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
-  if (p.rows <= 16) return launch_mma<2, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
-  if (p.rows <= 32) return launch_mma<4, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
-  return launch_mma<8, GPTQ>(p, slices, batches_per_slice, pipeline, stream);
+cudaError_t mma_kernel_for_rows(int rows, int pipeline, Kernel& kernel) {
+  if (rows <= 8) return mma_kernel<1, GPTQ>(pipeline, kernel);
+  if (rows <= 16) return mma_kernel<2, GPTQ>(pipeline, kernel);
+  if (rows <= 32) return mma_kernel<4, GPTQ>(pipeline, kernel);
+  return mma_kernel<8, GPTQ>(pipeline, kernel);
+}
+
+cudaError_t launch_mma(const Problem& p, bool gptq, int slices, int batches_per_slice, int pipeline,
+                       cudaStream_t stream) {
+  Kernel kernel{};
+  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(p.rows, pipeline, kernel)
+                                 : mma_kernel_for_rows<false>(p.rows, pipeline, kernel);
+  if (error != cudaSuccess) return error;
+  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
+  kernel.function<<<grid, kMmaThreads, kernel.shared_bytes, stream>>>(p, batches_per_slice);
+  return cudaGetLastError();
 }
 
 // ---- q4_gemv: CUDA cores ------------------------------------------------------------------------------
@@ -551,25 +588,31 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int gr
 }
 
 template <int MAX_ROWS, bool PREFETCH>
-cudaError_t launch_gemv(const Problem& p, bool gptq, int slices, int groups_per_warp, cudaStream_t stream) {
+Kernel gemv_kernel(bool gptq) {
+  return {gptq ? q4_gemv_kernel<MAX_ROWS, true, PREFETCH> : q4_gemv_kernel<MAX_ROWS, false, PREFETCH>, 0};
+}
+
+// The q4_gemv kernel compiled for the fewest rows that hold `rows`.
+template <bool PREFETCH>
+Kernel gemv_kernel_for_rows(int rows, bool gptq) {
+  if (rows == 1) return gemv_kernel<1, PREFETCH>(gptq);
+  if (rows == 2) return gemv_kernel<2, PREFETCH>(gptq);
+  if (rows <= 4) return gemv_kernel<4, PREFETCH>(gptq);
+  if (rows <= 8) return gemv_kernel<8, PREFETCH>(gptq);
+  return gemv_kernel<16, PREFETCH>(gptq);
+}
+
+Kernel gemv_kernel_for(int rows, bool gptq, bool prefetch) {
+  return prefetch ? gemv_kernel_for_rows<true>(rows, gptq) : gemv_kernel_for_rows<false>(rows, gptq);
+}
+
+cudaError_t launch_gemv(const Problem& p, bool gptq, int slices, int groups_per_warp, bool prefetch,
+                        cudaStream_t stream) {
+  const Kernel kernel = gemv_kernel_for(p.rows, gptq, prefetch);
   const dim3 grid((p.n + kGemvColumns - 1) / kGemvColumns, slices);
-  if (gptq) {
-    q4_gemv_kernel<MAX_ROWS, true, PREFETCH><<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
-  } else {
-    q4_gemv_kernel<MAX_ROWS, false, PREFETCH><<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
-  }
+  kernel.function<<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
   return cudaGetLastError();
 }
-
-template <bool PREFETCH>
-cudaError_t launch_gemv_rows(const Problem& p, bool gptq, int slices, int groups_per_warp, cudaStream_t stream) {
-  if (p.rows == 1) return launch_gemv<1, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
-  if (p.rows == 2) return launch_gemv<2, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
-  if (p.rows <= 4) return launch_gemv<4, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
-  if (p.rows <= 8) return launch_gemv<8, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
-  return launch_gemv<16, PREFETCH>(p, gptq, slices, groups_per_warp, stream);
-}
-
 
 }  // namespace
 
@@ -580,10 +623,11 @@ namespace {
 
 Problem problem(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
                 const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows, int n,
-                int k, int group_size) {
+                int k, int group_size, int l2_prefetch) {
   return Problem{static_cast<const half*>(x),  qweight, scales, static_cast<const half*>(scale_max),
                  static_cast<const uint32_t*>(zeros), static_cast<const half*>(residual), static_cast<half*>(out),
-                 static_cast<float*>(partial), static_cast<int*>(arrivals), rows, n, k, x_stride, group_size};
+                 static_cast<float*>(partial), static_cast<int*>(arrivals), rows, n, k, x_stride, group_size,
+                 l2_prefetch};
 }
 
 }  // namespace
@@ -594,16 +638,15 @@ extern "C" {
 // and of the group size, which is a multiple of 128. Where K is cut into slices > 1, `partial` holds
 // [slices, rows, N] fp32 and `arrivals` ceil(N / 128) ints, zero (and zero again when the launch ends).
 // `pipeline`: 0 stages weights through shared memory, 2 to 4 streams them through registers that many batches
-// ahead. Launches that share `arrivals` must not overlap (one stream).
+// ahead; `l2_prefetch`: batches past those asks L2 for (0: none). Launches that share `arrivals` must not
+// overlap (one stream).
 int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
                     const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows,
-                    int n, int k, int group_size, int slices, int batches_per_slice, int pipeline,
+                    int n, int k, int group_size, int slices, int batches_per_slice, int pipeline, int l2_prefetch,
                     void* stream_handle) {
   const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
-                            n, k, group_size);
-  const auto stream = static_cast<cudaStream_t>(stream_handle);
-  return zeros != nullptr ? launch_mma_rows<true>(p, slices, batches_per_slice, pipeline, stream)
-                          : launch_mma_rows<false>(p, slices, batches_per_slice, pipeline, stream);
+                            n, k, group_size, l2_prefetch);
+  return launch_mma(p, zeros != nullptr, slices, batches_per_slice, pipeline, static_cast<cudaStream_t>(stream_handle));
 }
 
 // The same product on CUDA cores, rows 1..16; group size a multiple of 64, K cut into `slices` runs of whole
@@ -613,11 +656,18 @@ int verispec_q4_gemv(const void* x, int x_stride, const void* qweight, const voi
                      int n, int k, int group_size, int slices, int groups_per_warp, int prefetch,
                      void* stream_handle) {
   const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
-                            n, k, group_size);
-  const auto stream = static_cast<cudaStream_t>(stream_handle);
-  const bool gptq = zeros != nullptr;
-  return prefetch ? launch_gemv_rows<true>(p, gptq, slices, groups_per_warp, stream)
-                  : launch_gemv_rows<false>(p, gptq, slices, groups_per_warp, stream);
+                            n, k, group_size, 0);
+  return launch_gemv(p, zeros != nullptr, slices, groups_per_warp, prefetch != 0,
+                     static_cast<cudaStream_t>(stream_handle));
+}
+
+// How many blocks of the q4_mma kernel for `rows` and `pipeline` one SM of the current device holds at once.
+int verispec_q4_mma_resident_blocks(int rows, int gptq, int pipeline, int* blocks) {
+  Kernel kernel{};
+  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(rows, pipeline, kernel)
+                                 : mma_kernel_for_rows<false>(rows, pipeline, kernel);
+  if (error != cudaSuccess) return error;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel.function, kMmaThreads, kernel.shared_bytes);
 }
 
 const char* verispec_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }

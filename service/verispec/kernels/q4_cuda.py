@@ -4,8 +4,9 @@ The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory 
 which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
 to the tensor-core MMA (ExLlamaV2's word order makes each thread's slice of an MMA tile one 16-byte load),
 staged through shared memory or streamed through each warp's registers; `q4_gemv` multiplies on the CUDA
-cores. Which kernel serves a weight shape at a bucket of rows is measured
-by graph replays the first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
+cores. Either `q4_mma` pipeline can also ask L2 for the weights a few batches past those it has loaded
+(`l2_prefetch`). Which kernel serves a weight shape at a bucket of rows is measured by graph replays the
+first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
 
 The source is compiled by nvcc into a shared library, called through ctypes on the current CUDA stream
 (so graph captures take its launches). Its name carries a digest of the source and the architectures it
@@ -22,12 +23,14 @@ import ctypes
 import functools
 import gc
 import hashlib
+import itertools
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 import torch
@@ -40,6 +43,9 @@ MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
 MAX_GEMV_ROWS = 16
 MMA_PIPELINES = (0, 2, 3, 4)  # q4_mma: 0 through shared memory, else through registers, batches ahead
 REGISTER_PIPELINE = 3
+L2_PREFETCH = 1  # batches of weights mma_registers_l2 asks L2 for past those loaded (bench gemm --variants)
+_MMA_RESIDENCY_ROWS = 8  # q4_mma's grid is sized by the blocks its smallest row tile keeps resident per SM
+_WAVE_FILL = 0.75  # ... in the fewest waves of them it fills to at least this share
 _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
@@ -133,9 +139,11 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
     pointer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_void_p
     integer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_int
-    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 7, pointer]
+    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 8, pointer]
     library.verispec_q4_gemv.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 7, pointer]
+    library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, integer, ctypes.POINTER(ctypes.c_int)]
     library.verispec_q4_mma.restype = library.verispec_q4_gemv.restype = integer
+    library.verispec_q4_mma_resident_blocks.restype = integer
     library.verispec_error_string.argtypes = [integer]
     library.verispec_error_string.restype = ctypes.c_char_p
     return library, ""
@@ -154,12 +162,44 @@ def covers(weights: Q4Weights, rows: int) -> bool:
     return 1 <= rows <= MAX_MMA_ROWS and weights.group_size % _BATCH_K == 0 and aligned and unavailable() is None
 
 
-def mma_slices(weights: Q4Weights, num_sms: int) -> int:
-    """How many slices of K a q4_mma launch takes: enough blocks for four per SM (each slice adds an fp32
-    partial sum to write and add). By shape only, so a row's sums never depend on its batch."""
+def mma_slices(weights: Q4Weights, num_sms: int, resident_blocks: int) -> int:
+    """How many slices of K a q4_mma launch takes: enough blocks to fill the SMs' `resident_blocks` slots
+    each, in the fewest waves of them that the grid fills to three quarters or more. A wave filled a
+    little past its end leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57 TB/s in 1.06 waves
+    against 1.75 in 0.91, H100); each slice also adds fp32 partial sums to write and add. By shape and
+    pipeline only, so a row's sums never depend on its batch."""
     batches = weights.in_features // _BATCH_K
     column_blocks = -(-weights.out_features // _MMA_BLOCK_COLUMNS)
-    return _even_slices(batches, -(-4 * num_sms // column_blocks))[0]
+    slots = resident_blocks * num_sms
+    for waves in itertools.count(1):
+        wanted = waves * slots // column_blocks
+        if wanted >= batches:
+            return batches
+        slices = _even_slices(batches, wanted)[0] if wanted else 0
+        if slices and column_blocks * slices >= _WAVE_FILL * waves * slots:
+            return slices
+    raise AssertionError("unreachable")
+
+
+def mma_resident_blocks(device: torch.device, pipeline: int, gptq: bool) -> int:
+    """Blocks of a q4_mma pipeline one SM of `device` holds at once (registers, shared memory) at its
+    smallest tile of rows, as CUDA's occupancy calculator gives it."""
+    return _mma_resident_blocks(
+        device.index if device.index is not None else torch.cuda.current_device(), pipeline, gptq
+    )
+
+
+@functools.cache
+def _mma_resident_blocks(index: int, pipeline: int, gptq: bool) -> int:
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
+    blocks = ctypes.c_int(0)
+    with torch.cuda.device(index):
+        error = library.verispec_q4_mma_resident_blocks(_MMA_RESIDENCY_ROWS, int(gptq), pipeline, ctypes.byref(blocks))
+    if error:
+        raise RuntimeError(f"verispec_q4_mma_resident_blocks: {library.verispec_error_string(error).decode()}")
+    return max(1, blocks.value)
 
 
 def gemv_slices(weights: Q4Weights, num_sms: int) -> int:
@@ -238,18 +278,23 @@ def q4_mma(
     residual: torch.Tensor | None = None,
     slices: int | None = None,
     pipeline: int = 0,
+    l2_prefetch: int = 0,
 ) -> torch.Tensor:
     """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
     tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices).
     `pipeline` 0 stages the weights through shared memory (cp.async, the block in step); 2 to 4 streams them
-    through each warp's registers that many batches ahead (two past 16 rows). Same sums, same bits."""
+    through each warp's registers that many batches ahead (two past 16 rows). `l2_prefetch` > 0 asks L2 for
+    that many batches of weights past those. Same sums, same bits, for every pipeline and prefetch."""
     if pipeline not in MMA_PIPELINES:
         raise ValueError(f"pipeline must be one of {MMA_PIPELINES}, not {pipeline}")
+    if not 0 <= l2_prefetch <= 64:
+        raise ValueError(f"l2_prefetch must be 0 to 64 batches, not {l2_prefetch}")
     library, x = _checked(x, weights, residual, MAX_MMA_ROWS)
     if slices is None:
-        slices = mma_slices(weights, _num_sms(x.device))
+        resident = mma_resident_blocks(x.device, pipeline, weights.gptq)
+        slices = mma_slices(weights, _num_sms(x.device), resident)
     slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
-    return _call(library, "verispec_q4_mma", x, weights, residual, slices, [per_slice, pipeline])
+    return _call(library, "verispec_q4_mma", x, weights, residual, slices, [per_slice, pipeline, l2_prefetch])
 
 
 def q4_gemv(
@@ -277,13 +322,30 @@ def q4_mma_registers(
     return q4_mma(x, weights, residual, slices, pipeline=REGISTER_PIPELINE)
 
 
-# The CUDA kernels by the name `fastest` chooses them by: (x, weights, residual) -> out.
-KERNELS: dict[str, Callable[[torch.Tensor, Q4Weights, torch.Tensor | None], torch.Tensor]] = {
+def q4_mma_registers_l2(
+    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
+) -> torch.Tensor:
+    """q4_mma through registers, asking L2 for L2_PREFETCH batches of weights ahead."""
+    return q4_mma(x, weights, residual, slices, pipeline=REGISTER_PIPELINE, l2_prefetch=L2_PREFETCH)
+
+
+class Kernel(Protocol):
+    """A CUDA kernel's call: x @ W (+ residual), K cut into `slices` (None: by the shape)."""
+
+    def __call__(
+        self, x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
+    ) -> torch.Tensor: ...
+
+
+# The CUDA kernels by the name `fastest` chooses them by. L2 prefetch changes no bits; it helps the register
+# pipeline at few rows on some shapes and costs it at 16 on others, and never helped the staged one (H100).
+KERNELS: dict[str, Kernel] = {
     "mma": q4_mma,
     "mma_registers": q4_mma_registers,
+    "mma_registers_l2": q4_mma_registers_l2,
     "gemv": q4_gemv,
 }
-MAX_ROWS = {"mma": MAX_MMA_ROWS, "mma_registers": MAX_MMA_ROWS, "gemv": MAX_GEMV_ROWS}
+MAX_ROWS = {name: MAX_GEMV_ROWS if name == "gemv" else MAX_MMA_ROWS for name in KERNELS}
 
 _CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
 

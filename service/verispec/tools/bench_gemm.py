@@ -67,7 +67,8 @@ def add_gemm_arguments(kinds: Any) -> None:
     gemm.add_argument(
         "--variants",
         action="store_true",
-        help="instead of the tile sweep, time each dequantize/MMA variant at the default tiles (every m; quick)",
+        help="instead of the Triton tile sweep, time its dequantize/MMA variants at the default tiles, and the CUDA "
+        "kernels at each register-pipeline depth, L2 prefetch distance and count of slices of K (every m)",
     )
     gemm.add_argument("--output", type=Path, default=None, help="also write the JSON here")
 
@@ -242,9 +243,12 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
 def _cuda_points(
     ops: _Operands, x: Any, m: int, sweep: bool, kernel: Callable[[int, Callable[[], object]], dict[str, Any]]
 ) -> dict[str, Any]:
-    """The CUDA kernels at their default slices of K (with --variants also at each count of slices, the
-    register pipeline at each depth, and the CUDA-core one without prefetching), and q4_matmul as the runner
-    calls it (the fastest kernel at m)."""
+    """Each CUDA kernel `q4_matmul` can choose (q4_cuda.KERNELS) at its default slices of K, with the slices
+    and resident blocks per SM that default comes from; with --variants also each count of slices, each
+    register-pipeline depth, each distance of L2 prefetch and the CUDA-core kernel without prefetching. And
+    q4_matmul as the runner calls it (the fastest kernel at m)."""
+    import torch
+
     from verispec.kernels import q4_cuda
     from verispec.kernels.q4_gemm import q4_matmul
 
@@ -252,30 +256,37 @@ def _cuda_points(
     if not q4_cuda.covers(ops.q4, m):
         reason = q4_cuda.unavailable()
         return {"cuda_unavailable": reason} if reason else {}
-    point: dict[str, Any] = {
-        "cuda_mma": kernel(q4_bytes, lambda: q4_cuda.q4_mma(x, ops.q4)),
-        "cuda_mma_registers": kernel(q4_bytes, lambda: q4_cuda.q4_mma_registers(x, ops.q4)),
-        "cuda_mma_slices": q4_cuda.mma_slices(ops.q4, _num_sms()),
-        "q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4)),
-    }
-    kernels: list[tuple[str, Callable[..., Any]]] = [
-        ("mma", q4_cuda.q4_mma),
-        ("mma_registers", q4_cuda.q4_mma_registers),
-    ]
-    if m <= q4_cuda.MAX_GEMV_ROWS:
-        point["cuda_gemv"] = kernel(q4_bytes, lambda: q4_cuda.q4_gemv(x, ops.q4))
+    device = torch.device("cuda", 0)
+    point: dict[str, Any] = {"q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4))}
+    kernels = {name: run for name, run in q4_cuda.KERNELS.items() if m <= q4_cuda.MAX_ROWS[name]}
+    for name, run in kernels.items():
+        point[f"cuda_{name}"] = kernel(q4_bytes, partial(run, x, ops.q4, None))
+    for pipeline in (0, q4_cuda.REGISTER_PIPELINE):
+        resident = q4_cuda.mma_resident_blocks(device, pipeline, ops.q4.gptq)
+        name = "mma" if pipeline == 0 else "mma_registers"
+        point[f"cuda_{name}_resident_blocks"] = resident
+        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.q4, _num_sms(), resident)
+    if "gemv" in kernels:
         point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.q4, _num_sms())
-        kernels.append(("gemv", q4_cuda.q4_gemv))
-    if sweep:
-        if m <= q4_cuda.MAX_GEMV_ROWS:
-            point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
-        for depth in q4_cuda.MMA_PIPELINES[1:]:
-            point[f"cuda_mma_registers_{depth}"] = kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=depth))
-        for name, run in kernels:
-            point[f"cuda_{name}_by_slices"] = {
-                str(slices): kernel(q4_bytes, partial(run, x, ops.q4, slices=slices))["tb_per_s"]
-                for slices in (1, 2, 4, 8, 16, 32, 64)
-            }
+    if not sweep:
+        return point
+    if "gemv" in kernels:
+        point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
+    for depth in q4_cuda.MMA_PIPELINES[1:]:
+        point[f"cuda_mma_registers_{depth}"] = kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=depth))
+    for pipeline in (0, q4_cuda.REGISTER_PIPELINE):
+        name = "mma" if pipeline == 0 else "mma_registers"
+        point[f"cuda_{name}_by_l2_prefetch"] = {
+            str(ahead): kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=pipeline, l2_prefetch=ahead))[
+                "tb_per_s"
+            ]
+            for ahead in (1, 2, 4, 8, 16)
+        }
+    for name, run in kernels.items():
+        point[f"cuda_{name}_by_slices"] = {
+            str(slices): kernel(q4_bytes, partial(run, x, ops.q4, None, slices))["tb_per_s"]
+            for slices in (1, 2, 3, 4, 6, 8, 12, 16, 32)
+        }
     return point
 
 
@@ -324,16 +335,14 @@ def run_gemm(args: argparse.Namespace) -> dict[str, Any]:
 
 def _summary(result: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     """Per kernel and m: the lowest effective bandwidth over the four shapes (the goal is a floor)."""
-    from verispec.kernels.q4_cuda import MMA_PIPELINES
+    from verispec.kernels.q4_cuda import KERNELS, MMA_PIPELINES
 
     summary: dict[str, Any] = {}
     variants = [f"triton_{name}" for name in ("half2", "swap_ab", "interleave", "interleave_half2")]
     kernels = (
         "q4_matmul",
-        "cuda_mma",
-        "cuda_mma_registers",
+        *(f"cuda_{name}" for name in KERNELS),
         *(f"cuda_mma_registers_{depth}" for depth in MMA_PIPELINES[1:]),
-        "cuda_gemv",
         "cuda_gemv_no_prefetch",
         "triton",
         "triton_best_of_sweep",
