@@ -26,7 +26,8 @@ def test_the_cuda_source_compiles_for_ada_and_hopper_and_exports_its_entry_point
     path = q4_cuda.main(["--arch", "8.9;9.0", "--out", str(tmp_path)]) == 0 and next(tmp_path.glob("*.so"))
     assert path and path.name == q4_cuda.library_name(["89", "90"])
     library = ctypes.CDLL(str(path))
-    for entry in ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_error_string"):
+    entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul")
+    for entry in (*entries, "verispec_error_string"):
         assert hasattr(library, entry)
 
 
@@ -48,7 +49,7 @@ def test_k_is_cut_into_whole_batches_that_fill_their_waves_of_blocks(k: int, n: 
     column_blocks, batches = -(-n // 128), k // 128
     for sms in (132, 16):
         for resident in (2, 3, 4):
-            slices = q4_cuda.mma_slices(_weights(k, n), sms, resident)
+            slices = q4_cuda.mma_slices(k, [n], sms, resident)
             count, per_slice = q4_cuda._even_slices(batches, slices)
             assert count == slices and (count - 1) * per_slice < batches <= count * per_slice
             waves = -(-column_blocks * slices // (resident * sms))
@@ -58,7 +59,7 @@ def test_k_is_cut_into_whole_batches_that_fill_their_waves_of_blocks(k: int, n: 
 def test_a_wave_filled_past_its_end_is_avoided() -> None:
     """qkv (8192x10240, 80 blocks of columns) on 132 SMs holding 4 blocks: 6 slices (480 blocks, one wave of
     528), not 7 (560: a second wave of 32 blocks)."""
-    assert q4_cuda.mma_slices(_weights(8192, 10240), 132, 4) == 6
+    assert q4_cuda.mma_slices(8192, [10240], 132, 4) == 6
 
 
 def test_without_a_gpu_the_kernels_say_why_and_take_nothing() -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from tests.gpu.test_q4_gemm import ODD_SHAPES, _exl2_tensors, _exllamav2_matrix, _gptq_tensors
-from verispec.kernels import Q4Weights, q4_cuda
+from verispec.kernels import q4_cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -37,10 +36,9 @@ def _weights(layout: str, k: int, n: int, seed: int, act_order: bool) -> tuple[A
     return weights, dense
 
 
-def _run(kernel: str, x: torch.Tensor, weights: Any, **options: Any) -> torch.Tensor:
-
-    run: Callable[..., torch.Tensor] = q4_cuda.KERNELS[kernel]  # each also takes slices= (and its own options)
-    return run(x, weights, **options)
+def _run(kernel: str, x: torch.Tensor, weights: Any, residual: torch.Tensor | None = None, **options: Any) -> Any:
+    """One product through q4_cuda.KERNELS[kernel] (each also takes slices=)."""
+    return q4_cuda.KERNELS[kernel]([x], [weights], [residual], **options)[0]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -116,8 +114,7 @@ def test_the_default_grid_fills_its_waves_of_blocks() -> None:
             resident = q4_cuda.mma_resident_blocks(device, pipeline, gptq)
             assert 1 <= resident <= 16, f"pipeline={pipeline} gptq={gptq}: {resident}"
             for k, n in ((8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)):
-                shape = Q4Weights(torch.empty(0), torch.empty(0), None, None, None, 128, k, n)
-                blocks = -(-n // 128) * q4_cuda.mma_slices(shape, sms, resident)
+                blocks = -(-n // 128) * q4_cuda.mma_slices(k, [n], sms, resident)
                 waves = -(-blocks // (resident * sms))
                 assert blocks >= 0.75 * waves * resident * sms, f"{k}x{n} pipeline={pipeline}"
 
@@ -137,6 +134,55 @@ def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) 
         assert int(q4_cuda._ARRIVALS[0].count_nonzero()) == 0
     expected = x.float() @ dense.float()
     assert (got.float() - expected).abs().max().item() <= 2e-3 * expected.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["exl2", "gptq"])
+def test_parts_of_one_launch_give_each_products_bits(kernel: str, layout: str) -> None:
+    """Two or three products in one launch (q, k and v; gate and up), each with its own input, width and
+    residual, give the bits each gives launched alone at the same slices of K, at every row bound."""
+    parts = [_weights(layout, 2048, n, seed, act_order=False)[0] for n, seed in ((1000, 21), (256, 22), (4104, 23))]
+    most = q4_cuda.MAX_ROWS[kernel]
+    for rows in (1, 5, 16, most):
+        xs = [torch.randn((rows, 2048), device="cuda").half() for _ in parts]
+        residuals = [None, torch.randn((rows, 256), device="cuda").half(), None]
+        for count in (2, 3):
+            for slices in (1, 4):
+                together = q4_cuda.KERNELS[kernel](xs[:count], parts[:count], residuals[:count], slices)
+                for i in range(count):
+                    alone = _run(kernel, xs[i], parts[i], residual=residuals[i], slices=slices)
+                    assert torch.equal(together[i], alone), f"rows={rows} parts={count} slices={slices} part={i}"
+    assert int(q4_cuda._ARRIVALS[0].count_nonzero()) == 0
+
+
+def test_q4_matmul_parts_shares_one_input_across_its_parts() -> None:
+    """q4_matmul_parts takes one input for every part (each in its own sorted order) and matches
+    dequantize-then-matmul for each; products that cannot share a launch (another K) are refused by name."""
+    from verispec.kernels.q4_gemm import q4_matmul_parts
+
+    parts = [_weights("exl2", 4096, n, seed, act_order=True) for n, seed in ((4096, 31), (1024, 32), (1024, 33))]
+    for rows in (1, 3, 8, 40):
+        x = torch.randn((rows, 4096), device="cuda").half()
+        for (_, dense), got in zip(parts, q4_matmul_parts(x, [w for w, _ in parts]), strict=True):
+            expected = x.float() @ dense.float()
+            assert (got.float() - expected).abs().max().item() <= 2e-3 * expected.abs().max().item() + 1e-3
+    other = _weights("exl2", 2048, 1024, 34, act_order=False)[0]
+    with pytest.raises(ValueError, match="share a launch"):
+        q4_cuda.q4_mma_parts([x, x[:, :2048]], [parts[0][0], other])
+
+
+def test_silu_mul_is_torchs_three_kernels_bit_for_bit() -> None:
+    """SiLU(gate) * up in one kernel gives the bits of F.silu, mul_ and clamp_ to fp16's range, also where
+    the product overflows fp16 and for odd sizes."""
+    import torch.nn.functional as F  # noqa: N812 (torch's own convention)
+
+    for shape in ((1, 28672), (7, 1000), (64, 28672)):
+        gate = (torch.randn(shape, device="cuda") * 6).half()
+        up = (torch.randn(shape, device="cuda") * 6).half()
+        up[0, :8] = torch.tensor([60000, -60000, 65504, 1, 0, -1, 2, 3], dtype=torch.half)
+        gate[0, :8] = torch.tensor([30, 30, 3, -20, 5, 0, 60000, -60000], dtype=torch.half)
+        expected = F.silu(gate).mul_(up).clamp_(min=-65504.0, max=65504.0)
+        assert torch.equal(q4_cuda.silu_mul(gate, up), expected), f"shape={shape}"
 
 
 def test_mma_is_captured_by_a_cuda_graph() -> None:
@@ -164,6 +210,6 @@ def test_q4_matmul_takes_the_measured_kernel_and_gives_its_result() -> None:
     for rows in (1, 3, 4, 16, 40):
         x = torch.randn((rows, 8192), device="cuda").half()
         got = q4_matmul(x, weights)
-        choice = q4_cuda._CHOICE[(0, 8192, 1024, weights.group_size, False, q4_cuda.row_bucket(rows))]
+        choice = q4_cuda._CHOICE[(0, 8192, (1024,), weights.group_size, False, q4_cuda.row_bucket(rows))]
         expected = _triton_matmul(x, weights) if choice == "triton" else _run(choice, x, weights)
         assert torch.equal(got, expected)

@@ -14,8 +14,10 @@
 // fp32 sums are added in slice order by the last block to finish (finish_slices), so a row's result depends
 // on its own input only, whichever rows share its launch (batched greedy = solo greedy).
 //
-// Built by kernels/q4_cuda.py with nvcc into a shared library called through ctypes (C entry points at the
-// end; every launch goes on the caller's stream, so CUDA graphs capture it).
+// A launch takes up to three such products that share rows and K (q, k and v; gate and up), one after another
+// along the grid. Beside them, SiLU(gate) * up in one kernel. Built by kernels/q4_cuda.py with nvcc into a
+// shared library called through ctypes (C entry points at the end; every launch goes on the caller's stream,
+// so CUDA graphs capture it).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -98,9 +100,31 @@ struct Problem {
   int l2_prefetch;         // q4_mma: batches of weights asked into L2 ahead of the loads (0: none)
 };
 
+// The products of one launch, up to kMaxParts (q, k and v of one input; gate and up): the same rows, K, group
+// size and cut of K, each with its own input, weights and output. Their blocks of columns follow one another
+// along the grid's x, so a launch of two or three parts costs one launch, not two or three.
+constexpr int kMaxParts = 3;
+
+struct Problems {
+  Problem part[kMaxParts];
+  int first_block[kMaxParts];  // grid x where each part's blocks of columns begin (part 0 at 0)
+  int parts;
+};
+
+// This block's product, and the index of its block of columns within that product's columns.
+__device__ __forceinline__ Problem part_of_block(const Problems& set, int& column_block) {
+  int which = 0;
+#pragma unroll
+  for (int i = 1; i < kMaxParts; ++i) {
+    if (i < set.parts && (int)blockIdx.x >= set.first_block[i]) which = i;
+  }
+  column_block = blockIdx.x - set.first_block[which];
+  return which == 0 ? set.part[0] : which == 1 ? set.part[1] : set.part[2];
+}
+
 // Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
 // first_column .. + width of every row; the block of those columns that arrives last (counted in
-// arrivals[blockIdx.x]) adds them in slice order, then the residual, into fp16 out, and sets the count back to
+// arrivals[blockIdx.x], one count per block of columns of the launch, whichever part it is in) adds them in slice order, then the residual, into fp16 out, and sets the count back to
 // zero for the next launch. The order is fixed whichever block arrives last, so a row's bits depend on
 // neither timing nor the rows beside it.
 __device__ void finish_slices(const Problem& p, int first_column, int width) {
@@ -317,12 +341,14 @@ __host__ __device__ constexpr int mma_stages() {
 }
 
 template <int M_TILES, bool GPTQ>
-__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batches_per_slice) {
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problems set, int batches_per_slice) {
   constexpr int kMmaStages = mma_stages<M_TILES>();
   extern __shared__ uint4 shared_memory[];
   auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
+  int column_block;
+  const Problem p = part_of_block(set, column_block);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int warp_column = (blockIdx.x * kMmaWarps + warp) * 32;
+  const int warp_column = (column_block * kMmaWarps + warp) * 32;
   const int column = warp_column + 4 * (lane / 4);  // this thread's first of four
   const bool active = column < p.n;
   const int first = blockIdx.y * batches_per_slice;
@@ -355,7 +381,7 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problem p, int batc
   }
   cp_async_wait<0>();
   if (active) store_sums<M_TILES>(acc, p, column);
-  if (gridDim.y > 1) finish_slices(p, blockIdx.x * 32 * kMmaWarps, 32 * kMmaWarps);
+  if (gridDim.y > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps);
 }
 
 // ---- q4_mma, weights streamed through registers -------------------------------------------------------
@@ -386,9 +412,11 @@ __device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, i
 }
 
 template <int M_TILES, bool GPTQ, int STAGES>
-__global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p, int batches_per_slice) {
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems set, int batches_per_slice) {
+  int column_block;
+  const Problem p = part_of_block(set, column_block);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
-  const int warp_column = (blockIdx.x * kMmaWarps + warp) * 32;
+  const int warp_column = (column_block * kMmaWarps + warp) * 32;
   const int column = warp_column + 4 * (lane / 4);
   const bool active = column < p.n;  // lanes past it still join every mma.sync, on zero words
   const int first = blockIdx.y * batches_per_slice;
@@ -424,10 +452,10 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problem p
     }
   }
   if (active) store_sums<M_TILES>(acc, p, column);
-  if (gridDim.y > 1) finish_slices(p, blockIdx.x * 32 * kMmaWarps, 32 * kMmaWarps);
+  if (gridDim.y > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps);
 }
 
-using KernelFunction = void (*)(Problem, int);  // every kernel here: the problem and its cut of K
+using KernelFunction = void (*)(Problems, int);  // every kernel here: its products and their cut of K
 
 // A kernel of the library with the dynamic shared memory it launches with.
 struct Kernel {
@@ -470,14 +498,13 @@ cudaError_t mma_kernel_for_rows(int rows, int pipeline, Kernel& kernel) {
   return mma_kernel<8, GPTQ>(pipeline, kernel);
 }
 
-cudaError_t launch_mma(const Problem& p, bool gptq, int slices, int batches_per_slice, int pipeline,
-                       cudaStream_t stream) {
+cudaError_t launch_mma(const Problems& set, int column_blocks, bool gptq, int slices, int batches_per_slice,
+                       int pipeline, cudaStream_t stream) {
   Kernel kernel{};
-  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(p.rows, pipeline, kernel)
-                                 : mma_kernel_for_rows<false>(p.rows, pipeline, kernel);
+  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(set.part[0].rows, pipeline, kernel)
+                                 : mma_kernel_for_rows<false>(set.part[0].rows, pipeline, kernel);
   if (error != cudaSuccess) return error;
-  const dim3 grid((p.n + 32 * kMmaWarps - 1) / (32 * kMmaWarps), slices);
-  kernel.function<<<grid, kMmaThreads, kernel.shared_bytes, stream>>>(p, batches_per_slice);
+  kernel.function<<<dim3(column_blocks, slices), kMmaThreads, kernel.shared_bytes, stream>>>(set, batches_per_slice);
   return cudaGetLastError();
 }
 
@@ -500,10 +527,12 @@ __device__ __forceinline__ void load_chunk(uint4 (&words)[kChunkWords], const ui
 
 // PREFETCH: a chunk's words are loaded while the one before it is multiplied (32 more registers).
 template <int MAX_ROWS, bool GPTQ, bool PREFETCH>
-__global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int groups_per_warp) {
+__global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int groups_per_warp) {
+  int column_block;
+  const Problem p = part_of_block(set, column_block);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int column = blockIdx.x * kGemvColumns + 4 * lane;  // this thread's first of four
+  const int column = column_block * kGemvColumns + 4 * lane;  // this thread's first of four
   const int words_per_group = p.group_size / 8;
   const int first_group = (blockIdx.y * kGemvWarps + warp) * groups_per_warp;
   const int first_word = first_group * words_per_group;
@@ -572,7 +601,7 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int gr
   __syncthreads();
   for (int index = threadIdx.x; index < p.rows * kGemvColumns; index += kGemvThreads) {
     const int m = index / kGemvColumns, local = index % kGemvColumns;
-    const int out_column = blockIdx.x * kGemvColumns + local;
+    const int out_column = column_block * kGemvColumns + local;
     if (out_column >= p.n) continue;
     float total = 0.0f;
 #pragma unroll
@@ -584,7 +613,7 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problem p, int gr
       p.partial[(size_t)blockIdx.y * p.rows * p.n + at] = total;
     }
   }
-  if (gridDim.y > 1) finish_slices(p, blockIdx.x * kGemvColumns, kGemvColumns);
+  if (gridDim.y > 1) finish_slices(p, column_block * kGemvColumns, kGemvColumns);
 }
 
 template <int MAX_ROWS, bool PREFETCH>
@@ -606,58 +635,87 @@ Kernel gemv_kernel_for(int rows, bool gptq, bool prefetch) {
   return prefetch ? gemv_kernel_for_rows<true>(rows, gptq) : gemv_kernel_for_rows<false>(rows, gptq);
 }
 
-cudaError_t launch_gemv(const Problem& p, bool gptq, int slices, int groups_per_warp, bool prefetch,
-                        cudaStream_t stream) {
-  const Kernel kernel = gemv_kernel_for(p.rows, gptq, prefetch);
-  const dim3 grid((p.n + kGemvColumns - 1) / kGemvColumns, slices);
-  kernel.function<<<grid, kGemvThreads, 0, stream>>>(p, groups_per_warp);
+cudaError_t launch_gemv(const Problems& set, int column_blocks, bool gptq, int slices, int groups_per_warp,
+                        bool prefetch, cudaStream_t stream) {
+  const Kernel kernel = gemv_kernel_for(set.part[0].rows, gptq, prefetch);
+  kernel.function<<<dim3(column_blocks, slices), kGemvThreads, 0, stream>>>(set, groups_per_warp);
   return cudaGetLastError();
+}
+
+// ---- SiLU(gate) * up: the MLP's activation between its GEMMs --------------------------------------------
+//
+// One kernel for what torch's F.silu, mul_ and clamp_ do in three, with their roundings: silu in fp32
+// rounded to fp16, times up in fp32 rounded to fp16, kept finite (ExLlamaV2 clamps to fp16's range too).
+
+constexpr int kActivationThreads = 256;
+
+__global__ void __launch_bounds__(kActivationThreads) silu_mul_kernel(const half* gate, const half* up, half* out,
+                                                                      int count) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    const float g = __half2float(gate[i]);
+    const float silu = __half2float(__float2half_rn(g / (1.0f + expf(-g))));
+    out[i] = __float2half_rn(fminf(fmaxf(silu * __half2float(up[i]), -65504.0f), 65504.0f));
+  }
 }
 
 }  // namespace
 
 // ---- C entry points (ctypes) --------------------------------------------------------------------------
 // Shapes and alignment are checked by the Python caller (kernels/q4_cuda.py); these return a cudaError_t.
+//
+// Both products take `parts` (1 to 3) products of `rows` rows and K = `k`, laid out per part in
+// `pointers` (eight each: x, qweight, scales, scale_max, zeros, residual, out, partial; residual and partial
+// may be null, and zeros is null for EXL2, set for GPTQ, the same for every part) and `sizes` (two each: N and
+// x's row stride): x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16. Where K is cut
+// into slices > 1, each part's `partial` holds [slices, rows, N] fp32, and `arrivals` one int per block of
+// columns of the whole launch, zero (and zero again when the launch ends). Launches that share `arrivals` must
+// not overlap (one stream).
 
 namespace {
 
-Problem problem(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
-                const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows, int n,
-                int k, int group_size, int l2_prefetch) {
-  return Problem{static_cast<const half*>(x),  qweight, scales, static_cast<const half*>(scale_max),
-                 static_cast<const uint32_t*>(zeros), static_cast<const half*>(residual), static_cast<half*>(out),
-                 static_cast<float*>(partial), static_cast<int*>(arrivals), rows, n, k, x_stride, group_size,
-                 l2_prefetch};
+// The parts as the kernels read them; the grid's blocks of columns for `columns_per_block` in `column_blocks`.
+Problems problems(int parts, void* const* pointers, const int* sizes, void* arrivals, int rows, int k, int group_size,
+                  int l2_prefetch, int columns_per_block, int& column_blocks) {
+  Problems set{};
+  set.parts = parts;
+  column_blocks = 0;
+  for (int i = 0; i < parts; ++i) {
+    void* const* at = pointers + 8 * i;
+    set.part[i] = Problem{static_cast<const half*>(at[0]), at[1], at[2], static_cast<const half*>(at[3]),
+                          static_cast<const uint32_t*>(at[4]), static_cast<const half*>(at[5]), static_cast<half*>(at[6]),
+                          static_cast<float*>(at[7]), static_cast<int*>(arrivals), rows, sizes[2 * i], k,
+                          sizes[2 * i + 1], group_size, l2_prefetch};
+    set.first_block[i] = column_blocks;
+    column_blocks += (sizes[2 * i] + columns_per_block - 1) / columns_per_block;
+  }
+  return set;
 }
 
 }  // namespace
 
 extern "C" {
 
-// x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16, rows 1..64, K a multiple of 128
-// and of the group size, which is a multiple of 128. Where K is cut into slices > 1, `partial` holds
-// [slices, rows, N] fp32 and `arrivals` ceil(N / 128) ints, zero (and zero again when the launch ends).
+// On the tensor cores: rows 1..64, K a multiple of 128 and of the group size, which is a multiple of 128.
 // `pipeline`: 0 stages weights through shared memory, 2 to 4 streams them through registers that many batches
-// ahead; `l2_prefetch`: batches past those asks L2 for (0: none). Launches that share `arrivals` must not
-// overlap (one stream).
-int verispec_q4_mma(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
-                    const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows,
-                    int n, int k, int group_size, int slices, int batches_per_slice, int pipeline, int l2_prefetch,
+// ahead; `l2_prefetch`: batches past those asked of L2 (0: none).
+int verispec_q4_mma(int parts, void* const* pointers, const int* sizes, void* arrivals, int rows, int k,
+                    int group_size, int slices, int batches_per_slice, int pipeline, int l2_prefetch,
                     void* stream_handle) {
-  const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
-                            n, k, group_size, l2_prefetch);
-  return launch_mma(p, zeros != nullptr, slices, batches_per_slice, pipeline, static_cast<cudaStream_t>(stream_handle));
+  if (parts < 1 || parts > kMaxParts) return cudaErrorInvalidValue;
+  int column_blocks = 0;
+  const Problems set =
+      problems(parts, pointers, sizes, arrivals, rows, k, group_size, l2_prefetch, 32 * kMmaWarps, column_blocks);
+  return launch_mma(set, column_blocks, pointers[4] != nullptr, slices, batches_per_slice, pipeline,
+                    static_cast<cudaStream_t>(stream_handle));
 }
 
-// The same product on CUDA cores, rows 1..16; group size a multiple of 64, K cut into `slices` runs of whole
-// groups (buffers as above).
-int verispec_q4_gemv(const void* x, int x_stride, const void* qweight, const void* scales, const void* scale_max,
-                     const void* zeros, const void* residual, void* out, void* partial, void* arrivals, int rows,
-                     int n, int k, int group_size, int slices, int groups_per_warp, int prefetch,
-                     void* stream_handle) {
-  const Problem p = problem(x, x_stride, qweight, scales, scale_max, zeros, residual, out, partial, arrivals, rows,
-                            n, k, group_size, 0);
-  return launch_gemv(p, zeros != nullptr, slices, groups_per_warp, prefetch != 0,
+// On the CUDA cores: rows 1..16; group size a multiple of 64, K cut into `slices` runs of whole groups.
+int verispec_q4_gemv(int parts, void* const* pointers, const int* sizes, void* arrivals, int rows, int k,
+                     int group_size, int slices, int groups_per_warp, int prefetch, void* stream_handle) {
+  if (parts < 1 || parts > kMaxParts) return cudaErrorInvalidValue;
+  int column_blocks = 0;
+  const Problems set = problems(parts, pointers, sizes, arrivals, rows, k, group_size, 0, kGemvColumns, column_blocks);
+  return launch_gemv(set, column_blocks, pointers[4] != nullptr, slices, groups_per_warp, prefetch != 0,
                      static_cast<cudaStream_t>(stream_handle));
 }
 
@@ -668,6 +726,14 @@ int verispec_q4_mma_resident_blocks(int rows, int gptq, int pipeline, int* block
                                  : mma_kernel_for_rows<false>(rows, pipeline, kernel);
   if (error != cudaSuccess) return error;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel.function, kMmaThreads, kernel.shared_bytes);
+}
+
+// out [count] = SiLU(gate) * up, fp16, on the caller's stream.
+int verispec_silu_mul(const void* gate, const void* up, void* out, int count, void* stream_handle) {
+  const int blocks = (count + kActivationThreads - 1) / kActivationThreads;
+  silu_mul_kernel<<<blocks < 1024 ? blocks : 1024, kActivationThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
+      static_cast<const half*>(gate), static_cast<const half*>(up), static_cast<half*>(out), count);
+  return cudaGetLastError();
 }
 
 const char* verispec_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }

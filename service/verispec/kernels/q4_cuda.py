@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
 MAX_GEMV_ROWS = 16
+MAX_PARTS = 3  # products one launch takes (q4_cuda.cu's kMaxParts)
 MMA_PIPELINES = (0, 2, 3, 4)  # q4_mma: 0 through shared memory, else through registers, batches ahead
 REGISTER_PIPELINE = 3
 L2_PREFETCH = 1  # batches of weights mma_registers_l2 asks L2 for past those loaded (bench gemm --variants)
@@ -139,11 +140,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
     pointer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_void_p
     integer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_int
-    library.verispec_q4_mma.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 8, pointer]
-    library.verispec_q4_gemv.argtypes = [pointer, integer, *[pointer] * 8, *[integer] * 7, pointer]
+    # parts, their pointers and sizes, arrivals, rows, K, group size, slices, per slice/warp, options, stream
+    library.verispec_q4_mma.argtypes = [integer, pointer, pointer, pointer, *[integer] * 7, pointer]
+    library.verispec_q4_gemv.argtypes = [integer, pointer, pointer, pointer, *[integer] * 6, pointer]
     library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, integer, ctypes.POINTER(ctypes.c_int)]
-    library.verispec_q4_mma.restype = library.verispec_q4_gemv.restype = integer
-    library.verispec_q4_mma_resident_blocks.restype = integer
+    library.verispec_silu_mul.argtypes = [pointer, pointer, pointer, integer, pointer]
+    for entry in ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul"):
+        getattr(library, entry).restype = integer
     library.verispec_error_string.argtypes = [integer]
     library.verispec_error_string.restype = ctypes.c_char_p
     return library, ""
@@ -162,14 +165,27 @@ def covers(weights: Q4Weights, rows: int) -> bool:
     return 1 <= rows <= MAX_MMA_ROWS and weights.group_size % _BATCH_K == 0 and aligned and unavailable() is None
 
 
-def mma_slices(weights: Q4Weights, num_sms: int, resident_blocks: int) -> int:
-    """How many slices of K a q4_mma launch takes: enough blocks to fill the SMs' `resident_blocks` slots
-    each, in the fewest waves of them that the grid fills to three quarters or more. A wave filled a
-    little past its end leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57 TB/s in 1.06 waves
-    against 1.75 in 0.91, H100); each slice also adds fp32 partial sums to write and add. By shape and
-    pipeline only, so a row's sums never depend on its batch."""
-    batches = weights.in_features // _BATCH_K
-    column_blocks = -(-weights.out_features // _MMA_BLOCK_COLUMNS)
+def share_a_launch(weights: Sequence[Q4Weights]) -> bool:
+    """Whether these products can run as the parts of one launch: at most MAX_PARTS, the same K, group size
+    and layout (EXL2 or GPTQ)."""
+    first = weights[0]
+    return 1 <= len(weights) <= MAX_PARTS and all(
+        (w.in_features, w.group_size, w.gptq) == (first.in_features, first.group_size, first.gptq) for w in weights
+    )
+
+
+def _column_blocks(out_features: Sequence[int], columns: int) -> int:
+    return sum(-(-n // columns) for n in out_features)
+
+
+def mma_slices(in_features: int, out_features: Sequence[int], num_sms: int, resident_blocks: int) -> int:
+    """How many slices of K a q4_mma launch of products of these widths takes: enough blocks to fill the
+    SMs' `resident_blocks` slots each, in the fewest waves of them that the grid fills to three quarters or
+    more. A wave filled a little past its end leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57
+    TB/s in 1.06 waves against 1.75 in 0.91, H100); each slice also adds fp32 partial sums to write and add.
+    By shape and pipeline only, so a row's sums never depend on its batch."""
+    batches = in_features // _BATCH_K
+    column_blocks = _column_blocks(out_features, _MMA_BLOCK_COLUMNS)
     slots = resident_blocks * num_sms
     for waves in itertools.count(1):
         wanted = waves * slots // column_blocks
@@ -191,23 +207,19 @@ def mma_resident_blocks(device: torch.device, pipeline: int, gptq: bool) -> int:
 
 @functools.cache
 def _mma_resident_blocks(index: int, pipeline: int, gptq: bool) -> int:
-    library, reason = _library()
-    if library is None:
-        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
+    library = _loaded()
     blocks = ctypes.c_int(0)
     with torch.cuda.device(index):
         error = library.verispec_q4_mma_resident_blocks(_MMA_RESIDENCY_ROWS, int(gptq), pipeline, ctypes.byref(blocks))
-    if error:
-        raise RuntimeError(f"verispec_q4_mma_resident_blocks: {library.verispec_error_string(error).decode()}")
+    _raise_on(library, "verispec_q4_mma_resident_blocks", error)
     return max(1, blocks.value)
 
 
-def gemv_slices(weights: Q4Weights, num_sms: int) -> int:
+def gemv_slices(in_features: int, out_features: Sequence[int], group_size: int, num_sms: int) -> int:
     """How many runs of K a q4_gemv launch cuts the groups into: the fewest that give every SM eight
     blocks, so that enough loads are in flight."""
-    most = -(-weights.in_features // (weights.group_size * _GEMV_WARPS))  # a group per warp
-    column_blocks = -(-weights.out_features // _GEMV_COLUMNS)
-    return min(most, -(-8 * num_sms // column_blocks))
+    most = -(-in_features // (group_size * _GEMV_WARPS))  # a group per warp
+    return min(most, -(-8 * num_sms // _column_blocks(out_features, _GEMV_COLUMNS)))
 
 
 def _even_slices(units: int, wanted: int) -> tuple[int, int]:
@@ -216,60 +228,134 @@ def _even_slices(units: int, wanted: int) -> tuple[int, int]:
     return -(-units // per_slice), per_slice
 
 
-def _checked(
-    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None, max_rows: int
-) -> tuple[ctypes.CDLL, torch.Tensor]:
-    """The library, and x as the kernels read it (16-byte aligned rows), after checking every operand."""
+def _loaded() -> ctypes.CDLL:
     library, reason = _library()
     if library is None:
         raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    rows, columns = x.shape
-    if not 1 <= rows <= max_rows:
-        raise ValueError(f"this CUDA 4-bit kernel takes 1 to {max_rows} rows, not {rows}")
-    if columns != weights.in_features or x.dtype != torch.float16:
-        raise ValueError(f"x must be fp16 [rows, {weights.in_features}], not {x.dtype} {list(x.shape)}")
-    if residual is not None and (
-        residual.shape != (rows, weights.out_features) or not residual.is_contiguous() or residual.dtype != x.dtype
-    ):
-        raise ValueError(f"residual must be contiguous fp16 [{rows}, {weights.out_features}]")
-    if weights.scale_max is not None and weights.scale_max.data_ptr() % 4:
-        raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
-    if -(-weights.out_features // _MMA_BLOCK_COLUMNS) > _MAX_COLUMN_BLOCKS:
+    return library
+
+
+def _raise_on(library: ctypes.CDLL, entry: str, error: int) -> None:
+    if error:
+        raise RuntimeError(f"{entry}: {library.verispec_error_string(error).decode()}")
+
+
+def _checked(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[Q4Weights],
+    residuals: Sequence[torch.Tensor | None] | None,
+    max_rows: int,
+) -> tuple[ctypes.CDLL, list[torch.Tensor], list[torch.Tensor | None]]:
+    """The library, each part's x as the kernels read it (16-byte aligned rows) and its residual, after
+    checking every operand."""
+    library = _loaded()
+    if len(xs) != len(weights) or (residuals is not None and len(residuals) != len(weights)):
+        raise ValueError(f"{len(xs)} inputs, {len(weights)} weights and residuals for each: one per part")
+    if not share_a_launch(weights):
+        raise ValueError(f"1 to {MAX_PARTS} parts of the same K, group size and layout share a launch")
+    rows = xs[0].shape[0]
+    if not 1 <= rows <= max_rows or any(x.shape[0] != rows for x in xs):
+        raise ValueError(f"this CUDA 4-bit kernel takes 1 to {max_rows} rows, the same in every part")
+    if _column_blocks([w.out_features for w in weights], _MMA_BLOCK_COLUMNS) > _MAX_COLUMN_BLOCKS:
         raise ValueError(f"at most {_MAX_COLUMN_BLOCKS * _MMA_BLOCK_COLUMNS} output columns")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    return library, x
+    checked = []
+    for x, w, residual in zip(xs, weights, residuals or [None] * len(weights), strict=True):
+        if x.shape[1] != w.in_features or x.dtype != torch.float16:
+            raise ValueError(f"x must be fp16 [rows, {w.in_features}], not {x.dtype} {list(x.shape)}")
+        if residual is not None and (
+            residual.shape != (rows, w.out_features) or not residual.is_contiguous() or residual.dtype != x.dtype
+        ):
+            raise ValueError(f"residual must be contiguous fp16 [{rows}, {w.out_features}]")
+        if w.scale_max is not None and w.scale_max.data_ptr() % 4:
+            raise ValueError("scale_max must be 4-byte aligned (it is read in pairs)")
+        aligned = x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+        checked.append(x if aligned else x.clone(memory_format=torch.contiguous_format))
+    return library, checked, list(residuals) if residuals is not None else [None] * len(weights)
 
 
 def _call(
     library: ctypes.CDLL,
     entry: str,
-    x: torch.Tensor,
-    weights: Q4Weights,
-    residual: torch.Tensor | None,
+    xs: list[torch.Tensor],
+    weights: Sequence[Q4Weights],
+    residuals: list[torch.Tensor | None],
     slices: int,
     tail: list[int],
-) -> torch.Tensor:
-    """One launch of the library's `entry` on the current stream: the output, and where K is cut into
-    `slices` > 1, a buffer of their fp32 partial sums and the device's arrival counts."""
-    rows, n = x.shape[0], weights.out_features
-    out = torch.empty((rows, n), dtype=torch.float16, device=x.device)
-    partial = torch.empty((slices, rows, n), dtype=torch.float32, device=x.device) if slices > 1 else None
-    arrivals = _arrivals(x.device) if slices > 1 else None
-
-    def address(tensor: torch.Tensor | None) -> int | None:
-        return tensor.data_ptr() if tensor is not None else None
-
-    with on_device(x):
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+) -> list[torch.Tensor]:
+    """One launch of the library's `entry` over every part on the current stream: their outputs, and where K
+    is cut into `slices` > 1, one buffer of their fp32 partial sums and the device's arrival counts."""
+    rows, device = xs[0].shape[0], xs[0].device
+    outs = [torch.empty((rows, w.out_features), dtype=torch.float16, device=device) for w in weights]
+    widths = [w.out_features for w in weights]
+    partial = torch.empty(slices * rows * sum(widths), dtype=torch.float32, device=device) if slices > 1 else None
+    arrivals = _arrivals(device) if slices > 1 else None
+    pointers: list[int | None] = []
+    sizes: list[int] = []
+    offset = 0
+    for x, w, residual, out in zip(xs, weights, residuals, outs, strict=True):
+        part_partial = partial[offset:] if partial is not None else None
+        offset += slices * rows * w.out_features
+        for tensor in (x, w.qweight, w.scales, w.scale_max, w.zeros, residual, out, part_partial):
+            pointers.append(tensor.data_ptr() if tensor is not None else None)
+        sizes += [w.out_features, x.stride(0)]
+    first = weights[0]
+    with on_device(xs[0]):
+        stream = torch.cuda.current_stream(device).cuda_stream
         error = getattr(library, entry)(
-            x.data_ptr(), x.stride(0), weights.qweight.data_ptr(), weights.scales.data_ptr(),
-            address(weights.scale_max), address(weights.zeros), address(residual), out.data_ptr(), address(partial),
-            address(arrivals), rows, n, weights.in_features, weights.group_size, slices, *tail, stream,
+            len(weights), (ctypes.c_void_p * len(pointers))(*pointers), (ctypes.c_int * len(sizes))(*sizes),
+            arrivals.data_ptr() if arrivals is not None else None, rows, first.in_features, first.group_size, slices,
+            *tail, stream,
         )  # fmt: skip
-    if error:
-        raise RuntimeError(f"{entry}: {library.verispec_error_string(error).decode()}")
-    return out
+    _raise_on(library, entry, error)
+    return outs
+
+
+def q4_mma_parts(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[Q4Weights],
+    residuals: Sequence[torch.Tensor | None] | None = None,
+    slices: int | None = None,
+    pipeline: int = 0,
+    l2_prefetch: int = 0,
+) -> list[torch.Tensor]:
+    """Each x [rows, K] fp16 (columns in its weights' sorted order) @ its W (+ its residual) -> [rows, N]
+    fp16, on the tensor cores, for 1 to MAX_MMA_ROWS rows and up to MAX_PARTS parts in one launch. `slices`
+    overrides the cut of K into slices (mma_slices). `pipeline` 0 stages the weights through shared memory
+    (cp.async, the block in step); 2 to 4 streams them through each warp's registers that many batches ahead
+    (two past 16 rows). `l2_prefetch` > 0 asks L2 for that many batches of weights past those. Same sums,
+    same bits, for every pipeline and prefetch."""
+    if pipeline not in MMA_PIPELINES:
+        raise ValueError(f"pipeline must be one of {MMA_PIPELINES}, not {pipeline}")
+    if not 0 <= l2_prefetch <= 64:
+        raise ValueError(f"l2_prefetch must be 0 to 64 batches, not {l2_prefetch}")
+    library, checked, residual_list = _checked(xs, weights, residuals, MAX_MMA_ROWS)
+    in_features = weights[0].in_features
+    if slices is None:
+        resident = mma_resident_blocks(checked[0].device, pipeline, weights[0].gptq)
+        slices = mma_slices(in_features, [w.out_features for w in weights], _num_sms(checked[0].device), resident)
+    slices, per_slice = _even_slices(in_features // _BATCH_K, slices)
+    tail = [per_slice, pipeline, l2_prefetch]
+    return _call(library, "verispec_q4_mma", checked, weights, residual_list, slices, tail)
+
+
+def q4_gemv_parts(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[Q4Weights],
+    residuals: Sequence[torch.Tensor | None] | None = None,
+    slices: int | None = None,
+    prefetch: bool = True,
+) -> list[torch.Tensor]:
+    """The same products on the CUDA cores, for 1 to MAX_GEMV_ROWS rows; `prefetch` loads each chunk of
+    weights while the one before it is multiplied."""
+    library, checked, residual_list = _checked(xs, weights, residuals, MAX_GEMV_ROWS)
+    first = weights[0]
+    if slices is None:
+        widths = [w.out_features for w in weights]
+        slices = gemv_slices(first.in_features, widths, first.group_size, _num_sms(checked[0].device))
+    groups = first.in_features // first.group_size
+    per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
+    slices = -(-groups // (per_warp * _GEMV_WARPS))
+    return _call(library, "verispec_q4_gemv", checked, weights, residual_list, slices, [per_warp, int(prefetch)])
 
 
 def q4_mma(
@@ -280,21 +366,8 @@ def q4_mma(
     pipeline: int = 0,
     l2_prefetch: int = 0,
 ) -> torch.Tensor:
-    """x [rows, K] fp16, columns in the weights' sorted order, @ W (+ residual) -> [rows, N] fp16, on the
-    tensor cores, for 1 to MAX_MMA_ROWS rows. `slices` overrides the cut of K into slices (mma_slices).
-    `pipeline` 0 stages the weights through shared memory (cp.async, the block in step); 2 to 4 streams them
-    through each warp's registers that many batches ahead (two past 16 rows). `l2_prefetch` > 0 asks L2 for
-    that many batches of weights past those. Same sums, same bits, for every pipeline and prefetch."""
-    if pipeline not in MMA_PIPELINES:
-        raise ValueError(f"pipeline must be one of {MMA_PIPELINES}, not {pipeline}")
-    if not 0 <= l2_prefetch <= 64:
-        raise ValueError(f"l2_prefetch must be 0 to 64 batches, not {l2_prefetch}")
-    library, x = _checked(x, weights, residual, MAX_MMA_ROWS)
-    if slices is None:
-        resident = mma_resident_blocks(x.device, pipeline, weights.gptq)
-        slices = mma_slices(weights, _num_sms(x.device), resident)
-    slices, per_slice = _even_slices(weights.in_features // _BATCH_K, slices)
-    return _call(library, "verispec_q4_mma", x, weights, residual, slices, [per_slice, pipeline, l2_prefetch])
+    """q4_mma_parts for one product."""
+    return q4_mma_parts([x], [weights], [residual], slices, pipeline, l2_prefetch)[0]
 
 
 def q4_gemv(
@@ -304,50 +377,50 @@ def q4_gemv(
     slices: int | None = None,
     prefetch: bool = True,
 ) -> torch.Tensor:
-    """The same product on the CUDA cores, for 1 to MAX_GEMV_ROWS rows; `prefetch` loads each chunk of
-    weights while the one before it is multiplied."""
-    library, x = _checked(x, weights, residual, MAX_GEMV_ROWS)
-    if slices is None:
-        slices = gemv_slices(weights, _num_sms(x.device))
-    groups = weights.in_features // weights.group_size
-    per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
-    slices = -(-groups // (per_warp * _GEMV_WARPS))
-    return _call(library, "verispec_q4_gemv", x, weights, residual, slices, [per_warp, int(prefetch)])
-
-
-def q4_mma_registers(
-    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
-) -> torch.Tensor:
-    """q4_mma through the register pipeline, REGISTER_PIPELINE batches ahead."""
-    return q4_mma(x, weights, residual, slices, pipeline=REGISTER_PIPELINE)
-
-
-def q4_mma_registers_l2(
-    x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
-) -> torch.Tensor:
-    """q4_mma through registers, asking L2 for L2_PREFETCH batches of weights ahead."""
-    return q4_mma(x, weights, residual, slices, pipeline=REGISTER_PIPELINE, l2_prefetch=L2_PREFETCH)
+    """q4_gemv_parts for one product."""
+    return q4_gemv_parts([x], [weights], [residual], slices, prefetch)[0]
 
 
 class Kernel(Protocol):
-    """A CUDA kernel's call: x @ W (+ residual), K cut into `slices` (None: by the shape)."""
+    """A CUDA kernel's call: each x @ its W (+ its residual) in one launch, K cut into `slices` (None: by
+    the shape)."""
 
     def __call__(
-        self, x: torch.Tensor, weights: Q4Weights, residual: torch.Tensor | None = None, slices: int | None = None
-    ) -> torch.Tensor: ...
+        self,
+        xs: Sequence[torch.Tensor],
+        weights: Sequence[Q4Weights],
+        residuals: Sequence[torch.Tensor | None] | None = None,
+        slices: int | None = None,
+    ) -> list[torch.Tensor]: ...
 
 
 # The CUDA kernels by the name `fastest` chooses them by. L2 prefetch changes no bits; it helps the register
 # pipeline at few rows on some shapes and costs it at 16 on others, and never helped the staged one (H100).
 KERNELS: dict[str, Kernel] = {
-    "mma": q4_mma,
-    "mma_registers": q4_mma_registers,
-    "mma_registers_l2": q4_mma_registers_l2,
-    "gemv": q4_gemv,
+    "mma": q4_mma_parts,
+    "mma_registers": functools.partial(q4_mma_parts, pipeline=REGISTER_PIPELINE),
+    "mma_registers_l2": functools.partial(q4_mma_parts, pipeline=REGISTER_PIPELINE, l2_prefetch=L2_PREFETCH),
+    "gemv": q4_gemv_parts,
 }
 MAX_ROWS = {name: MAX_GEMV_ROWS if name == "gemv" else MAX_MMA_ROWS for name in KERNELS}
 
-_CHOICE: dict[tuple[int, int, int, int, bool, int], str] = {}
+_CHOICE: dict[tuple[int, int, tuple[int, ...], int, bool, int], str] = {}
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in fp16, kept finite, in one kernel: the bits of torch's F.silu, mul_ and clamp_ to
+    +-65504 (three kernels)."""
+    library = _loaded()
+    if gate.shape != up.shape or gate.dtype != torch.float16 or up.dtype != torch.float16:
+        raise ValueError(f"gate and up must be fp16 of one shape, not {gate.dtype} {list(gate.shape)} and "
+                         f"{up.dtype} {list(up.shape)}")  # fmt: skip
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    with on_device(gate):
+        stream = torch.cuda.current_stream(gate.device).cuda_stream
+        error = library.verispec_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), stream)
+    _raise_on(library, "verispec_silu_mul", error)
+    return out
 
 
 def row_bucket(rows: int) -> int:
@@ -356,24 +429,26 @@ def row_bucket(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-def fastest(weights: Q4Weights, rows: int, triton: Callable[[torch.Tensor], torch.Tensor]) -> str:
-    """A name in KERNELS, or "triton": the fastest kernel for this shape at `rows`' bucket of rows, timed
-    once per process at the bucket's size (GPU time of 20 calls replayed from a graph, the median of three),
-    so that a shape is timed at seven buckets at most, all in the runner's start-up calibration; never once
-    per ragged row count while serving. Inside a capture nothing can be timed: a pair not yet measured stays on
-    Triton there (the runner's warm-up pass before each capture measures it)."""
-    device = weights.qweight.device
+def fastest(weights: Sequence[Q4Weights], rows: int, triton: Callable[[Sequence[torch.Tensor]], object]) -> str:
+    """A name in KERNELS, or "triton": the fastest kernel for these parts (one launch of them) at `rows`'
+    bucket of rows, timed once per process at the bucket's size (GPU time of 20 calls replayed from a graph,
+    the median of three), so that a shape is timed at seven buckets at most, all in the runner's start-up
+    calibration; never once per ragged row count while serving. Inside a capture nothing can be timed: a pair
+    not yet measured stays on Triton there (the runner's warm-up pass before each capture measures it)."""
+    first = weights[0]
+    device = first.qweight.device
     bucket = row_bucket(rows)
-    key = (device.index or 0, weights.in_features, weights.out_features, weights.group_size, weights.gptq, bucket)
+    widths = tuple(w.out_features for w in weights)
+    key = (device.index or 0, first.in_features, widths, first.group_size, first.gptq, bucket)
     if key in _CHOICE:
         return _CHOICE[key]
     if torch.cuda.is_current_stream_capturing():
         return "triton"
-    x = torch.randn((bucket, weights.in_features), dtype=torch.float16, device=device)
+    xs = [torch.randn((bucket, first.in_features), dtype=torch.float16, device=device)] * len(weights)
     candidates: dict[str, Callable[[], object]] = {
-        name: functools.partial(run, x, weights, None) for name, run in KERNELS.items() if bucket <= MAX_ROWS[name]
+        name: functools.partial(run, xs, weights) for name, run in KERNELS.items() if bucket <= MAX_ROWS[name]
     }
-    candidates["triton"] = lambda: triton(x)
+    candidates["triton"] = lambda: triton(xs)
     times = {name: _median_ms(call, device) for name, call in candidates.items()}
     _CHOICE[key] = min(times, key=lambda name: times[name])
     log.debug("kernels.q4_chosen", shape=key[1:3], rows=bucket, choice=_CHOICE[key], ms=times)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 import triton
 import triton.language as tl
 
@@ -247,14 +249,55 @@ def q4_matmul(
 ) -> torch.Tensor:
     """x [M, K] fp16 @ W [K, N] (+ residual [M, N]) -> [M, N] fp16, for M <= MAX_Q4_ROWS. Without a
     `config`, the rows go to a CUDA kernel (q4_cuda.py) where one measured faster for this shape."""
-    if weights.perm is not None:
-        x = x.index_select(1, weights.perm)
-    x = x.contiguous()
-    if config is None and x.is_cuda and q4_cuda.covers(weights, x.shape[0]):
-        choice = q4_cuda.fastest(weights, x.shape[0], functools.partial(_triton_matmul, weights=weights))
+    if config is not None:
+        return _triton_matmul(_sorted_inputs(x, [weights])[0], weights, residual, config)
+    return q4_matmul_parts(x, [weights], [residual])[0]
+
+
+def q4_matmul_parts(
+    x: torch.Tensor,
+    weights: Sequence[Q4Weights],
+    residuals: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """x [M, K] fp16 @ each of `weights` (+ its residual [M, N]) -> [M, N] fp16 each: q, k and v of one
+    input, or gate and up. Where a CUDA kernel measured faster takes them all (q4_cuda.share_a_launch), they
+    run as the parts of one launch; otherwise one Triton launch each."""
+    xs = _sorted_inputs(x, weights)
+    residual_list = list(residuals) if residuals is not None else [None] * len(weights)
+    if x.is_cuda and q4_cuda.share_a_launch(weights) and all(q4_cuda.covers(w, x.shape[0]) for w in weights):
+        choice = q4_cuda.fastest(weights, x.shape[0], functools.partial(_triton_parts, weights=weights))
         if choice in q4_cuda.KERNELS:
-            return q4_cuda.KERNELS[choice](x, weights, residual)
-    return _triton_matmul(x, weights, residual, config)
+            return q4_cuda.KERNELS[choice](xs, weights, residual_list)
+    return _triton_parts(xs, weights, residual_list)
+
+
+def _sorted_inputs(x: torch.Tensor, weights: Sequence[Q4Weights]) -> list[torch.Tensor]:
+    """x with its columns in each weight's sorted order, contiguous: one tensor for the parts that share an
+    order (the same `perm` tensor, or none)."""
+    by_perm: dict[int, torch.Tensor] = {}
+    inputs = []
+    for w in weights:
+        key = id(w.perm)
+        if key not in by_perm:
+            by_perm[key] = (x.index_select(1, w.perm) if w.perm is not None else x).contiguous()
+        inputs.append(by_perm[key])
+    return inputs
+
+
+def _triton_parts(
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[Q4Weights],
+    residuals: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    return [_triton_matmul(x, w, r) for x, w, r in zip(xs, weights, residuals or [None] * len(weights), strict=True)]
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up in fp16, kept finite as ExLlamaV2 keeps it: one CUDA kernel where the library is
+    built, else torch's three (the same bits)."""
+    if gate.is_cuda and q4_cuda.unavailable() is None:
+        return q4_cuda.silu_mul(gate, up)
+    return F.silu(gate).mul_(up).clamp_(min=-65504.0, max=65504.0)
 
 
 def _triton_matmul(
@@ -326,7 +369,7 @@ def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: s
     def run(rows: torch.Tensor) -> torch.Tensor:
         if kernel == "triton":
             return _triton_matmul(rows, in_order, config=config)
-        return q4_cuda.KERNELS[kernel](rows, in_order, None)
+        return q4_cuda.KERNELS[kernel]([rows], [in_order])[0]
 
     sorted_rows = torch.cat([run(eye[i : i + step]) for i in range(0, size, step)])
     if weights.perm is None:

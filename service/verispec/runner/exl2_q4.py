@@ -16,7 +16,6 @@ from typing import Any
 
 import structlog
 import torch
-import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
 log = structlog.get_logger(__name__)
 
@@ -180,23 +179,22 @@ def _triton_available() -> bool:
 
 
 def mlp_forward(module: Any, layer: Q4Layer, x: torch.Tensor) -> torch.Tensor:
-    """Norm, gate and up, SiLU(gate) * up, down added to the residual x: [rows, hidden] fp16."""
-    from verispec.kernels.q4_gemm import q4_matmul
+    """Norm, gate and up (one launch), SiLU(gate) * up, down added to the residual x: [rows, hidden] fp16."""
+    from verispec.kernels.q4_gemm import q4_matmul, q4_matmul_parts, silu_mul
 
     gate, up, down = layer.weights
     normed = module.pre_layernorm.forward(x)
-    y = F.silu(q4_matmul(normed, gate))
-    y.mul_(q4_matmul(normed, up)).clamp_(min=-65504.0, max=65504.0)  # as ExLlamaV2 keeps fp16 finite
-    return q4_matmul(y, down, residual=x)
+    gated, upped = q4_matmul_parts(normed, [gate, up])
+    return q4_matmul(silu_mul(gated, upped), down, residual=x)
 
 
 def qkv_forward(module: Any, layer: Q4Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm and the q, k, v projections of an attention module: [rows, heads * head_dim] each."""
-    from verispec.kernels.q4_gemm import q4_matmul
+    """Norm and the q, k, v projections of an attention module (one launch): [rows, heads * head_dim] each."""
+    from verispec.kernels.q4_gemm import q4_matmul_parts
 
     normed = module.pre_layernorm.forward(x)
-    q, k, v, _o = layer.weights
-    return q4_matmul(normed, q), q4_matmul(normed, k), q4_matmul(normed, v)
+    q, k, v = q4_matmul_parts(normed, layer.weights[:3])
+    return q, k, v
 
 
 def o_forward(layer: Q4Layer, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

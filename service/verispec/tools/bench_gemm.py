@@ -260,14 +260,14 @@ def _cuda_points(
     point: dict[str, Any] = {"q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4))}
     kernels = {name: run for name, run in q4_cuda.KERNELS.items() if m <= q4_cuda.MAX_ROWS[name]}
     for name, run in kernels.items():
-        point[f"cuda_{name}"] = kernel(q4_bytes, partial(run, x, ops.q4, None))
+        point[f"cuda_{name}"] = kernel(q4_bytes, partial(run, [x], [ops.q4]))
     for pipeline in (0, q4_cuda.REGISTER_PIPELINE):
         resident = q4_cuda.mma_resident_blocks(device, pipeline, ops.q4.gptq)
         name = "mma" if pipeline == 0 else "mma_registers"
         point[f"cuda_{name}_resident_blocks"] = resident
-        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.q4, _num_sms(), resident)
+        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], _num_sms(), resident)
     if "gemv" in kernels:
-        point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.q4, _num_sms())
+        point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.k, [ops.n], ops.q4.group_size, _num_sms())
     if not sweep:
         return point
     if "gemv" in kernels:
@@ -284,7 +284,7 @@ def _cuda_points(
         }
     for name, run in kernels.items():
         point[f"cuda_{name}_by_slices"] = {
-            str(slices): kernel(q4_bytes, partial(run, x, ops.q4, None, slices))["tb_per_s"]
+            str(slices): kernel(q4_bytes, partial(run, [x], [ops.q4], None, slices))["tb_per_s"]
             for slices in (1, 2, 3, 4, 6, 8, 12, 16, 32)
         }
     return point
@@ -296,13 +296,15 @@ def _num_sms() -> int:
     return int(torch.cuda.get_device_properties(0).multi_processor_count)
 
 
-def _copy_bandwidth(args: argparse.Namespace) -> float:
+def copy_bandwidth(repeats: int) -> float:
+    """The first GPU's copy bandwidth in TB/s (a 1 GiB device-to-device copy, read + write), the median of
+    `repeats` timings of 10 copies."""
     import torch
 
     source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
-    seconds = _time(lambda: target.copy_(source), 10, args.repeats)
-    return round(2 * source.numel() / seconds["median"] / 1e12, 3)  # read + write
+    seconds = _time(lambda: target.copy_(source), 10, repeats)
+    return round(2 * source.numel() / seconds["median"] / 1e12, 3)
 
 
 def run_gemm(args: argparse.Namespace) -> dict[str, Any]:
@@ -316,7 +318,7 @@ def run_gemm(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "gemm",
         "device": torch.cuda.get_device_name(0),
-        "copy_tb_per_s": _copy_bandwidth(args),
+        "copy_tb_per_s": copy_bandwidth(args.repeats),
         "iterations": args.iterations,
         "repeats": args.repeats,
         "shapes": {},
