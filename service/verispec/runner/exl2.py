@@ -146,9 +146,7 @@ class Exl2Runner:
         self.kv.log_ready("exl2_paged", layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())})
         use_graphs = backend.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graphs = self._capture_graphs(mode) if use_graphs else None  # few-token passes replay these
-        if self.graphs is not None:  # eager passes are then prefill chunks: ExLlamaV2's fused kernels launch less
-            self.q4_rows = dict.fromkeys(ROW_BUCKETS, mode == "verispec")
-        elif mode == "auto" and self.q4_layers:
+        if mode == "auto" and self.q4_layers:  # eager passes (prefill chunks, where graphs run) measured too
             self.calibrate_gemm()
 
     def _capture_graphs(self, gemm: str) -> DecodeGraphs | None:
@@ -163,8 +161,10 @@ class Exl2Runner:
 
     def calibrate_gemm(self, repeats: int = 5) -> None:
         """Times an eager decode pass of 1, 2, 4 ... 64 sequences with each GEMM and keeps the faster per
-        row count: ExLlamaV2's fused kernels launch less and its q-gemm is quick at one row, the Triton
-        kernel keeps its cost as rows grow (`verispec bench gemm` shows both). Runs before the engine."""
+        row count: ExLlamaV2's fused kernels launch less and its q-gemm is quick at one row, verispec's keep
+        their cost as rows grow (`verispec bench gemm` shows both; on an H100 a 32-row eager pass took 232 ms
+        with ExLlamaV2's, 64 with verispec's). With CUDA graphs the eager passes left are prefill chunks of
+        17 to 64 rows, where this choice sets a prompt's time to first token. Runs before the engine."""
         for rows in ROW_BUCKETS:
             batch = calibration_batch(self.kv.new_pool(), rows)
             if batch is None:
@@ -172,7 +172,9 @@ class Exl2Runner:
             seconds = {}
             for use_q4 in (False, True):
                 self.q4_rows[rows] = use_q4
-                seconds["verispec" if use_q4 else "exllamav2"] = median_seconds(partial(self.forward, batch), repeats)
+                seconds["verispec" if use_q4 else "exllamav2"] = median_seconds(
+                    partial(self._forward_eager, batch), repeats
+                )
             self.q4_rows[rows] = seconds["verispec"] < seconds["exllamav2"]
             self.gemm_calibration[str(rows)] = {path: round(1000 * t, 3) for path, t in seconds.items()}
         log.info(
