@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -101,13 +104,53 @@ def _request(mode: str, k: int, n: int, request_id: str) -> Any:
     )
 
 
-def _engine_run(core: Any, mode: str, k: int, n: int, label: str) -> tuple[float, list[int], Any]:
-    from verispec.engine.core import run_to_completion
+class EngineRun(NamedTuple):
+    tokens_per_s: float  # n tokens over the whole request, its prompt's prefill included
+    decode_tokens_per_s: float  # the tokens after the first over the time from the first to the last
+    token_ids: list[int]
+    spec: Any  # the final output's speculation stats
 
+
+def _engine_run(core: Any, mode: str, k: int, n: int, label: str, timeout: float = 600) -> EngineRun:
+    outputs: list[tuple[float, Any]] = []
+    done = threading.Event()
+
+    def sink(out: Any) -> None:
+        outputs.append((time.perf_counter(), out))
+        if out.finished:
+            done.set()
+
+    request = _request(mode, k, n, label)
     start = time.perf_counter()
-    outputs = run_to_completion(core, _request(mode, k, n, label))
-    seconds = time.perf_counter() - start
-    return n / seconds, [t for o in outputs for t in o.token_ids], outputs[-1].spec
+    core.submit(request, sink)
+    if not done.wait(timeout):
+        core.abort(request.request_id)
+        raise TimeoutError(f"request {label} did not finish within {timeout}s")
+    (first_at, first), (last_at, last) = outputs[0], outputs[-1]
+    later = n - len(first.token_ids)
+    return EngineRun(
+        tokens_per_s=n / (last_at - start),
+        decode_tokens_per_s=later / (last_at - first_at) if later and last_at > first_at else 0.0,
+        token_ids=[t for _, o in outputs for t in o.token_ids],
+        spec=last.spec,
+    )
+
+
+def _weight_bytes_per_pass(model_dir: str) -> int:
+    """Bytes of weights a pass reads: the checkpoint's tensors but the embedding table (one row a token)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if not key.endswith("embed_tokens.weight"):
+                    piece = handle.get_slice(key)
+                    total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8, "U8": 1, "I8": 1}
 
 
 def _direct(backend: Any, n: int) -> float:
@@ -257,6 +300,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     from verispec.spec.adaptive import CostModel
     from verispec.spec.drafters import ModelDrafter
     from verispec.tokenizer import Tokenizer
+    from verispec.tools.bench_gemm import copy_bandwidth
 
     splits = {  # bad input fails here, before any GPU work
         "target": parse_split("--gpu-split", args.gpu_split),
@@ -270,6 +314,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0),
         "gpus": torch.cuda.device_count(),
         "max_new_tokens": n,
+        "copy_tb_per_s": copy_bandwidth(5),  # before the models and the engine's pool take the memory
     }
     target, draft = _load_models(args, splits, result)
     result.update(_pass_figures(target, draft, n))
@@ -278,9 +323,8 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     config = EngineConfig()
     runner, draft_runner = build_runner(target, config), build_runner(draft, config)
     graphs = getattr(runner, "graphs", None)
-    result["auto_gemm_calibration_ms"] = (
-        graphs.calibration if graphs is not None else getattr(runner, "gemm_calibration", {})
-    )
+    result["auto_gemm_calibration_ms"] = graphs.calibration if graphs is not None else {}
+    result["auto_gemm_eager_calibration_ms"] = getattr(runner, "gemm_calibration", {})
     calibrate(runner, costs, 9, config.max_batch_tokens)
     calibrate_draft(draft_runner, costs)
     drafters = {SpeculationMode.DRAFT_MODEL: ModelDrafter(draft_runner)}
@@ -291,6 +335,7 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
         result.update(measurements)
         _progress(f"engine: {json.dumps(measurements)}")
         result["service_vs_direct"] = round(result["engine_off_tokens_per_s"] / result["direct_tokens_per_s"], 3)
+        result.update(_roofline(args.model, result["copy_tb_per_s"], result["engine_off_decode_tokens_per_s"]))
     finally:
         core.stop(10)
     result["used_gib_per_gpu_after_engine_runs"] = [round(gib, 2) for gib in _used_gib_per_gpu()]
@@ -306,6 +351,17 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _roofline(model_dir: str, copy_tb_per_s: float, decode_tokens_per_s: float) -> dict[str, Any]:
+    """Where single-stream decode stands against reading every weight once per token at copy bandwidth."""
+    weight_bytes = _weight_bytes_per_pass(model_dir)
+    roofline = copy_tb_per_s * 1e12 / weight_bytes
+    return {
+        "weight_gb_read_per_pass": round(weight_bytes / 1e9, 2),
+        "decode_roofline_tokens_per_s": round(roofline, 1),
+        "engine_off_decode_share_of_roofline": round(decode_tokens_per_s / roofline, 3),
+    }
+
+
 def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: int) -> dict[str, Any]:
     """Engine OFF vs AUTO with the random draft (alternating, medians), fixed k, replayed acceptance."""
     from verispec.engine.core import EngineCore
@@ -316,21 +372,25 @@ def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: in
     for mode in ("off", "auto"):  # warm both paths over a whole request first
         _engine_run(core, mode, K_MAX[mode], n, f"warm-{mode}")
     runs: dict[str, list[float]] = {"off": [], "auto": []}
+    off_decode: list[float] = []
     auto_draft_tokens = auto_accepted = 0
     for repeat in range(repeats):  # ABBA cancels the machine's drift between the two modes
         for mode in ("off", "auto", "auto", "off"):
-            tps, tokens, spec = _engine_run(core, mode, K_MAX[mode], n, f"{mode}-{repeat}")
-            runs[mode].append(tps)
+            run = _engine_run(core, mode, K_MAX[mode], n, f"{mode}-{repeat}")
+            runs[mode].append(run.tokens_per_s)
             if mode == "off":
-                reference = tokens
+                reference = run.token_ids
+                off_decode.append(run.decode_tokens_per_s)
             else:
-                auto_draft_tokens += spec.num_draft_tokens
-                auto_accepted += spec.num_accepted_tokens
+                auto_draft_tokens += run.spec.num_draft_tokens
+                auto_accepted += run.spec.num_accepted_tokens
     off_runs, auto_runs = runs["off"], runs["auto"]
     off_tps, auto_tps = statistics.median(off_runs), statistics.median(auto_runs)
-    fixed_tps, _, fixed_spec = _engine_run(core, "draft_model", k, n, "fixed")
+    fixed = _engine_run(core, "draft_model", k, n, "fixed")
+    fixed_tps, fixed_spec = fixed.tokens_per_s, fixed.spec
     result["engine_off_tokens_per_s"] = round(off_tps, 2)
     result["engine_off_runs"] = [round(t, 2) for t in off_runs]
+    result["engine_off_decode_tokens_per_s"] = round(statistics.median(off_decode), 2)
     result["random_draft"] = {
         "auto_tokens_per_s": round(auto_tps, 2),
         "auto_runs": [round(t, 2) for t in auto_runs],
@@ -354,16 +414,17 @@ def _engine_measurements(core: Any, vocab_size: int, n: int, k: int, repeats: in
         _progress(f"replay drafter, synthetic acceptance {acceptance}")
         replay.start()
         try:
-            fixed, tokens, spec = _engine_run(replay, "draft_model", k, n, f"replay-{acceptance}")
-            auto, auto_tokens, auto_spec = _engine_run(replay, "auto", K_MAX["auto"], n, f"replay-auto-{acceptance}")
+            fixed = _engine_run(replay, "draft_model", k, n, f"replay-{acceptance}")
+            auto = _engine_run(replay, "auto", K_MAX["auto"], n, f"replay-auto-{acceptance}")
         finally:
             replay.stop(10)
+        spec, auto_spec = fixed.spec, auto.spec
         synthetic[str(acceptance)] = {
-            f"fixed_k{k}_speedup": round(fixed / off_tps, 3),
-            "auto_speedup": round(auto / off_tps, 3),
+            f"fixed_k{k}_speedup": round(fixed.tokens_per_s / off_tps, 3),
+            "auto_speedup": round(auto.tokens_per_s / off_tps, 3),
             "measured_acceptance": round(spec.num_accepted_tokens / max(spec.num_draft_tokens, 1), 3),
             "auto_tokens_per_step": round(auto_spec.num_emitted_tokens / max(auto_spec.num_steps, 1), 2),
-            "outputs_equal_greedy": tokens == reference and auto_tokens == reference,
+            "outputs_equal_greedy": fixed.token_ids == reference and auto.token_ids == reference,
         }
     result["synthetic_acceptance"] = synthetic
     return result
