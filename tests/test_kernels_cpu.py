@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from verispec.kernels import Q4Weights, q4_cuda
+from verispec.kernels import Q4Weights, cuda_build, q4_cuda
 
 
 def _weights(k: int, n: int) -> Q4Weights:
@@ -23,8 +23,8 @@ def _weights(k: int, n: int) -> Q4Weights:
 def test_the_cuda_source_compiles_for_ada_and_hopper_and_exports_its_entry_points(tmp_path: Path) -> None:
     """nvcc builds the library for sm_89 and sm_90 without a GPU (as the container build does), and the
     library loads without a GPU driver and names every C entry point ctypes calls."""
-    path = q4_cuda.main(["--arch", "8.9;9.0", "--out", str(tmp_path)]) == 0 and next(tmp_path.glob("*.so"))
-    assert path and path.name == q4_cuda.library_name(["89", "90"])
+    path = cuda_build.main(["--arch", "8.9;9.0", "--out", str(tmp_path)]) == 0 and next(tmp_path.glob("*.so"))
+    assert path and path.name == cuda_build.library_name(["89", "90"])
     library = ctypes.CDLL(str(path))
     entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul")
     for entry in (*entries, "verispec_error_string"):
@@ -34,11 +34,11 @@ def test_the_cuda_source_compiles_for_ada_and_hopper_and_exports_its_entry_point
 def test_a_library_built_ahead_is_used_only_when_it_covers_every_gpu(tmp_path: Path) -> None:
     """Names carry the source digest and architectures: another source's library, or one without code for
     a visible GPU, is passed over."""
-    (tmp_path / q4_cuda.library_name(["89", "90"])).touch()
+    (tmp_path / cuda_build.library_name(["89", "90"])).touch()
     (tmp_path / "q4_cuda-0000000000000000-sm80_86_89_90.so").touch()  # an older source
-    assert q4_cuda.prebuilt(["90"], [tmp_path]) == tmp_path / q4_cuda.library_name(["89", "90"])
-    assert q4_cuda.prebuilt(["89", "90"], [tmp_path]) is not None
-    assert q4_cuda.prebuilt(["80", "90"], [tmp_path]) is None
+    assert cuda_build.prebuilt(["90"], [tmp_path]) == tmp_path / cuda_build.library_name(["89", "90"])
+    assert cuda_build.prebuilt(["89", "90"], [tmp_path]) is not None
+    assert cuda_build.prebuilt(["80", "90"], [tmp_path]) is None
 
 
 @pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192), (8192, 1024)])
@@ -67,7 +67,7 @@ def test_without_a_gpu_the_kernels_say_why_and_take_nothing() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    assert q4_cuda.unavailable() == "no CUDA device"
+    assert cuda_build.unavailable() == "no CUDA device"
     assert not q4_cuda.covers(_weights(8192, 8192), 1)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.gpu.test_q4_gemm import ODD_SHAPES, _exl2_tensors, _exllamav2_matrix, _gptq_tensors
-from verispec.kernels import q4_cuda
+from verispec.kernels import cuda_build, q4_cuda
 
 pytestmark = pytest.mark.gpu
 
@@ -21,7 +21,7 @@ def _kernels() -> None:
         pytest.skip("needs a CUDA device")
     pytest.importorskip("exllamav2")
 
-    reason = q4_cuda.unavailable()
+    reason = cuda_build.unavailable()
     assert reason is None, f"the CUDA kernels did not build on a CUDA machine: {reason}"
 
 

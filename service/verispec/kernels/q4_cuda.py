@@ -1,4 +1,4 @@
-"""The CUDA 4-bit GEMMs for few rows (q4_cuda.cu): built where they run, launched, and chosen.
+"""The CUDA 4-bit GEMMs for few rows (q4_cuda.cu): their launches, and which one serves a shape.
 
 The Triton GEMM (q4_gemm.py) moves every dequantized tile through shared memory to reach the tensor cores,
 which caps it near a third of the memory bandwidth. `q4_mma` keeps the weights in registers from the load
@@ -8,13 +8,9 @@ cores. Either `q4_mma` pipeline can also ask L2 for the weights a few batches pa
 (`l2_prefetch`). Which kernel serves a weight shape at a bucket of rows is measured by graph replays the
 first time that pair is seen outside a CUDA-graph capture (`fastest`), never assumed.
 
-The source is compiled by nvcc into a shared library, called through ctypes on the current CUDA stream
-(so graph captures take its launches). Its name carries a digest of the source and the architectures it
-holds code for. One built ahead of time beside this module (`python -m verispec.kernels.q4_cuda --arch
-89,90`, as the GPU container build does, where no GPU is present) or in the cache directory is used when it
-covers every visible GPU; otherwise it is built into the cache directory on first use (10-30 s),
-which needs nvcc. It needs compute capability 8.0 or newer; where it cannot be had the Triton GEMM serves every
-row count, and `unavailable()` says why.
+The source is compiled by nvcc into a shared library (cuda_build.py), called through ctypes on the
+current CUDA stream, so graph captures take its launches. Where it cannot be had the Triton GEMM serves
+every row count, and `unavailable()` says why.
 """
 
 from __future__ import annotations
@@ -22,20 +18,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import hashlib
 import itertools
-import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Protocol
 
 import structlog
 import torch
 
 from verispec.kernels import Q4Weights, on_device
+from verispec.kernels.cuda_build import loaded, raise_on, unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -52,110 +43,7 @@ _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
 _GEMV_COLUMNS = 128  # per block (kGemvColumns)
 _MAX_COLUMN_BLOCKS = 1 << 16  # arrival counts per device: N up to 8M columns
-_SOURCE = Path(__file__).with_name("q4_cuda.cu")
 _TIMED_CALLS = 20
-
-
-def _nvcc() -> str | None:
-    """nvcc of the CUDA directory torch's extension builder finds ($CUDA_HOME, else nvcc's own), else the
-    PATH's."""
-    from torch.utils import cpp_extension
-
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _architectures() -> list[str]:
-    """Compute capabilities (as "89", "90") of every visible GPU."""
-    found = {torch.cuda.get_device_capability(index) for index in range(torch.cuda.device_count())}
-    return [f"{major}{minor}" for major, minor in sorted(found)]
-
-
-def library_name(architectures: list[str]) -> str:
-    """The library's file name: a digest of the source, and the architectures it holds code for."""
-    digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    return f"q4_cuda-{digest}-sm{'_'.join(architectures)}.so"
-
-
-def _built_for(path: Path) -> set[str]:
-    return set(path.stem.rsplit("-sm", 1)[-1].split("_"))
-
-
-def build(out_dir: Path, architectures: list[str], nvcc: str | None = None) -> Path:
-    """Compiles the library for `architectures` into `out_dir` (written beside, then renamed into place, so
-    concurrent builds race harmlessly). Needs no GPU: a container build can do it ahead of time."""
-    nvcc = nvcc or _nvcc()
-    if nvcc is None:
-        raise FileNotFoundError("nvcc not found (set CUDA_HOME): the CUDA kernels are compiled by nvcc")
-    target = out_dir / library_name(architectures)
-    gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in architectures]
-    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, str(_SOURCE)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, 10-30 s")
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run([*command, "-o", str(built)], capture_output=True, text=True, check=True)
-        built.replace(target)
-    log.info("kernels.q4_cuda_built", seconds=round(time.perf_counter() - started, 1))
-    return target
-
-
-def prebuilt(architectures: list[str], folders: list[Path]) -> Path | None:
-    """The first library of this source in `folders` that holds code for every one of `architectures`."""
-    prefix = library_name(architectures).rsplit("-sm", 1)[0]
-    for folder in folders:
-        for path in sorted(folder.glob(f"{prefix}-sm*.so")):
-            if set(architectures) <= _built_for(path):
-                return path
-    return None
-
-
-def _find_or_build(architectures: list[str]) -> Path:
-    """A library built ahead of time beside this module or in the cache directory, else one built now into
-    the cache directory."""
-    from verispec.config import default_cache_dir
-
-    cache = default_cache_dir() / "kernels"
-    return prebuilt(architectures, [Path(__file__).parent, cache]) or build(cache, architectures)
-
-
-@functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded library, or None and why it cannot be had here."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA device"
-    architectures = _architectures()
-    if any(int(arch) < 80 for arch in architectures):
-        return None, f"GPU architectures sm_{architectures}: the tensor-core kernel needs compute capability 8.0"
-    try:
-        library = ctypes.CDLL(str(_find_or_build(architectures)))
-    except subprocess.CalledProcessError as exc:
-        log.warning("kernels.q4_cuda_unavailable", error=(exc.stderr or "")[-800:])
-        return None, f"nvcc failed: {(exc.stderr or '')[-300:]}"
-    except OSError as exc:  # no nvcc, an unwritable cache, a library that does not load
-        log.warning("kernels.q4_cuda_unavailable", error=str(exc))
-        return None, f"{type(exc).__name__}: {exc}"
-    pointer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_void_p
-    integer: type[ctypes.c_void_p | ctypes.c_int] = ctypes.c_int
-    # parts, their pointers and sizes, arrivals, rows, K, group size, slices, per slice/warp, options, stream
-    library.verispec_q4_mma.argtypes = [integer, pointer, pointer, pointer, *[integer] * 7, pointer]
-    library.verispec_q4_gemv.argtypes = [integer, pointer, pointer, pointer, *[integer] * 6, pointer]
-    library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, integer, ctypes.POINTER(ctypes.c_int)]
-    library.verispec_silu_mul.argtypes = [pointer, pointer, pointer, integer, pointer]
-    for entry in ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul"):
-        getattr(library, entry).restype = integer
-    library.verispec_error_string.argtypes = [integer]
-    library.verispec_error_string.restype = ctypes.c_char_p
-    return library, ""
-
-
-def unavailable() -> str | None:
-    """Why the CUDA kernels cannot run here, or None when they can."""
-    library, reason = _library()
-    return None if library is not None else reason
 
 
 def covers(weights: Q4Weights, rows: int) -> bool:
@@ -207,11 +95,11 @@ def mma_resident_blocks(device: torch.device, pipeline: int, gptq: bool) -> int:
 
 @functools.cache
 def _mma_resident_blocks(index: int, pipeline: int, gptq: bool) -> int:
-    library = _loaded()
+    library = loaded()
     blocks = ctypes.c_int(0)
     with torch.cuda.device(index):
         error = library.verispec_q4_mma_resident_blocks(_MMA_RESIDENCY_ROWS, int(gptq), pipeline, ctypes.byref(blocks))
-    _raise_on(library, "verispec_q4_mma_resident_blocks", error)
+    raise_on(library, "verispec_q4_mma_resident_blocks", error)
     return max(1, blocks.value)
 
 
@@ -228,18 +116,6 @@ def _even_slices(units: int, wanted: int) -> tuple[int, int]:
     return -(-units // per_slice), per_slice
 
 
-def _loaded() -> ctypes.CDLL:
-    library, reason = _library()
-    if library is None:
-        raise RuntimeError(f"the CUDA 4-bit kernels are not available: {reason}")
-    return library
-
-
-def _raise_on(library: ctypes.CDLL, entry: str, error: int) -> None:
-    if error:
-        raise RuntimeError(f"{entry}: {library.verispec_error_string(error).decode()}")
-
-
 def _checked(
     xs: Sequence[torch.Tensor],
     weights: Sequence[Q4Weights],
@@ -248,7 +124,7 @@ def _checked(
 ) -> tuple[ctypes.CDLL, list[torch.Tensor], list[torch.Tensor | None]]:
     """The library, each part's x as the kernels read it (16-byte aligned rows) and its residual, after
     checking every operand."""
-    library = _loaded()
+    library = loaded()
     if len(xs) != len(weights) or (residuals is not None and len(residuals) != len(weights)):
         raise ValueError(f"{len(xs)} inputs, {len(weights)} weights and residuals for each: one per part")
     if not share_a_launch(weights):
@@ -306,7 +182,7 @@ def _call(
             arrivals.data_ptr() if arrivals is not None else None, rows, first.in_features, first.group_size, slices,
             *tail, stream,
         )  # fmt: skip
-    _raise_on(library, entry, error)
+    raise_on(library, entry, error)
     return outs
 
 
@@ -410,7 +286,7 @@ _CHOICE: dict[tuple[int, int, tuple[int, ...], int, bool, int], str] = {}
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up in fp16, kept finite, in one kernel: the bits of torch's F.silu, mul_ and clamp_ to
     +-65504 (three kernels)."""
-    library = _loaded()
+    library = loaded()
     if gate.shape != up.shape or gate.dtype != torch.float16 or up.dtype != torch.float16:
         raise ValueError(f"gate and up must be fp16 of one shape, not {gate.dtype} {list(gate.shape)} and "
                          f"{up.dtype} {list(up.shape)}")  # fmt: skip
@@ -419,7 +295,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     with on_device(gate):
         stream = torch.cuda.current_stream(gate.device).cuda_stream
         error = library.verispec_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), stream)
-    _raise_on(library, "verispec_silu_mul", error)
+    raise_on(library, "verispec_silu_mul", error)
     return out
 
 
@@ -513,22 +389,3 @@ def _arrivals(device: torch.device) -> torch.Tensor:
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Builds the library ahead of time: `python -m verispec.kernels.q4_cuda --arch 89,90 [--out DIR]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m verispec.kernels.q4_cuda", description=main.__doc__)
-    parser.add_argument(
-        "--arch", required=True, help="compute capabilities: '8.9,9.0' or '89;90' (8.9: RTX 4090, 9.0: H100/H200)"
-    )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder (default: beside this module)")
-    args = parser.parse_args(argv)
-    architectures = sorted({arch.strip().replace(".", "") for arch in args.arch.replace(";", ",").split(",")} - {""})
-    print(build(args.out, architectures))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

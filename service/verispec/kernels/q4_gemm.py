@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 import triton
 import triton.language as tl
 
-from verispec.kernels import MAX_Q4_ROWS, Q4Weights, on_device, q4_cuda
+from verispec.kernels import MAX_Q4_ROWS, Q4Weights, cuda_build, on_device, q4_cuda
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def _triton_parts(
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up in fp16, kept finite as ExLlamaV2 keeps it: one CUDA kernel where the library is
     built, else torch's three (the same bits)."""
-    if gate.is_cuda and q4_cuda.unavailable() is None:
+    if gate.is_cuda and cuda_build.unavailable() is None:
         return q4_cuda.silu_mul(gate, up)
     return F.silu(gate).mul_(up).clamp_(min=-65504.0, max=65504.0)
 

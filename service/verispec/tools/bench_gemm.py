@@ -249,12 +249,12 @@ def _cuda_points(
     q4_matmul as the runner calls it (the fastest kernel at m)."""
     import torch
 
-    from verispec.kernels import q4_cuda
+    from verispec.kernels import cuda_build, q4_cuda
     from verispec.kernels.q4_gemm import q4_matmul
 
     q4_bytes = ops.k * ops.n // 2
     if not q4_cuda.covers(ops.q4, m):
-        reason = q4_cuda.unavailable()
+        reason = cuda_build.unavailable()
         return {"cuda_unavailable": reason} if reason else {}
     device = torch.device("cuda", 0)
     point: dict[str, Any] = {"q4_matmul": kernel(q4_bytes, lambda: q4_matmul(x, ops.q4))}
