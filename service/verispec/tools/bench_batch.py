@@ -544,9 +544,11 @@ async def _client_loop(conn: Connection, server: ServerInfo) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Any, parts: Parts) -> AsyncIterator[ClientProcess]:
+async def serving(
+    config: Any, parts: Parts, progress: Callable[[str], None] | None = None
+) -> AsyncIterator[ClientProcess]:
     """A server on an ephemeral port over a new engine (own thread) and a client process for it; stopped,
-    and the engine's memory freed, on exit."""
+    and the engine's memory freed, on exit (`progress` is told how much GPU memory is free then)."""
     from verispec.api.server import Server
     from verispec.loader import build_engine
 
@@ -569,6 +571,8 @@ async def serving(config: Any, parts: Parts) -> AsyncIterator[ClientProcess]:
         del server, engine  # every reference to the engine, so that its KV pool can go
         gc.collect()
         _empty_cuda_cache()  # the next engine sizes its KV pool from the memory free then
+        if progress is not None and (free := _free_gpu_memory()):
+            progress(f"{policy} engine stopped: {free}")
 
 
 def _returning(models: Any) -> Callable[..., Any]:
@@ -581,6 +585,19 @@ def _empty_cuda_cache() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _free_gpu_memory() -> str:
+    """Free and total memory per GPU, in GiB ("" without CUDA): what the next engine's KV pool is sized from."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    gib = 2**30
+    sizes = [torch.cuda.mem_get_info(index) for index in range(torch.cuda.device_count())]
+    return ", ".join(
+        f"cuda:{index} {free / gib:.1f} of {total / gib:.1f} GiB free" for index, (free, total) in enumerate(sizes)
+    )
 
 
 def long_prompt_text(tokenizer: Any, num_tokens: int) -> str:
@@ -625,7 +642,7 @@ async def _run(args: argparse.Namespace, progress: Callable[[str], None]) -> dic
     probe = None
     for repeat in range(args.repeats):
         for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:  # ABBA: drift hits both policies
-            async with serving(configs[policy], parts) as clients:
+            async with serving(configs[policy], parts, progress) as clients:
                 rounds += await clients.call("block", args, repeat, progress)
                 if policy == "batched" and probe is None and not args.no_ttft_probe:
                     probe = await clients.call("probe", args.repeats, args.probe_samples, long_prompt, progress)
