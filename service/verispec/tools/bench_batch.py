@@ -428,7 +428,9 @@ def raw_batch_ceiling(backend: Any, sizes: Sequence[int], num_steps: int, prompt
 # new thread, serves the block's rounds and stops, ending that thread, before the next block starts.
 
 
-def on_new_thread(name: str, build: Callable[[], T], then: Callable[[T], None] | None = None) -> Future[T]:
+def on_new_thread(
+    name: str, build: Callable[[], T], then: Callable[[T], None] | None = None
+) -> tuple[Future[T], threading.Thread]:
     """Runs `build` on a new thread, then `then(result)` on the same thread (an engine loop); the thread
     ends after. Torch work stays on the one thread that started it."""
     built: Future[T] = Future()
@@ -443,8 +445,9 @@ def on_new_thread(name: str, build: Callable[[], T], then: Callable[[T], None] |
         if then is not None:
             then(result)
 
-    threading.Thread(target=main, name=name, daemon=True).start()
-    return built
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    return built, thread
 
 
 @dataclass(frozen=True)
@@ -557,7 +560,7 @@ async def serving(
     server = Server(config)
     port = await server.start()
     build = functools.partial(build_engine, config, parts.target, parts.tokenizer, parts.draft, counts)
-    engine = on_new_thread(f"verispec-engine-{policy}", build, lambda models: models.engine.core.run())
+    engine, engine_thread = on_new_thread(f"verispec-engine-{policy}", build, lambda models: models.engine.core.run())
     clients = None
     try:
         await server.load(_returning(await asyncio.wrap_future(engine)))
@@ -569,6 +572,7 @@ async def serving(
             clients.close()
         await server.stop(0)
         del server, engine  # every reference to the engine, so that its KV pool can go
+        await asyncio.to_thread(engine_thread.join, 60)  # and the engine thread's own, once its loop has ended
         gc.collect()
         _empty_cuda_cache()  # the next engine sizes its KV pool from the memory free then
         if progress is not None and (free := _free_gpu_memory()):
@@ -633,7 +637,7 @@ async def _run(args: argparse.Namespace, progress: Callable[[str], None]) -> dic
     load_before = os.getloadavg()
     configs = {p: config_from_argv(server_flags(args, p)) for p in POLICIES}
     progress("loading the model")
-    loading = on_new_thread(
+    loading, _thread = on_new_thread(
         "verispec-load", lambda: load_parts(configs["batched"], args.concurrency, args.max_new_tokens)
     )
     parts = await asyncio.wrap_future(loading)
