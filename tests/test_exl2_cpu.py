@@ -51,6 +51,11 @@ def test_synth_tiny_checkpoint(tmp_path: Path) -> None:
     assert len(tokenizer) == SHAPES["tiny"].vocab
     ids = tokenizer("Hello, world!")["input_ids"]
     assert tokenizer.decode(ids) == "Hello, world!"
+    # bench exl2's roofline counts every byte a pass reads: all of it but the fp16 embedding table
+    from verispec.tools.bench_exl2 import _weight_bytes_per_pass
+
+    embedding = SHAPES["tiny"].vocab * config["hidden_size"] * 2
+    assert _weight_bytes_per_pass(str(tmp_path)) == summary["bytes"] - embedding
 
 
 def test_synthetic_tokenizer_reaches_llama3_vocabulary(tmp_path: Path) -> None:

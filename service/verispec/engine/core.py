@@ -457,12 +457,20 @@ class EngineCore:
             self._finish(seq, final(seq, reason, error=error))
 
 
-def run_to_completion(core: EngineCore, request: Request, timeout: float = 600) -> list[StepOutput]:
-    """Submits `request` and blocks until its final output (benchmarks and tests; not for the API)."""
+def run_to_completion(
+    core: EngineCore,
+    request: Request,
+    timeout: float = 600,
+    observe: Callable[[StepOutput], None] | None = None,
+) -> list[StepOutput]:
+    """Submits `request` and blocks until its final output (benchmarks and tests; not for the API);
+    `observe` sees each output as it arrives, on the engine thread (a benchmark's clock)."""
     outputs: list[StepOutput] = []
     done = threading.Event()
 
     def sink(out: StepOutput) -> None:
+        if observe is not None:
+            observe(out)
         outputs.append(out)
         if out.finished:
             done.set()

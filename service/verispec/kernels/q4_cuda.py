@@ -56,8 +56,10 @@ def covers(weights: Q4Weights, rows: int) -> bool:
 def share_a_launch(weights: Sequence[Q4Weights]) -> bool:
     """Whether these products can run as the parts of one launch: at most MAX_PARTS, the same K, group size
     and layout (EXL2 or GPTQ)."""
+    if not 1 <= len(weights) <= MAX_PARTS:
+        return False
     first = weights[0]
-    return 1 <= len(weights) <= MAX_PARTS and all(
+    return all(
         (w.in_features, w.group_size, w.gptq) == (first.in_features, first.group_size, first.gptq) for w in weights
     )
 
@@ -288,8 +290,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     +-65504 (three kernels)."""
     library = loaded()
     if gate.shape != up.shape or gate.dtype != torch.float16 or up.dtype != torch.float16:
-        raise ValueError(f"gate and up must be fp16 of one shape, not {gate.dtype} {list(gate.shape)} and "
-                         f"{up.dtype} {list(up.shape)}")  # fmt: skip
+        shapes = f"{gate.dtype} {list(gate.shape)} and {up.dtype} {list(up.shape)}"
+        raise ValueError(f"gate and up must be fp16 of one shape, not {shapes}")
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     with on_device(gate):

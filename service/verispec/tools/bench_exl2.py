@@ -18,7 +18,6 @@ import math
 import random
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -111,28 +110,20 @@ class EngineRun(NamedTuple):
     spec: Any  # the final output's speculation stats
 
 
-def _engine_run(core: Any, mode: str, k: int, n: int, label: str, timeout: float = 600) -> EngineRun:
-    outputs: list[tuple[float, Any]] = []
-    done = threading.Event()
+def _engine_run(core: Any, mode: str, k: int, n: int, label: str) -> EngineRun:
+    from verispec.engine.core import run_to_completion
 
-    def sink(out: Any) -> None:
-        outputs.append((time.perf_counter(), out))
-        if out.finished:
-            done.set()
-
-    request = _request(mode, k, n, label)
+    arrived: list[float] = []
     start = time.perf_counter()
-    core.submit(request, sink)
-    if not done.wait(timeout):
-        core.abort(request.request_id)
-        raise TimeoutError(f"request {label} did not finish within {timeout}s")
-    (first_at, first), (last_at, last) = outputs[0], outputs[-1]
-    later = n - len(first.token_ids)
+    outputs = run_to_completion(
+        core, _request(mode, k, n, label), observe=lambda _: arrived.append(time.perf_counter())
+    )
+    later = n - len(outputs[0].token_ids)
     return EngineRun(
-        tokens_per_s=n / (last_at - start),
-        decode_tokens_per_s=later / (last_at - first_at) if later and last_at > first_at else 0.0,
-        token_ids=[t for _, o in outputs for t in o.token_ids],
-        spec=last.spec,
+        tokens_per_s=n / (arrived[-1] - start),
+        decode_tokens_per_s=later / (arrived[-1] - arrived[0]) if later and arrived[-1] > arrived[0] else 0.0,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        spec=outputs[-1].spec,
     )
 
 
