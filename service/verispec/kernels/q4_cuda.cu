@@ -15,9 +15,9 @@
 // on its own input only, whichever rows share its launch (batched greedy = solo greedy).
 //
 // A launch takes up to three such products that share rows and K (q, k and v; gate and up), one after another
-// along the grid. Beside them, SiLU(gate) * up in one kernel. Built by kernels/q4_cuda.py with nvcc into a
-// shared library called through ctypes (C entry points at the end; every launch goes on the caller's stream,
-// so CUDA graphs capture it).
+// along the grid. Beside them, SiLU(gate) * up in one kernel. Built by kernels/cuda_build.py with nvcc into a
+// shared library that kernels/q4_cuda.py calls through ctypes (C entry points at the end; every launch goes on
+// the caller's stream, so CUDA graphs capture it).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,8 +124,8 @@ __device__ __forceinline__ Problem part_of_block(const Problems& set, int& colum
 
 // Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
 // first_column .. + width of every row; the block of those columns that arrives last (counted in
-// arrivals[blockIdx.x], one count per block of columns of the launch, whichever part it is in) adds them in slice order, then the residual, into fp16 out, and sets the count back to
-// zero for the next launch. The order is fixed whichever block arrives last, so a row's bits depend on
+// arrivals[blockIdx.x], one count per block of columns of the launch, whichever part it is in) adds them in
+// slice order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The order is fixed whichever block arrives last, so a row's bits depend on
 // neither timing nor the rows beside it.
 __device__ void finish_slices(const Problem& p, int first_column, int width) {
   __shared__ bool last;
