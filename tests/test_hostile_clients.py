@@ -240,10 +240,18 @@ def test_nan_or_infinite_scores_never_become_a_token() -> None:
         draw(probs, 0.5)
     sampler = Sampler(SamplingParams(temperature=0.7, seed=1), 8, [])
     for bad in (float("nan"), float("inf")):
-        logits = torch.zeros(1, 8)
-        logits[0, 3] = bad
-        with pytest.raises(SamplingError):
-            sampler.scores(logits)
+        for row in (0, 2):
+            logits = torch.zeros(3, 8)
+            logits[row, 3] = bad
+            logits[row, 5] = float("-inf")  # a NaN beside an -inf is still found
+            with pytest.raises(SamplingError):
+                sampler.scores(logits)
+    masked = torch.zeros(2, 8)
+    masked[1] = float("-inf")  # nothing left to sample in row 1
+    with pytest.raises(SamplingError):
+        sampler.scores(masked)
+    masked[1, 4] = 0.0  # some values masked, one left: fine
+    assert sampler.scores(masked).shape == (2, 8)
 
 
 # -- 5. Chat roles are checked, and content is text ------------------------------------------------
