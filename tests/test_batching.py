@@ -526,7 +526,14 @@ def test_a_long_prompt_beside_decodes_progresses_in_chunks_smaller_than_a_page_w
     """Where every token costs (a GPU pass of 8 decodes and 16 prompt tokens is ~1.7x the decodes alone), the
     long prompt's chunk shrinks below a page to keep the step within the slack, and never below one token:
     it still progresses when even one token is over the slack."""
-    for cost, within in ((lambda tokens: 0.02 + 0.001 * tokens, True), (lambda tokens: 0.001 * tokens, False)):
+
+    def with_fixed_cost(tokens: int) -> float:
+        return 0.02 + 0.001 * tokens
+
+    def by_the_token(tokens: int) -> float:
+        return 0.001 * tokens
+
+    for cost, within in ((with_fixed_cost, True), (by_the_token, False)):
         pool = PagePool(512, 16)
         scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.1)
         make = _Plain(pool)
