@@ -510,16 +510,21 @@ def test_prefill_beside_decodes_keeps_the_step_within_the_slack() -> None:
     alone = scheduler.schedule(_no_drafts)
     assert [(s.seq, s.num_new_tokens) for s in alone.scheduled] == [(long, 256)]
     long.num_computed += 256
+    chunk = _long_chunk_beside_eight_decodes(scheduler, make, long, computed=512)
+    assert cost(8 + chunk) <= 1.25 * cost(8) and chunk >= 16, chunk
+
+
+def _long_chunk_beside_eight_decodes(scheduler: Scheduler, make: _Plain, long: EngineSequence, computed: int) -> int:
+    """The prompt tokens of `long` (`computed` of them done) that a step carries beside 8 decoding sequences."""
     decoding = [make.sequence(4, emitted=1) for _ in range(8)]
     for seq in decoding:
         scheduler.add(seq)
     scheduler.schedule(_no_drafts)
     for seq in decoding:
         seq.num_computed = len(seq.context) - 1
-    long.num_computed = 512
+    long.num_computed = computed
     plan = scheduler.schedule(_no_drafts)
-    chunk = next(s.num_new_tokens for s in plan.scheduled if s.seq is long)
-    assert cost(8 + chunk) <= 1.25 * cost(8) and chunk >= 16, chunk
+    return next(s.num_new_tokens for s in plan.scheduled if s.seq is long)
 
 
 def test_a_long_prompt_beside_decodes_progresses_in_chunks_smaller_than_a_page_within_the_slack() -> None:
@@ -538,15 +543,8 @@ def test_a_long_prompt_beside_decodes_progresses_in_chunks_smaller_than_a_page_w
         scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.1)
         make = _Plain(pool)
         long = make.sequence(2000)
-        decoding = [make.sequence(4, emitted=1) for _ in range(8)]
-        for seq in [*decoding, long]:
-            scheduler.add(seq)
-        scheduler.schedule(_no_drafts)
-        for seq in decoding:
-            seq.num_computed = len(seq.context) - 1
-        long.num_computed = 256
-        plan = scheduler.schedule(_no_drafts)
-        chunk = next(s.num_new_tokens for s in plan.scheduled if s.seq is long)
+        scheduler.add(long)
+        chunk = _long_chunk_beside_eight_decodes(scheduler, make, long, computed=256)
         assert 1 <= chunk < pool.page_size, chunk
         assert (cost(8 + chunk) <= 1.1 * cost(8)) == within, chunk
 
