@@ -11,6 +11,20 @@ import torch
 MAX_Q4_ROWS = 64  # rows the 4-bit GEMM takes; above this the GEMM is compute-bound and fp16 cuBLAS wins
 
 
+_SMS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, which the kernels size their grids by; 8 on the CPU, where
+    Triton's interpreter runs them."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     """Makes the tensor's GPU current for a kernel launch (Triton launches on the current GPU); nothing on
     the CPU, where Triton's interpreter runs the kernels."""

@@ -125,8 +125,8 @@ __device__ __forceinline__ Problem part_of_block(const Problems& set, int& colum
 // Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
 // first_column .. + width of every row; the block of those columns that arrives last (counted in
 // arrivals[blockIdx.x], one count per block of columns of the launch, whichever part it is in) adds them in
-// slice order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The order is fixed whichever block arrives last, so a row's bits depend on
-// neither timing nor the rows beside it.
+// slice order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The
+// order is fixed whichever block arrives last, so a row's bits depend on neither timing nor the rows beside it.
 __device__ void finish_slices(const Problem& p, int first_column, int width) {
   __shared__ bool last;
   __threadfence();  // this thread's partial sums reach the whole device before its block is counted
@@ -498,11 +498,14 @@ cudaError_t mma_kernel_for_rows(int rows, int pipeline, Kernel& kernel) {
   return mma_kernel<8, GPTQ>(pipeline, kernel);
 }
 
+cudaError_t mma_kernel_for(int rows, bool gptq, int pipeline, Kernel& kernel) {
+  return gptq ? mma_kernel_for_rows<true>(rows, pipeline, kernel) : mma_kernel_for_rows<false>(rows, pipeline, kernel);
+}
+
 cudaError_t launch_mma(const Problems& set, int column_blocks, bool gptq, int slices, int batches_per_slice,
                        int pipeline, cudaStream_t stream) {
   Kernel kernel{};
-  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(set.part[0].rows, pipeline, kernel)
-                                 : mma_kernel_for_rows<false>(set.part[0].rows, pipeline, kernel);
+  const cudaError_t error = mma_kernel_for(set.part[0].rows, gptq, pipeline, kernel);
   if (error != cudaSuccess) return error;
   kernel.function<<<dim3(column_blocks, slices), kMmaThreads, kernel.shared_bytes, stream>>>(set, batches_per_slice);
   return cudaGetLastError();
@@ -722,8 +725,7 @@ int verispec_q4_gemv(int parts, void* const* pointers, const int* sizes, void* a
 // How many blocks of the q4_mma kernel for `rows` and `pipeline` one SM of the current device holds at once.
 int verispec_q4_mma_resident_blocks(int rows, int gptq, int pipeline, int* blocks) {
   Kernel kernel{};
-  const cudaError_t error = gptq ? mma_kernel_for_rows<true>(rows, pipeline, kernel)
-                                 : mma_kernel_for_rows<false>(rows, pipeline, kernel);
+  const cudaError_t error = mma_kernel_for(rows, gptq != 0, pipeline, kernel);
   if (error != cudaSuccess) return error;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel.function, kMmaThreads, kernel.shared_bytes);
 }

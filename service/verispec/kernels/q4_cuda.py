@@ -25,7 +25,7 @@ from typing import Protocol
 import structlog
 import torch
 
-from verispec.kernels import Q4Weights, on_device
+from verispec.kernels import Q4Weights, num_sms, on_device
 from verispec.kernels.cuda_build import loaded, raise_on, unavailable
 
 log = structlog.get_logger(__name__)
@@ -210,7 +210,7 @@ def q4_mma_parts(
     in_features = weights[0].in_features
     if slices is None:
         resident = mma_resident_blocks(checked[0].device, pipeline, weights[0].gptq)
-        slices = mma_slices(in_features, [w.out_features for w in weights], _num_sms(checked[0].device), resident)
+        slices = mma_slices(in_features, [w.out_features for w in weights], num_sms(checked[0].device), resident)
     slices, per_slice = _even_slices(in_features // _BATCH_K, slices)
     tail = [per_slice, pipeline, l2_prefetch]
     return _call(library, "verispec_q4_mma", checked, weights, residual_list, slices, tail)
@@ -229,7 +229,7 @@ def q4_gemv_parts(
     first = weights[0]
     if slices is None:
         widths = [w.out_features for w in weights]
-        slices = gemv_slices(first.in_features, widths, first.group_size, _num_sms(checked[0].device))
+        slices = gemv_slices(first.in_features, widths, first.group_size, num_sms(checked[0].device))
     groups = first.in_features // first.group_size
     per_warp = -(-groups // (slices * _GEMV_WARPS))  # each warp takes a run of whole groups
     slices = -(-groups // (per_warp * _GEMV_WARPS))
@@ -386,8 +386,3 @@ def _arrivals(device: torch.device) -> torch.Tensor:
             raise RuntimeError("the CUDA 4-bit kernels' first launch on a device cannot be inside a graph capture")
         _ARRIVALS[index] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=torch.device("cuda", index))
     return _ARRIVALS[index]
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)

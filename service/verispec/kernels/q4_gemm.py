@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 import triton
 import triton.language as tl
 
-from verispec.kernels import MAX_Q4_ROWS, Q4Weights, cuda_build, on_device, q4_cuda
+from verispec.kernels import MAX_Q4_ROWS, Q4Weights, cuda_build, num_sms, on_device, q4_cuda
 
 
 @dataclass(frozen=True)
@@ -307,7 +307,7 @@ def _triton_matmul(
     rows = x.shape[0]
     n = weights.out_features
     if config is None:
-        config = default_config(weights, _num_sms(x.device))
+        config = default_config(weights, num_sms(x.device))
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(rows, block_m))
     if config.split_k == 1:
@@ -377,15 +377,3 @@ def dequantize(weights: Q4Weights, config: LaunchConfig | None = None, kernel: s
     result = torch.empty_like(sorted_rows)
     result[weights.perm] = sorted_rows
     return result
-
-
-_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]

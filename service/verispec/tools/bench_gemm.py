@@ -184,6 +184,7 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
     import torch
     from exllamav2.ext import exllamav2_ext as ext_c
 
+    from verispec.kernels import num_sms
     from verispec.kernels.q4_gemm import LaunchConfig, default_config, q4_matmul
     from verispec.runner.exl2_graphs import EXLLAMAV2_AUTOTUNE_CALLS
 
@@ -191,7 +192,7 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
     x_bf16 = x.to(torch.bfloat16)
     out = torch.empty((m, ops.n), dtype=torch.half, device="cuda")
     q4_bytes, fp16_bytes = ops.k * ops.n // 2, ops.k * ops.n * 2
-    config = default_config(ops.q4, _num_sms())
+    config = default_config(ops.q4, num_sms(x.device))
 
     def timed(call: Callable[[], object], repeats: int = args.repeats) -> dict[str, Any]:
         """GPU time from a graph replay (the kernel's own bandwidth), and the time with Python launches."""
@@ -249,7 +250,7 @@ def _cuda_points(
     q4_matmul as the runner calls it (the fastest kernel at m)."""
     import torch
 
-    from verispec.kernels import cuda_build, q4_cuda
+    from verispec.kernels import cuda_build, num_sms, q4_cuda
     from verispec.kernels.q4_gemm import q4_matmul
 
     q4_bytes = ops.k * ops.n // 2
@@ -261,21 +262,20 @@ def _cuda_points(
     kernels = {name: run for name, run in q4_cuda.KERNELS.items() if m <= q4_cuda.MAX_ROWS[name]}
     for name, run in kernels.items():
         point[f"cuda_{name}"] = kernel(q4_bytes, partial(run, [x], [ops.q4]))
-    for pipeline in (0, q4_cuda.REGISTER_PIPELINE):
+    pipelines = {"mma": 0, "mma_registers": q4_cuda.REGISTER_PIPELINE}  # the q4_mma pipelines by kernel name
+    for name, pipeline in pipelines.items():
         resident = q4_cuda.mma_resident_blocks(device, pipeline, ops.q4.gptq)
-        name = "mma" if pipeline == 0 else "mma_registers"
         point[f"cuda_{name}_resident_blocks"] = resident
-        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], _num_sms(), resident)
+        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], num_sms(device), resident)
     if "gemv" in kernels:
-        point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.k, [ops.n], ops.q4.group_size, _num_sms())
+        point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.k, [ops.n], ops.q4.group_size, num_sms(device))
     if not sweep:
         return point
     if "gemv" in kernels:
         point["cuda_gemv_no_prefetch"] = kernel(q4_bytes, partial(q4_cuda.q4_gemv, x, ops.q4, prefetch=False))
     for depth in q4_cuda.MMA_PIPELINES[1:]:
         point[f"cuda_mma_registers_{depth}"] = kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=depth))
-    for pipeline in (0, q4_cuda.REGISTER_PIPELINE):
-        name = "mma" if pipeline == 0 else "mma_registers"
+    for name, pipeline in pipelines.items():
         point[f"cuda_{name}_by_l2_prefetch"] = {
             str(ahead): kernel(q4_bytes, partial(q4_cuda.q4_mma, x, ops.q4, pipeline=pipeline, l2_prefetch=ahead))[
                 "tb_per_s"
@@ -288,12 +288,6 @@ def _cuda_points(
             for slices in (1, 2, 3, 4, 6, 8, 12, 16, 32)
         }
     return point
-
-
-def _num_sms() -> int:
-    import torch
-
-    return int(torch.cuda.get_device_properties(0).multi_processor_count)
 
 
 def copy_bandwidth(repeats: int) -> float:
