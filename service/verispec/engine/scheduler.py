@@ -188,16 +188,13 @@ class Scheduler:
     def _prefill_allowance(self, decode_tokens: int, budget: int, shortest: int) -> int:
         """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
         decode, as many as keep the step within decode_step_slack x the decode-only step (measured),
-        but at least one (long prompts always progress) and the whole shortest pending prompt when it is
-        short, at most a quarter of the budget (a short request is never split over steps). A chunk may
-        be smaller than a page: a floor of a page made each step beside 8 decodes carry 16 prompt tokens
-        (on an H100, 70B shape: a 24-row pass of 38 ms against 22 for the decodes alone, where 8 tokens
-        take 27), which a new request then waits behind."""
+        but at least a page's worth (long prompts always progress) and the whole shortest pending prompt
+        when it is short, at most a quarter of the budget (a short request is never split over steps)."""
         if not decode_tokens or self.step_cost is None or self.decode_step_slack <= 0:
             return budget
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
         short = shortest if shortest <= self.max_batch_tokens // 4 else 0
-        floor = min(budget, max(1, short))
+        floor = min(budget, max(self.pool.page_size, short))
         tokens = budget
         while tokens > floor and self.step_cost(decode_tokens + tokens) > limit:
             tokens //= 2
