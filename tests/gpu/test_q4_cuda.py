@@ -124,7 +124,6 @@ def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) 
     """With K in slices, the last block of each column range to finish adds them in slice order: repeated
     launches give the same bits whichever block came last, the product is right, and the device's arrival
     counts are back at zero after every launch."""
-
     weights, dense = _weights("exl2", 2048, 1000, 17, False)
     x = torch.randn((3, 2048), device="cuda").half()
     for slices in (2, 4, 16):

@@ -68,15 +68,15 @@ def _column_blocks(out_features: Sequence[int], columns: int) -> int:
     return sum(-(-n // columns) for n in out_features)
 
 
-def mma_slices(in_features: int, out_features: Sequence[int], num_sms: int, resident_blocks: int) -> int:
+def mma_slices(in_features: int, out_features: Sequence[int], sms: int, resident_blocks: int) -> int:
     """How many slices of K a q4_mma launch of products of these widths takes: enough blocks to fill the
-    SMs' `resident_blocks` slots each, in the fewest waves of them that the grid fills to three quarters or
+    `sms` SMs' `resident_blocks` slots each, in the fewest waves of them that the grid fills to three quarters or
     more. A wave filled a little past its end leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57
     TB/s in 1.06 waves against 1.75 in 0.91, H100); each slice also adds fp32 partial sums to write and add.
     By shape and pipeline only, so a row's sums never depend on its batch."""
     batches = in_features // _BATCH_K
     column_blocks = _column_blocks(out_features, _MMA_BLOCK_COLUMNS)
-    slots = resident_blocks * num_sms
+    slots = resident_blocks * sms
     for waves in itertools.count(1):
         wanted = waves * slots // column_blocks
         if wanted >= batches:
@@ -105,11 +105,11 @@ def _mma_resident_blocks(index: int, pipeline: int, gptq: bool) -> int:
     return max(1, blocks.value)
 
 
-def gemv_slices(in_features: int, out_features: Sequence[int], group_size: int, num_sms: int) -> int:
-    """How many runs of K a q4_gemv launch cuts the groups into: the fewest that give every SM eight
-    blocks, so that enough loads are in flight."""
+def gemv_slices(in_features: int, out_features: Sequence[int], group_size: int, sms: int) -> int:
+    """How many runs of K a q4_gemv launch cuts the groups into: the fewest that give every one of `sms` SMs
+    eight blocks, so that enough loads are in flight."""
     most = -(-in_features // (group_size * _GEMV_WARPS))  # a group per warp
-    return min(most, -(-8 * num_sms // _column_blocks(out_features, _GEMV_COLUMNS)))
+    return min(most, -(-8 * sms // _column_blocks(out_features, _GEMV_COLUMNS)))
 
 
 def _even_slices(units: int, wanted: int) -> tuple[int, int]:
