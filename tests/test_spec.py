@@ -15,7 +15,7 @@ from tests.conftest import ServerFactory, Target
 from verispec.backends.torch_ref import TorchRefBackend
 from verispec.config import EngineConfig
 from verispec.engine.core import EngineCore, run_to_completion
-from verispec.errors import ModelLoadError
+from verispec.errors import ModelLoadError, SamplingError
 from verispec.loader import check_same_vocabulary
 from verispec.request import (
     FinishReason,
@@ -31,7 +31,7 @@ from verispec.runner import build_runner
 from verispec.sampling import Sampler, draw
 from verispec.spec.adaptive import _PROBE_MAX, PROBE_EVERY, CostModel, KController, best_k, expected_tokens
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter, lookup
-from verispec.spec.verify import Proposal, verify
+from verispec.spec.verify import Proposal, greedy_argmax, verify
 from verispec.tokenizer import Tokenizer
 from verispec_proto.v1 import generation_pb2 as pb
 
@@ -142,6 +142,40 @@ def test_greedy_verify_accepts_matching_prefix() -> None:
     all_in = verify(sampler, logits, Proposal([3, 4, 5]), 0)
     assert all_in.token_ids == [3, 4, 5, 6] and all_in.bonus
     assert verify(sampler, logits, Proposal([0, 4, 5]), 0).token_ids == [3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_argmax_of_many_requests_equals_each_alone(dtype: torch.dtype) -> None:
+    """One reduction over several requests' rows gives each request's own greedy tokens (ties to the lowest
+    id, as argmax alone), leaves the padded vocabulary tail out, and gives None only to a request with a
+    non-finite row (NaN, +inf, or every token masked), which its own verify() then reports."""
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randn(n, 12, generator=gen).to(dtype) for n in (1, 5, 2, 1)]
+    rows[1][2, 4] = rows[1][2, 9] = 50.0  # a tie
+    rows[2][:, 10:] = 100.0  # padding past a vocabulary of 10
+    rows.append(torch.full((2, 12), float("-inf"), dtype=dtype))
+    rows.append(torch.randn(3, 12, generator=gen).to(dtype))
+    rows[-1][1, 3] = float("nan")
+    got = greedy_argmax(rows, 10)
+    sampler = Sampler(SamplingParams(), 10, [])
+    for r, ids in zip(rows[:4], got[:4], strict=True):
+        assert ids == sampler.scores(r).argmax(-1).tolist()
+    assert got[1] is not None and got[1][2] == 4
+    assert got[4] is None and got[5] is None
+    for bad in rows[4:]:
+        with pytest.raises(SamplingError):
+            verify(sampler, bad, Proposal([]), 0)
+
+
+def test_plain_greedy_only_where_scores_are_the_logits() -> None:
+    """A request is plain greedy (batched argmax) unless it samples, has a penalty, or still suppresses EOS."""
+    assert Sampler(SamplingParams(), 10, []).plain_greedy
+    assert not Sampler(SamplingParams(temperature=0.7), 10, []).plain_greedy
+    assert not Sampler(SamplingParams(repetition_penalty=1.2), 10, []).plain_greedy
+    held = Sampler(SamplingParams(), 10, [], suppress_token_ids=[9], min_new_tokens=2)
+    assert not held.plain_greedy
+    held.observe([1, 2])
+    assert held.plain_greedy
 
 
 def test_rejection_sampling_on_the_real_model(target: Target) -> None:

@@ -76,6 +76,16 @@ class Sampler:
     def greedy(self) -> bool:
         return self.params.greedy
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits at this step: no penalty and no token suppressed, so the scores are the
+        logits and many requests' argmaxes can be taken in one reduction (verify.greedy_argmax)."""
+        return (
+            self.params.greedy
+            and not self.params.uses_penalties
+            and not (self.suppress_token_ids and self.num_generated < self.min_new_tokens)
+        )
+
     def observe(self, token_ids: Sequence[int]) -> None:
         """Records emitted tokens (for penalties and min_new_tokens); the per-token tables only where a
         penalty reads them (an indexed write costs a few microseconds a token)."""

@@ -338,7 +338,8 @@ class EngineCore:
             return
         # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
         # own; (4) the rejected drafts are forgotten by moving the sequence's length.
-        verdicts = [self._verify(s, proposals[i], logits[i]) for i, s in enumerate(scheduled)]
+        targets = speculation.greedy_targets(scheduled, logits)
+        verdicts = [self._verify(s, proposals[i], logits[i], targets[i]) for i, s in enumerate(scheduled)]
         step.t2 = time.time_ns()
         self._last_step = time.monotonic()
         self.costs.record_verify(step.batch_tokens, (step.t2 - step.t1) / 1e9, step.batch_size)
@@ -354,10 +355,12 @@ class EngineCore:
             else:
                 self._outbox.append((s.seq.sink, out))
 
-    def _verify(self, s: ScheduledSequence, proposal: Proposal, logits: Any) -> Verdict | None:
+    def _verify(
+        self, s: ScheduledSequence, proposal: Proposal, logits: Any, target_ids: list[int] | None
+    ) -> Verdict | None:
         """speculation.verify; a distribution with NaN or infinity fails that request alone."""
         try:
-            return self.speculation.verify(s, proposal, logits)
+            return self.speculation.verify(s, proposal, logits, target_ids)
         except SamplingError as exc:
             log.error("engine.sampling_failed", request_id=s.seq.request_id, error=str(exc))
             self._finish(s.seq, final(s.seq, FinishReason.ERROR, error=str(exc)))

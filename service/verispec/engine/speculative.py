@@ -25,7 +25,7 @@ from verispec.kv.pages import PagePool
 from verispec.request import SpeculationMode, SpeculationParams, StepRecord
 from verispec.spec.adaptive import PROBE_CARRY_MAX, PROBE_EVERY, CostModel, KController
 from verispec.spec.drafters import Drafter, DraftTask
-from verispec.spec.verify import Proposal, Verdict, verify
+from verispec.spec.verify import Proposal, Verdict, greedy_argmax, verify
 
 
 class StepObserver(Protocol):
@@ -118,14 +118,28 @@ class SpeculativeStep:
             self.costs.record_draft(drafter.name, max(t.k for t in tasks), time.perf_counter() - start)
         return proposals
 
-    def verify(self, s: ScheduledSequence, proposal: Proposal, logits: torch.Tensor) -> Verdict | None:
+    def greedy_targets(self, scheduled: list[ScheduledSequence], logits: list[torch.Tensor]) -> list[list[int] | None]:
+        """(3, batched) The target's argmaxes for every plain-greedy sequence that emits this step, taken
+        together (one reduction, one wait for the device); None for the others, which verify alone."""
+        chosen = [i for i, s in enumerate(scheduled) if s.final and s.seq.sampler.plain_greedy]
+        targets: list[list[int] | None] = [None] * len(scheduled)
+        if chosen:
+            vocab_size = scheduled[chosen[0]].seq.sampler.vocab_size
+            for i, ids in zip(chosen, greedy_argmax([logits[i] for i in chosen], vocab_size), strict=True):
+                targets[i] = ids
+        return targets
+
+    def verify(
+        self, s: ScheduledSequence, proposal: Proposal, logits: torch.Tensor, target_ids: list[int] | None = None
+    ) -> Verdict | None:
         """(3)+(4) Accepts a prefix of the drafts and moves the sequence's length; None for a chunk
-        that does not reach the end of the context (nothing to emit yet)."""
+        that does not reach the end of the context (nothing to emit yet). `target_ids`: the rows' argmaxes
+        from greedy_targets, for a plain-greedy sequence."""
         seq = s.seq
         if not s.final:
             seq.num_computed += s.num_new_tokens
             return None
-        verdict = verify(seq.sampler, logits, proposal, position=len(seq.output_ids))
+        verdict = verify(seq.sampler, logits, proposal, position=len(seq.output_ids), target_ids=target_ids)
         # The cache now holds the context and the accepted drafts; the emitted token is fed next step.
         valid = seq.num_computed + s.num_new_tokens + verdict.num_accepted
         seq.num_computed = valid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,22 +32,24 @@ class Verdict:
         return 0 < self.num_draft_tokens == self.num_accepted
 
 
-def verify(sampler: Sampler, logits: torch.Tensor, proposal: Proposal, position: int) -> Verdict:
+def verify(
+    sampler: Sampler, logits: torch.Tensor, proposal: Proposal, position: int, target_ids: Sequence[int] | None = None
+) -> Verdict:
     """Checks k drafts against the target's logits [k+1, vocab] scored in one pass.
 
     Row i of `logits` is the target's prediction after the context plus d_1..d_i; `position` is
-    the output index of the first token this step emits (it keys the random draws).
+    the output index of the first token this step emits (it keys the random draws). `target_ids`, when
+    given, are the argmaxes of those rows already taken (greedy_argmax, for a plain-greedy sampler).
     """
     draft = proposal.token_ids
     k = len(draft)
-    scores = sampler.scores(logits, draft)
     if sampler.greedy:
         # Greedy: accept while d_i equals the target's argmax; the argmax at the first mismatch
         # (recovered) or after the last draft (bonus) comes from the same pass.
-        target = scores.argmax(-1).tolist()
+        target = list(target_ids) if target_ids is not None else sampler.scores(logits, draft).argmax(-1).tolist()
         n = next((i for i in range(k) if draft[i] != target[i]), k)
         return Verdict([*draft[:n], target[n]], n, k)
-    p = sampler.probs(scores)  # [k+1, vocab] target distribution per position
+    p = sampler.probs(sampler.scores(logits, draft))  # [k+1, vocab] target distribution per position
     if proposal.probs is None:
         # Deterministic drafts are q = one-hot(d_i). Drawing t_i ~ p_i and accepting iff t_i == d_i
         # accepts with probability p_i(d_i) = min(1, p/q); a rejected t_i is distributed as
@@ -69,3 +72,22 @@ def verify(sampler: Sampler, logits: torch.Tensor, proposal: Proposal, position:
         return Verdict([*draft[:i], sampler.sample(residual, position + i)], i, k)
     # All k accepted: the bonus token is a plain draw from p_{k+1}.
     return Verdict([*draft, sampler.sample(p[k], position + k)], k, k)
+
+
+def greedy_argmax(rows: Sequence[torch.Tensor], vocab_size: int) -> list[list[int] | None]:
+    """The argmax of every row of each logits tensor [n_i, vocab] in one reduction and one wait for the
+    device (rather than one of each per request); None for a tensor with a row that is not finite (NaN,
+    +inf, or all -inf), which its request's own verify() then reports. The argmax of the raw logits is the
+    plain-greedy token, the same whichever float type the logits come in (fp16 widens to fp32 exactly).
+    """
+    if not rows:
+        return []
+    stacked = torch.cat(list(rows))[:, :vocab_size]
+    best = torch.where(stacked.amax(-1).isfinite(), stacked.argmax(-1), -1).tolist()
+    result: list[list[int] | None] = []
+    offset = 0
+    for r in rows:
+        ids = best[offset : offset + r.shape[0]]
+        offset += r.shape[0]
+        result.append(None if -1 in ids else ids)
+    return result

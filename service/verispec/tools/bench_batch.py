@@ -46,6 +46,7 @@ PROBE_BACKGROUND_STREAMS = 8
 PROBE_MAX_NEW_TOKENS = 2
 PROBE_BACKGROUND_TOKENS = 1024  # cancelled once the probe is done
 PASS_LOG = 4096  # passes whose shape and time BatchCounts keeps
+FIRST_PASSES = 12  # passes of a point's first round listed in the report (sequences, tokens, ms): its ramp-up
 PROBE_PROMPT = "Name three colours."
 STREAM_TIMEOUT_S = 600.0
 TOPICS = (
@@ -210,6 +211,7 @@ class Round:
     wall_s: float
     streams: list[StreamResult]
     mean_batch_size: float | None
+    passes: list[tuple[int, int, float]]  # (sequences, tokens, ms) of each forward pass of the round
 
     @property
     def tokens(self) -> int:
@@ -247,7 +249,7 @@ async def run_round(target: Target, mode: str, concurrency: int, max_new_tokens:
     wall = time.perf_counter() - start
     passes_after, sequences_after, _ = target.counts.snapshot()
     mean_batch = (sequences_after - sequences) / (passes_after - passes) if passes_after > passes else None
-    return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch)
+    return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch, target.counts.passes(passes))
 
 
 def check_round(result: Round, max_new_tokens: int) -> list[dict[str, Any]]:
@@ -707,6 +709,8 @@ def _point(rounds: list[Round]) -> dict[str, Any]:
     accepted = sum(s.num_accepted_tokens for r in rounds for s in r.streams)
     point["acceptance_rate"] = round(accepted / drafted, 4) if drafted else None
     point["draft_tokens_per_stream"] = round(drafted / sum(len(r.streams) for r in rounds), 2)
+    point["passes"] = pass_summary([p for r in rounds for p in r.passes])
+    point["first_passes"] = [[size, tokens, round(ms, 2)] for size, tokens, ms in first.passes[:FIRST_PASSES]]
     return point
 
 
