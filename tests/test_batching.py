@@ -531,6 +531,26 @@ def test_a_short_prompt_beside_decodes_is_prefilled_in_one_step() -> None:
     assert plan.scheduled[-1].num_new_tokens == 30
 
 
+def test_a_burst_of_short_prompts_beside_decodes_starts_together() -> None:
+    """Five 14-token prompts arrive while one request decodes, where the slack alone would allow 15 prompt
+    tokens a step: the four that fit together in a quarter of the budget are prefilled whole in the next step
+    (one a step would give the last of them its first token three passes later); the fifth waits."""
+    pool = PagePool(512, 16)
+    scheduler = Scheduler(
+        pool, max_running=16, max_batch_tokens=256, step_cost=lambda n: 0.02 + 0.0003 * n, decode_step_slack=1.25
+    )
+    make = _Plain(pool)
+    decoding = make.sequence(4, emitted=1)
+    scheduler.add(decoding)
+    scheduler.schedule(_no_drafts)
+    decoding.num_computed = len(decoding.context) - 1
+    burst = [make.sequence(14) for _ in range(5)]
+    for seq in burst:
+        scheduler.add(seq)
+    plan = scheduler.schedule(_no_drafts)
+    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(decoding, 1), *((seq, 14) for seq in burst[:4])]
+
+
 def _eight_decoding_and_a_new_prompt(
     cost: Callable[[int], float],
 ) -> tuple[Scheduler, list[EngineSequence], EngineSequence]:

@@ -136,8 +136,8 @@ class Scheduler:
         if not preempted:  # a sequence preempted for room now must not take that room back at once
             self._admit()
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
-        shortest = prefilling[0].num_pending if prefilling else 0
-        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget, shortest)
+        short = self._short_prompts(prefilling)
+        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget, short)
         for seq in prefilling:
             if budget < 1:
                 break
@@ -185,15 +185,25 @@ class Scheduler:
             return []
         return [ScheduledSequence(seq, seq.num_pending) for seq in chosen]
 
-    def _prefill_allowance(self, decode_tokens: int, budget: int, shortest: int) -> int:
+    def _short_prompts(self, prefilling: list[Sequence]) -> int:
+        """Pending tokens of the shortest prompts (`prefilling` in ascending order) that fit together in a
+        quarter of the budget: the short requests a step beside decodes takes whole."""
+        total = 0
+        for seq in prefilling:
+            if total + seq.num_pending > self.max_batch_tokens // 4:
+                break
+            total += seq.num_pending
+        return total
+
+    def _prefill_allowance(self, decode_tokens: int, budget: int, short: int) -> int:
         """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
         decode, as many as keep the step within decode_step_slack x the decode-only step (measured),
-        but at least a page's worth (long prompts always progress) and the whole shortest pending prompt
-        when it is short, at most a quarter of the budget (a short request is never split over steps)."""
+        but at least a page's worth (long prompts always progress) and the `short` tokens of the short
+        prompts pending (a quarter of the budget at most; a short request is never split over steps, and
+        a burst of them starts in one step rather than one a step)."""
         if not decode_tokens or self.step_cost is None or self.decode_step_slack <= 0:
             return budget
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
-        short = shortest if shortest <= self.max_batch_tokens // 4 else 0
         floor = min(budget, max(self.pool.page_size, short))
         tokens = budget
         while tokens > floor and self.step_cost(decode_tokens + tokens) > limit:
