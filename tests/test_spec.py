@@ -146,36 +146,44 @@ def test_greedy_verify_accepts_matching_prefix() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_greedy_argmax_of_many_requests_equals_each_alone(dtype: torch.dtype) -> None:
-    """One reduction over several requests' rows gives each request's own greedy tokens (ties to the lowest
-    id, as argmax alone), leaves the padded vocabulary tail out, and gives None only to a request with a
-    non-finite row (NaN, +inf, or every token masked), which its own verify() then reports."""
+    """One reduction over several requests' rows gives each request the tokens its own scores give (ties to
+    the lowest id, suppressed tokens skipped in the rows before min_new_tokens, the padded vocabulary tail
+    left out), and None only to a request with a row that is not finite (NaN, +inf, or every token masked),
+    which its own verify() then reports."""
     gen = torch.Generator().manual_seed(3)
-    rows = [torch.randn(n, 12, generator=gen).to(dtype) for n in (1, 5, 2, 1)]
+    rows = [torch.randn(n, 12, generator=gen).to(dtype) for n in (1, 5, 2, 3)]
     rows[1][2, 4] = rows[1][2, 9] = 50.0  # a tie
     rows[2][:, 10:] = 100.0  # padding past a vocabulary of 10
+    rows[3][:, 6] = 60.0  # the best token, suppressed in the first two rows
     rows.append(torch.full((2, 12), float("-inf"), dtype=dtype))
     rows.append(torch.randn(3, 12, generator=gen).to(dtype))
     rows[-1][1, 3] = float("nan")
-    got = greedy_argmax(rows, 10)
-    sampler = Sampler(SamplingParams(), 10, [])
-    for r, ids in zip(rows[:4], got[:4], strict=True):
+    samplers = [Sampler(SamplingParams(), 10, []) for _ in rows]
+    samplers[3] = Sampler(SamplingParams(), 10, [], suppress_token_ids=[6], min_new_tokens=2)
+    suppressed = [(s.suppressed_rows(r.shape[0]), s.suppress_token_ids) for s, r in zip(samplers, rows, strict=True)]
+    got = greedy_argmax(rows, 10, suppressed)
+    for sampler, r, ids in zip(samplers[:4], rows[:4], got[:4], strict=True):
         assert ids == sampler.scores(r).argmax(-1).tolist()
     assert got[1] is not None and got[1][2] == 4
+    assert got[3] is not None and got[3][2] == 6 and 6 not in got[3][:2]
     assert got[4] is None and got[5] is None
-    for bad in rows[4:]:
+    for sampler, bad in zip(samplers[4:], rows[4:], strict=True):
         with pytest.raises(SamplingError):
             verify(sampler, bad, Proposal([]), 0)
 
 
-def test_plain_greedy_only_where_scores_are_the_logits() -> None:
-    """A request is plain greedy (batched argmax) unless it samples, has a penalty, or still suppresses EOS."""
-    assert Sampler(SamplingParams(), 10, []).plain_greedy
-    assert not Sampler(SamplingParams(temperature=0.7), 10, []).plain_greedy
-    assert not Sampler(SamplingParams(repetition_penalty=1.2), 10, []).plain_greedy
-    held = Sampler(SamplingParams(), 10, [], suppress_token_ids=[9], min_new_tokens=2)
-    assert not held.plain_greedy
+def test_batch_greedy_unless_sampling_or_penalised() -> None:
+    """A greedy request takes its argmax in the batched reduction unless it samples or has a penalty; a
+    suppressed token stays suppressed for the rows before min_new_tokens only."""
+    assert Sampler(SamplingParams(), 10, []).batch_greedy
+    assert not Sampler(SamplingParams(temperature=0.7), 10, []).batch_greedy
+    assert not Sampler(SamplingParams(repetition_penalty=1.2), 10, []).batch_greedy
+    held = Sampler(SamplingParams(), 10, [], suppress_token_ids=[9], min_new_tokens=3)
+    assert held.batch_greedy and held.suppressed_rows(5) == 3 and held.suppressed_rows(2) == 2
     held.observe([1, 2])
-    assert held.plain_greedy
+    assert held.suppressed_rows(5) == 1
+    held.observe([3])
+    assert held.suppressed_rows(5) == 0
 
 
 def test_rejection_sampling_on_the_real_model(target: Target) -> None:

@@ -77,14 +77,16 @@ class Sampler:
         return self.params.greedy
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy on the raw logits at this step: no penalty and no token suppressed, so the scores are the
-        logits and many requests' argmaxes can be taken in one reduction (verify.greedy_argmax)."""
-        return (
-            self.params.greedy
-            and not self.params.uses_penalties
-            and not (self.suppress_token_ids and self.num_generated < self.min_new_tokens)
-        )
+    def batch_greedy(self) -> bool:
+        """Greedy with no penalty: the scores are the logits but for suppressed tokens, so many requests'
+        argmaxes can be taken in one reduction (verify.greedy_argmax)."""
+        return self.params.greedy and not self.params.uses_penalties
+
+    def suppressed_rows(self, n: int) -> int:
+        """How many of the next n positions must not emit suppress_token_ids (min_new_tokens not reached)."""
+        if not self.suppress_token_ids or self.num_generated >= self.min_new_tokens:
+            return 0
+        return min(n, self.min_new_tokens - self.num_generated)
 
     def observe(self, token_ids: Sequence[int]) -> None:
         """Records emitted tokens (for penalties and min_new_tokens); the per-token tables only where a
@@ -107,8 +109,8 @@ class Sampler:
                 seen[i + 1 :, token_id] = True
                 counts[i + 1 :, token_id] += 1
             scores = _apply_penalties(scores, seen, counts, self.params)
-        if self.suppress_token_ids and self.num_generated < self.min_new_tokens:
-            rows = min(n, self.min_new_tokens - self.num_generated)
+        rows = self.suppressed_rows(n)
+        if rows:
             scores = scores.clone()
             scores[:rows, self.suppress_token_ids] = float("-inf")
         check_scores(scores)

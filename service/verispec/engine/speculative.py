@@ -119,13 +119,15 @@ class SpeculativeStep:
         return proposals
 
     def greedy_targets(self, scheduled: list[ScheduledSequence], logits: list[torch.Tensor]) -> list[list[int] | None]:
-        """(3, batched) The target's argmaxes for every plain-greedy sequence that emits this step, taken
-        together (one reduction, one wait for the device); None for the others, which verify alone."""
-        chosen = [i for i, s in enumerate(scheduled) if s.final and s.seq.sampler.plain_greedy]
+        """(3, batched) The target's argmaxes for every greedy sequence without penalties that emits this
+        step, taken together (one reduction, one wait for the device); None for the others (verified alone)."""
+        chosen = [i for i, s in enumerate(scheduled) if s.final and s.seq.sampler.batch_greedy]
         targets: list[list[int] | None] = [None] * len(scheduled)
         if chosen:
-            vocab_size = scheduled[chosen[0]].seq.sampler.vocab_size
-            for i, ids in zip(chosen, greedy_argmax([logits[i] for i in chosen], vocab_size), strict=True):
+            samplers = [scheduled[i].seq.sampler for i in chosen]
+            rows = [logits[i] for i in chosen]
+            suppressed = [(s.suppressed_rows(r.shape[0]), s.suppress_token_ids) for s, r in zip(samplers, rows)]
+            for i, ids in zip(chosen, greedy_argmax(rows, samplers[0].vocab_size, suppressed), strict=True):
                 targets[i] = ids
         return targets
 
@@ -134,7 +136,7 @@ class SpeculativeStep:
     ) -> Verdict | None:
         """(3)+(4) Accepts a prefix of the drafts and moves the sequence's length; None for a chunk
         that does not reach the end of the context (nothing to emit yet). `target_ids`: the rows' argmaxes
-        from greedy_targets, for a plain-greedy sequence."""
+        from greedy_targets, for a greedy sequence without penalties."""
         seq = s.seq
         if not s.final:
             seq.num_computed += s.num_new_tokens

@@ -74,15 +74,28 @@ def verify(
     return Verdict([*draft, sampler.sample(p[k], position + k)], k, k)
 
 
-def greedy_argmax(rows: Sequence[torch.Tensor], vocab_size: int) -> list[list[int] | None]:
+def greedy_argmax(
+    rows: Sequence[torch.Tensor], vocab_size: int, suppressed: Sequence[tuple[int, Sequence[int]]]
+) -> list[list[int] | None]:
     """The argmax of every row of each logits tensor [n_i, vocab] in one reduction and one wait for the
-    device (rather than one of each per request); None for a tensor with a row that is not finite (NaN,
-    +inf, or all -inf), which its request's own verify() then reports. The argmax of the raw logits is the
-    plain-greedy token, the same whichever float type the logits come in (fp16 widens to fp32 exactly).
+    device (rather than one of each per request). suppressed[i] = (r, token_ids): the first r rows of
+    tensor i never pick those tokens (Sampler.suppressed_rows). None for a tensor with a row that is not
+    finite (NaN, +inf, or every token masked), which its request's own verify() then reports. The argmax of
+    the logits is the greedy token whichever float type they come in (fp16 widens to fp32 exactly).
     """
     if not rows:
         return []
-    stacked = torch.cat(list(rows))[:, :vocab_size]
+    stacked = torch.cat(list(rows))[:, :vocab_size]  # a copy: the suppression below writes into it
+    marked_rows: list[int] = []
+    marked_ids: list[int] = []
+    offset = 0
+    for r, (num_rows, token_ids) in zip(rows, suppressed, strict=True):
+        for row in range(offset, offset + num_rows):
+            marked_rows.extend([row] * len(token_ids))
+            marked_ids.extend(token_ids)
+        offset += r.shape[0]
+    if marked_rows:
+        stacked[marked_rows, marked_ids] = float("-inf")
     best = torch.where(stacked.amax(-1).isfinite(), stacked.argmax(-1), -1).tolist()
     result: list[list[int] | None] = []
     offset = 0
