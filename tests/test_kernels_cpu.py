@@ -72,11 +72,11 @@ def test_without_a_gpu_the_kernels_say_why_and_take_nothing() -> None:
 
 
 def test_kernel_choices_are_made_per_bucket_of_rows() -> None:
-    """Ragged row counts share the timing of their power-of-two bucket, so at most seven per shape."""
-    assert [q4_cuda.row_bucket(rows) for rows in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64)] == [
-        1, 2, 4, 4, 8, 8, 16, 16, 32, 64, 64,
+    """Ragged row counts share the timing of their bucket (q4_mma's bound of rows), so at most nine per shape."""
+    assert [q4_cuda.row_bucket(rows) for rows in (1, 2, 3, 4, 5, 8, 9, 16, 17, 24, 25, 33, 48, 49, 64)] == [
+        1, 2, 4, 4, 8, 8, 16, 16, 24, 24, 32, 48, 48, 64, 64,
     ]  # fmt: skip
-    assert len({q4_cuda.row_bucket(rows) for rows in range(1, q4_cuda.MAX_MMA_ROWS + 1)}) == 7
+    assert len({q4_cuda.row_bucket(rows) for rows in range(1, q4_cuda.MAX_MMA_ROWS + 1)}) == 9
 
 
 def test_every_kernel_fastest_can_choose_has_a_row_bound_and_a_bad_pipeline_is_refused_by_name() -> None:

@@ -468,7 +468,7 @@ struct Kernel {
 template <int M_TILES, bool GPTQ>
 cudaError_t mma_kernel(int pipeline, Kernel& kernel) {
   KernelFunction function = q4_mma_kernel<M_TILES, GPTQ>;
-  if constexpr (M_TILES >= 4) {
+  if constexpr (M_TILES >= 3) {
     if (pipeline != 0) function = q4_mma_registers_kernel<M_TILES, GPTQ, 2>;
   } else if (pipeline == 2) {
     function = q4_mma_registers_kernel<M_TILES, GPTQ, 2>;
@@ -489,12 +489,15 @@ cudaError_t mma_kernel(int pipeline, Kernel& kernel) {
   return error;
 }
 
-// Tiles of 8 rows: 1, 2, 4 or 8 of them.
+// Tiles of 8 rows: 1, 2, 3, 4, 6 or 8 of them, so that passes of 24 and 48 rows (CUDA-graph buckets of the
+// runner) multiply their own rows, not 32 and 64.
 template <bool GPTQ>
 cudaError_t mma_kernel_for_rows(int rows, int pipeline, Kernel& kernel) {
   if (rows <= 8) return mma_kernel<1, GPTQ>(pipeline, kernel);
   if (rows <= 16) return mma_kernel<2, GPTQ>(pipeline, kernel);
+  if (rows <= 24) return mma_kernel<3, GPTQ>(pipeline, kernel);
   if (rows <= 32) return mma_kernel<4, GPTQ>(pipeline, kernel);
+  if (rows <= 48) return mma_kernel<6, GPTQ>(pipeline, kernel);
   return mma_kernel<8, GPTQ>(pipeline, kernel);
 }
 

@@ -31,6 +31,8 @@ from verispec.kernels.cuda_build import loaded, raise_on, unavailable
 log = structlog.get_logger(__name__)
 
 MAX_MMA_ROWS = 64  # q4_mma: tiles of 8 rows, up to 8 of them
+# Row counts the kernels are timed at: powers of two to 16, then q4_mma's tiles of 8 rows (3, 4, 6 and 8 of them).
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 MAX_GEMV_ROWS = 16
 MAX_PARTS = 3  # products one launch takes (q4_cuda.cu's kMaxParts)
 MMA_PIPELINES = (0, 2, 3, 4)  # q4_mma: 0 through shared memory, else through registers, batches ahead
@@ -302,15 +304,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def row_bucket(rows: int) -> int:
-    """The power of two that holds `rows` (1, 2, 4 .. 64): the kernels are compiled per such bound, so a
-    bucket's rows all cost about what its largest does."""
-    return 1 << (rows - 1).bit_length()
+    """The smallest of ROW_BUCKETS that holds `rows`: the kernels are compiled per such bound, so a bucket's
+    rows all cost about what its largest does."""
+    return next(bucket for bucket in ROW_BUCKETS if bucket >= rows)
 
 
 def fastest(weights: Sequence[Q4Weights], rows: int, triton: Callable[[Sequence[torch.Tensor]], object]) -> str:
     """A name in KERNELS, or "triton": the fastest kernel for these parts (one launch of them) at `rows`'
     bucket of rows, timed once per process at the bucket's size (GPU time of 20 calls replayed from a graph,
-    the median of three), so that a shape is timed at seven buckets at most, all in the runner's start-up
+    the median of three), so that a shape is timed at nine buckets at most, all in the runner's start-up
     calibration; never once per ragged row count while serving. Inside a capture nothing can be timed: a pair
     not yet measured stays on Triton there (the runner's warm-up pass before each capture measures it)."""
     first = weights[0]
