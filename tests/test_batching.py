@@ -69,6 +69,7 @@ class FakeRunner:
     says the sequence holds, so a page lost, shared or overwritten changes the output."""
 
     batched = True
+    asynchronous = False
 
     def __init__(self, num_pages: int, page_size: int = 4) -> None:
         self.info = BackendInfo("fake", "fake", VOCAB, 4096, "float32", ("cpu",))
@@ -132,8 +133,9 @@ def _request(
     )
 
 
-def _fake_core(num_pages: int, **engine: object) -> tuple[EngineCore, FakeRunner]:
+def _fake_core(num_pages: int, asynchronous: bool = False, **engine: object) -> tuple[EngineCore, FakeRunner]:
     runner = FakeRunner(num_pages)
+    runner.asynchronous = asynchronous
     config = EngineConfig(**engine)  # type: ignore[arg-type]
     tokenizer: Tokenizer = FakeTokenizer()  # type: ignore[assignment]
     core = EngineCore(runner, tokenizer, {SpeculationMode.NGRAM: NgramDrafter(1, 2)}, config)
@@ -162,17 +164,19 @@ def _run_concurrently(core: EngineCore, requests: list[Request]) -> dict[str, li
 FAKE_PROMPTS = [list(range(1, 1 + n)) for n in (3, 9, 17, 5, 30, 2, 12, 7)]
 
 
-def test_fake_batch_equals_solo_across_preemptions_and_returns_every_page() -> None:
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["synchronous", "asynchronous"])
+def test_fake_batch_equals_solo_across_preemptions_and_returns_every_page(asynchronous: bool) -> None:
     """A pool of 24 pages of 4 cannot hold 8 growing sequences: the newest are preempted and
-    recomputed, yet every request ends with its solo tokens and the pool ends full."""
-    solo_core, _ = _fake_core(num_pages=256)
+    recomputed, yet every request ends with its solo tokens and the pool ends full (whether a step's
+    outputs go out at its end or during the next step's pass)."""
+    solo_core, _ = _fake_core(num_pages=256, asynchronous=asynchronous)
     modes = [SpeculationMode.OFF, SpeculationMode.NGRAM]
     requests = [_request(f"r{i}", p, 20, modes[i % 2]) for i, p in enumerate(FAKE_PROMPTS)]
     try:
         solo = {r.request_id: tokens(run_to_completion(solo_core, r)) for r in requests}
     finally:
         solo_core.stop(5)
-    core, runner = _fake_core(num_pages=24)
+    core, runner = _fake_core(num_pages=24, asynchronous=asynchronous)
     try:
         results = _run_concurrently(core, requests)
         assert core.scheduler.num_preemptions > 0, "the pool was meant to run out"
@@ -183,6 +187,27 @@ def test_fake_batch_equals_solo_across_preemptions_and_returns_every_page() -> N
         assert core.stats().num_preemptions == core.scheduler.num_preemptions
     finally:
         core.stop(5)
+
+
+def test_an_asynchronous_runner_overlaps_a_steps_outputs_with_the_next_pass() -> None:
+    """With a runner whose forward returns while the device computes, the outputs of step n go out once
+    step n + 1's pass is launched (the gRPC work then overlaps the device's), and the last output as the
+    engine goes idle: every token arrives, one final output ends the request."""
+    core, runner = _fake_core(num_pages=256, asynchronous=True)
+    events: list[str] = []
+    forward = runner.forward
+
+    def logged_forward(batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
+        events.append("forward")
+        return forward(batch)
+
+    runner.forward = logged_forward  # type: ignore[method-assign]
+    try:
+        outputs = run_to_completion(core, _request("a", FAKE_PROMPTS[0], 4), observe=lambda out: events.append("out"))
+    finally:
+        core.stop(5)
+    assert events == ["forward", "forward", "out", "forward", "out", "forward", "out", "out"]
+    assert len(tokens(outputs)) == 4 and [out.finished for out in outputs] == [False, False, False, True]
 
 
 def test_cancelled_requests_return_their_pages() -> None:

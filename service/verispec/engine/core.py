@@ -265,7 +265,10 @@ class EngineCore:
                 if self._busy():
                     self._step()
                 self._publish()
-                self._deliver()  # after publishing: a caller that sees its final output sees its pages freed
+                # After publishing: a caller that sees its final output sees its pages freed. With an
+                # asynchronous runner and more to do, the next step hands them out while its pass runs.
+                if not (self.runner.asynchronous and self._busy()):
+                    self._deliver()
         except BaseException as exc:  # a dead device or a bug in the loop: fail everything, loudly
             self._failure = exc
             log.exception("engine.crashed", fatal=is_fatal(exc))
@@ -309,7 +312,8 @@ class EngineCore:
                 self._finish(seq, final(seq, reason, seq.text.flush()))
 
     def _step(self) -> None:
-        """One engine step: schedule, draft for the decoding sequences, one target pass, verify, emit."""
+        """One engine step: schedule, draft for the decoding sequences, one target pass, verify, emit. The
+        outputs of the step before are handed out once this one's pass is launched, or where it ends early."""
         speculation = self.speculation
         plan = self.scheduler.schedule(speculation.price)
         for seq in plan.preempted:
@@ -317,6 +321,7 @@ class EngineCore:
             log.info("engine.preempted", request_id=seq.request_id, num_preemptions=seq.num_preemptions)
         scheduled = [s for s in plan.scheduled if self._prepare(s)]
         if not scheduled:
+            self._deliver()
             return
         step = StepTiming(time.time_ns())
         # (1) Drafters propose up to k tokens d_1..d_k for every decoding sequence, batched per drafter.
@@ -335,7 +340,10 @@ class EngineCore:
             log.exception("engine.step_failed", batch_size=len(scheduled))
             for s in scheduled:
                 self._finish(s.seq, final(s.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
+            self._deliver()
             return
+        if self.runner.asynchronous:
+            self._deliver()  # the last step's outputs go out (gRPC work, on other threads) while the device runs
         # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
         # own; (4) the rejected drafts are forgotten by moving the sequence's length.
         targets = speculation.greedy_targets(scheduled, logits)

@@ -126,7 +126,10 @@ class SpeculativeStep:
         if chosen:
             samplers = [scheduled[i].seq.sampler for i in chosen]
             rows = [logits[i] for i in chosen]
-            suppressed = [(s.suppressed_rows(r.shape[0]), s.suppress_token_ids) for s, r in zip(samplers, rows)]
+            suppressed = [
+                (sampler.suppressed_rows(len(r)), sampler.suppress_token_ids)
+                for sampler, r in zip(samplers, rows, strict=True)
+            ]
             for i, ids in zip(chosen, greedy_argmax(rows, samplers[0].vocab_size, suppressed), strict=True):
                 targets[i] = ids
         return targets

@@ -66,6 +66,7 @@ class ModelRunner(Protocol):
     info: BackendInfo
     kv: KVLayout
     batched: bool  # False: the fallback that runs entries one after another
+    asynchronous: bool  # forward returns while the device still computes (the logits are read later)
 
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
         """Writes each entry's keys and values into its pages; returns float32 logits

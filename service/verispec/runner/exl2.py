@@ -87,6 +87,7 @@ class Exl2Runner:
     """One forward of ExLlamaV2's modules over a ragged batch, attention over our pages."""
 
     batched = True
+    asynchronous = True  # kernels and graph replays queue on the GPU; the logits are read after
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ class SequentialRunner:
     """Runs each entry of a batch as its own forward of `backend`."""
 
     batched = False
+    asynchronous = False  # a backend's forward returns its logits
 
     def __init__(self, backend: Backend, page_size: int, num_pages: int) -> None:
         self.backend = backend

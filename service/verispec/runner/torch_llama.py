@@ -90,6 +90,7 @@ class TorchLlamaRunner:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.asynchronous = self.device.type == "cuda"  # on a GPU the kernels queue; on a CPU they run
         bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * parameter.element_size()
         num_pages = plan_num_pages(bytes_per_token, page_size, kv_budget_bytes, max_tokens)
         self.kv = KVLayout(page_size, num_pages, bytes_per_token, str(self.dtype).removeprefix("torch."))

@@ -249,7 +249,8 @@ async def run_round(target: Target, mode: str, concurrency: int, max_new_tokens:
     wall = time.perf_counter() - start
     passes_after, sequences_after, _ = target.counts.snapshot()
     mean_batch = (sequences_after - sequences) / (passes_after - passes) if passes_after > passes else None
-    return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch, target.counts.passes(passes))
+    passes_seen = target.counts.passes(passes)
+    return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch, passes_seen)
 
 
 def check_round(result: Round, max_new_tokens: int) -> list[dict[str, Any]]:
