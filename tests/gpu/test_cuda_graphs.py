@@ -46,10 +46,11 @@ def _attention_reference(
 def test_paged_kernel_matches_attention_over_gathered_keys(heads: int, kv_heads: int, head_dim: int) -> None:
     """Rows of decodes, of a verify's k+1 tokens and of contexts across many key tiles and pages, in
     scattered pages: the kernel equals float32 attention over the gathered keys to fp16 rounding."""
-    from verispec.kernels.paged_attention import paged_decode_attention
-
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton")
+    from verispec.kernels.paged_attention import paged_decode_attention
+
     torch.manual_seed(0)
     page, num_pages = 16, 160
     k_cache = torch.randn(num_pages * page, kv_heads, head_dim, device="cuda").half()
