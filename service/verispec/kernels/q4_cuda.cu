@@ -147,29 +147,63 @@ __device__ void finish_slices(const Problem& p, int first_column, int width) {
   if (threadIdx.x == 0) p.arrivals[blockIdx.x] = 0;
 }
 
-// The words meta_scales reads for group `group` and four columns from `column`, straight from memory.
+// The 16 bytes of weight words in word row `word_row` for the four columns from `column` (a multiple of 4).
+__device__ __forceinline__ const uint4* weight_words(const Problem& p, int word_row, int column) {
+  return static_cast<const uint4*>(p.qweight) + (size_t)word_row * (p.n / 4) + column / 4;
+}
+
+// Where the scales of group `group` for the four columns from `column` are stored: EXL2 {the scale codes'
+// word, the scale_max pair: 4 bytes each}, GPTQ {four fp16 scales: 8 bytes, the zero codes' word: 4}.
+struct ScaleSources {
+  const void* first;
+  const uint32_t* second;
+};
+
 template <bool GPTQ>
-__device__ __forceinline__ uint4 scale_words(const Problem& p, int group, int column) {
+__device__ __forceinline__ ScaleSources scale_sources(const Problem& p, int group, int column) {
   if constexpr (GPTQ) {
-    const uint2 scales = *reinterpret_cast<const uint2*>(static_cast<const half*>(p.scales) + (size_t)group * p.n + column);
-    return make_uint4(scales.x, scales.y, p.zeros[(size_t)group * (p.n / 8) + column / 8], 0);
+    return {static_cast<const half*>(p.scales) + (size_t)group * p.n + column, p.zeros + (size_t)group * (p.n / 8) + column / 8};
   } else {
-    const uint32_t codes = static_cast<const uint32_t*>(p.scales)[(size_t)group * (p.n / 8) + column / 8];
-    return make_uint4(codes, *reinterpret_cast<const uint32_t*>(p.scale_max + (group & ~1)), 0, 0);
+    return {static_cast<const uint32_t*>(p.scales) + (size_t)group * (p.n / 8) + column / 8,
+            reinterpret_cast<const uint32_t*>(p.scale_max + (group & ~1))};
   }
 }
 
-// Asks L2 for a warp's words of batches [from, to) below `end` (a batch: K positions batch * 128 .. + 127)
-// in its 32 columns from `warp_column`: sixteen word rows of 128 bytes a batch, one line each for lanes 0-15.
-// Nothing waits on it and no register or shared memory holds it; the loads that come later find the words in
-// L2 instead of memory. The kernels ask l2_prefetch batches past the ones they have loaded or in flight
-// (none when it is 0).
-__device__ __forceinline__ void prefetch_batches(const Problem& p, int from, int to, int end, int warp_column, int lane) {
-  constexpr int kWordRows = 128 / 8;  // word rows per batch
-  if (p.l2_prefetch == 0 || lane >= kWordRows || warp_column >= p.n) return;
-  for (int batch = from; batch < min(to, end); ++batch) {
-    const uint32_t* line = static_cast<const uint32_t*>(p.qweight) + (size_t)(batch * kWordRows + lane) * p.n + warp_column;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+// The words meta_scales reads for group `group` and four columns from `column`, straight from memory.
+template <bool GPTQ>
+__device__ __forceinline__ uint4 scale_words(const Problem& p, int group, int column) {
+  const ScaleSources at = scale_sources<GPTQ>(p, group, column);
+  if constexpr (GPTQ) {
+    const uint2 scales = *static_cast<const uint2*>(at.first);
+    return make_uint4(scales.x, scales.y, *at.second, 0);
+  } else {
+    return make_uint4(*static_cast<const uint32_t*>(at.first), *at.second, 0, 0);
+  }
+}
+
+// Stores WIDTH (1 or 4) sums of consecutive columns of one row, the first at `at` in [rows, N]: out
+// (+ residual) in fp16 when the launch has one slice of K, else this slice's fp32 partial sums.
+template <int WIDTH>
+__device__ __forceinline__ void store_run(const Problem& p, size_t at, const float (&sums)[WIDTH]) {
+  static_assert(WIDTH == 1 || WIDTH == 4, "a run of one column or of a thread's four");
+  if (gridDim.y == 1) {
+    half results[WIDTH];
+#pragma unroll
+    for (int c = 0; c < WIDTH; ++c) {
+      results[c] = __float2half_rn(sums[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
+    }
+    if constexpr (WIDTH == 4) {
+      *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
+    } else {
+      p.out[at] = results[0];
+    }
+  } else {
+    float* partial = p.partial + (size_t)blockIdx.y * p.rows * p.n + at;
+    if constexpr (WIDTH == 4) {
+      *reinterpret_cast<float4*>(partial) = make_float4(sums[0], sums[1], sums[2], sums[3]);
+    } else {
+      *partial = sums[0];
+    }
   }
 }
 
@@ -197,6 +231,22 @@ constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kBatchK = 128;               // positions of K per batch: a group divides into batches
 constexpr int kQuads = kBatchK / 32;       // word-row quads per batch
 constexpr int kXRowHalves = kBatchK + 32;  // an input row in shared memory, padded against bank conflicts
+
+// The word row that thread row t (lane % 4) reads of quad `quad` of batch `batch`.
+__device__ __forceinline__ int batch_word_row(int batch, int quad, int t) { return (batch * kBatchK) / 8 + 4 * quad + t; }
+
+// Asks L2 for a warp's words of batches [from, to) below `end` (a batch: K positions batch * 128 .. + 127)
+// in its 32 columns from `warp_column`: sixteen word rows of 128 bytes a batch, one line each for lanes 0-15.
+// Nothing waits on it and no register or shared memory holds it; the loads that come later find the words in
+// L2 instead of memory. The kernels ask l2_prefetch batches past the ones they have loaded or in flight
+// (none when it is 0).
+__device__ __forceinline__ void prefetch_batches(const Problem& p, int from, int to, int end, int warp_column, int lane) {
+  constexpr int kWordRows = kBatchK / 8;  // word rows per batch
+  if (p.l2_prefetch == 0 || lane >= kWordRows || warp_column >= p.n) return;
+  for (int batch = from; batch < min(to, end); ++batch) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(weight_words(p, batch * kWordRows + lane, warp_column)));
+  }
+}
 
 template <int M_TILES>
 struct MmaStage {
@@ -242,20 +292,18 @@ __device__ __forceinline__ void issue_batch(const Problem& p, MmaStage<M_TILES>&
                                             int column, bool active) {
   const int t = lane % 4;
   if (active) {
-    const uint4* qweight = static_cast<const uint4*>(p.qweight);
 #pragma unroll
     for (int quad = 0; quad < kQuads; ++quad) {
-      const int word_row = (batch * kBatchK) / 8 + 4 * quad + t;
-      cp_async_16(&stage.weights[warp][quad][lane], qweight + (size_t)word_row * (p.n / 4) + column / 4);
+      cp_async_16(&stage.weights[warp][quad][lane], weight_words(p, batch_word_row(batch, quad, t), column));
     }
-    const int group = (batch * kBatchK) / p.group_size;
+    const ScaleSources at = scale_sources<GPTQ>(p, (batch * kBatchK) / p.group_size, column);
     uint32_t* meta = reinterpret_cast<uint32_t*>(&stage.meta[warp][lane]);
     if constexpr (GPTQ) {
-      cp_async_8(meta, static_cast<const half*>(p.scales) + (size_t)group * p.n + column);
-      cp_async_4(meta + 2, p.zeros + (size_t)group * (p.n / 8) + column / 8);
+      cp_async_8(meta, at.first);
+      cp_async_4(meta + 2, at.second);
     } else {
-      cp_async_4(meta, static_cast<const uint32_t*>(p.scales) + (size_t)group * (p.n / 8) + column / 8);
-      cp_async_4(meta + 1, p.scale_max + (group & ~1));
+      cp_async_4(meta, at.first);
+      cp_async_4(meta + 1, at.second);
     }
   }
   constexpr int chunks = 8 * M_TILES * (kBatchK / 8);  // 16-byte chunks of input per batch
@@ -318,18 +366,7 @@ __device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], co
       const int row = 8 * v + 2 * t + r;
       if (row >= p.rows) continue;
       const float sums[4] = {acc[0][v][r], acc[0][v][2 + r], acc[1][v][r], acc[1][v][2 + r]};
-      const size_t at = (size_t)row * p.n + column;
-      if (gridDim.y == 1) {
-        half results[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          results[c] = __float2half_rn(sums[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
-        }
-        *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
-      } else {
-        *reinterpret_cast<float4*>(p.partial + (size_t)blockIdx.y * p.rows * p.n + at) =
-            make_float4(sums[0], sums[1], sums[2], sums[3]);
-      }
+      store_run<4>(p, (size_t)row * p.n + column, sums);
     }
   }
 }
@@ -403,11 +440,8 @@ __device__ __forceinline__ uint4 load_streaming(const void* address) {
 template <bool GPTQ>
 __device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, int column, uint4 (&words)[kQuads],
                                            uint4& meta) {
-  const uint4* qweight = static_cast<const uint4*>(p.qweight);
 #pragma unroll
-  for (int quad = 0; quad < kQuads; ++quad) {
-    words[quad] = load_streaming(qweight + (size_t)((batch * kBatchK) / 8 + 4 * quad + t) * (p.n / 4) + column / 4);
-  }
+  for (int quad = 0; quad < kQuads; ++quad) words[quad] = load_streaming(weight_words(p, batch_word_row(batch, quad, t), column));
   meta = scale_words<GPTQ>(p, (batch * kBatchK) / p.group_size, column);
 }
 
@@ -525,10 +559,9 @@ constexpr int kGemvThreads = 32 * kGemvWarps;
 constexpr int kGemvColumns = 4 * 32;
 constexpr int kChunkWords = 8;  // word rows loaded at once (64 rows of K): the fp16 sums' length
 
-__device__ __forceinline__ void load_chunk(uint4 (&words)[kChunkWords], const uint4* qweight, int first_word, int n,
-                                           int column) {
+__device__ __forceinline__ void load_chunk(uint4 (&words)[kChunkWords], const Problem& p, int first_word, int column) {
 #pragma unroll
-  for (int j = 0; j < kChunkWords; ++j) words[j] = __ldg(qweight + (size_t)(first_word + j) * (n / 4) + column / 4);
+  for (int j = 0; j < kChunkWords; ++j) words[j] = __ldg(weight_words(p, first_word + j, column));
 }
 
 // PREFETCH: a chunk's words are loaded while the one before it is multiplied (32 more registers).
@@ -544,7 +577,6 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
   const int first_word = first_group * words_per_group;
   const int end_word = min(first_group + groups_per_warp, p.k / p.group_size) * words_per_group;
   const bool active = column < p.n && first_word < end_word;
-  const uint4* qweight = static_cast<const uint4*>(p.qweight);
 
   float sums[MAX_ROWS][4];
 #pragma unroll
@@ -553,7 +585,7 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
     for (int c = 0; c < 4; ++c) sums[m][c] = 0.0f;
 
   uint4 words[kChunkWords];
-  if (PREFETCH && active) load_chunk(words, qweight, first_word, p.n, column);
+  if (PREFETCH && active) load_chunk(words, p, first_word, column);
   ColumnScale scale[4];
   for (int w0 = first_word; active && w0 < end_word; w0 += kChunkWords) {
     if (w0 % words_per_group == 0) {
@@ -564,9 +596,9 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
     if constexpr (PREFETCH) {
 #pragma unroll
       for (int j = 0; j < kChunkWords; ++j) current[j] = words[j];
-      if (w0 + kChunkWords < end_word) load_chunk(words, qweight, w0 + kChunkWords, p.n, column);
+      if (w0 + kChunkWords < end_word) load_chunk(words, p, w0 + kChunkWords, column);
     } else {
-      load_chunk(current, qweight, w0, p.n, column);
+      load_chunk(current, p, w0, column);
     }
     half2 chunk[MAX_ROWS][4];
 #pragma unroll
@@ -612,12 +644,8 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < kGemvWarps; ++w) total += shared[w][m][local];
-    const size_t at = (size_t)m * p.n + out_column;
-    if (gridDim.y == 1) {
-      p.out[at] = __float2half_rn(total + (p.residual != nullptr ? __half2float(p.residual[at]) : 0.0f));
-    } else {
-      p.partial[(size_t)blockIdx.y * p.rows * p.n + at] = total;
-    }
+    const float sum[1] = {total};
+    store_run<1>(p, (size_t)m * p.n + out_column, sum);
   }
   if (gridDim.y > 1) finish_slices(p, column_block * kGemvColumns, kGemvColumns);
 }
