@@ -184,6 +184,41 @@ def test_silu_mul_is_torchs_three_kernels_bit_for_bit() -> None:
         assert torch.equal(q4_cuda.silu_mul(gate, up), expected), f"shape={shape}"
 
 
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "rotary"), [(64, 8, 128, 128), (9, 3, 64, 64), (8, 8, 128, 64)]
+)
+def test_rope_store_is_exllamav2s_rope_and_the_cache_writes_bit_for_bit(
+    neox: bool, heads: int, kv_heads: int, head_dim: int, rotary: int
+) -> None:
+    """One kernel gives q and k the bits of ExLlamaV2's rope_ at each row's own position (full and partial
+    rotary, NeoX and GPT-J pairs) and puts k and v in their slots of the caches; other slots untouched."""
+    from exllamav2.ext import exllamav2_ext as ext_c
+
+    torch.manual_seed(0)
+    rows, slots_total, max_positions = 11, 96, 4096
+    angles = torch.rand(max_positions, rotary, device="cuda") * 6.3
+    sin, cos = (
+        angles.sin().half().view(1, 1, max_positions, rotary),
+        angles.cos().half().view(1, 1, max_positions, rotary),
+    )
+    q = torch.randn(rows, heads, head_dim, device="cuda").half()
+    k = torch.randn(rows, kv_heads, head_dim, device="cuda").half()
+    v = torch.randn(rows, kv_heads, head_dim, device="cuda").half()
+    positions = torch.tensor([0, 1, 2, 3, 17, 18, 500, 4095, 64, 0, 9], dtype=torch.int32, device="cuda")
+    slots = torch.randperm(slots_total, device="cuda")[:rows]
+    k_cache = torch.randn(slots_total, kv_heads, head_dim, device="cuda").half()
+    v_cache = torch.randn_like(k_cache)
+    q_ref, k_ref, k_cache_ref, v_cache_ref = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    ext_c.rope_(q_ref, sin, cos, 0, heads, head_dim, positions, neox)
+    ext_c.rope_(k_ref, sin, cos, 0, kv_heads, head_dim, positions, neox)
+    k_cache_ref[slots] = k_ref
+    v_cache_ref[slots] = v
+    q4_cuda.rope_store(q, k, v, sin, cos, positions, slots, k_cache, v_cache, neox)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(k_cache, k_cache_ref) and torch.equal(v_cache, v_cache_ref)
+
+
 def test_mma_is_captured_by_a_cuda_graph() -> None:
     """Launched on the current stream, the kernel replays inside a graph with the eager result."""
 

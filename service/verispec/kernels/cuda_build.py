@@ -115,7 +115,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     library.verispec_q4_gemv.argtypes = [integer, pointer, pointer, pointer, *[integer] * 6, pointer]
     library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, integer, ctypes.POINTER(ctypes.c_int)]
     library.verispec_silu_mul.argtypes = [pointer, pointer, pointer, integer, pointer]
-    for entry in ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul"):
+    # q, k, v, sin, cos, positions, slots, k_cache, v_cache; rows, heads, kv_heads, head_dim, rotary, neox; stream
+    library.verispec_rope_store.argtypes = [*[pointer] * 9, *[integer] * 6, pointer]
+    entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul")
+    for entry in (*entries, "verispec_rope_store"):
         getattr(library, entry).restype = integer
     library.verispec_error_string.argtypes = [integer]
     library.verispec_error_string.restype = ctypes.c_char_p

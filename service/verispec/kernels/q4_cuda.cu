@@ -15,9 +15,10 @@
 // on its own input only, whichever rows share its launch (batched greedy = solo greedy).
 //
 // A launch takes up to three such products that share rows and K (q, k and v; gate and up), one after another
-// along the grid. Beside them, SiLU(gate) * up in one kernel. Built by kernels/cuda_build.py with nvcc into a
-// shared library that kernels/q4_cuda.py calls through ctypes (C entry points at the end; every launch goes on
-// the caller's stream, so CUDA graphs capture it).
+// along the grid. Beside them, a layer's small steps in one kernel each: SiLU(gate) * up, and RoPE on q and k
+// with the KV-cache write. Built by kernels/cuda_build.py with nvcc into a shared library that
+// kernels/q4_cuda.py calls through ctypes (C entry points at the end; every launch goes on the caller's stream,
+// so CUDA graphs capture it).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -692,6 +693,60 @@ __global__ void __launch_bounds__(kActivationThreads) silu_mul_kernel(const half
   }
 }
 
+
+// ---- RoPE on q and k, then k and v into the KV cache: four kernels of a layer in one -------------------
+//
+// Each row (token) is rotated at its own position by ExLlamaV2's rope_ arithmetic, operation for operation in
+// half2, so the bits are its own: NeoX pairs columns (c, c + rotary / 2), GPT-J neighbours (c, c + 1); columns
+// past `rotary` (partial rotary) stay as they are. Then the row's k and v are copied to its slot of the layer's
+// caches ([slots, kv_heads, head_dim]). One block per row.
+
+constexpr int kRopeThreads = 128;
+
+// Rotates the pair of head columns (c, c + 1) and its partner as rope_ does, with the position's sin and cos.
+template <bool NEOX>
+__device__ __forceinline__ void rotate(half* head, const half* sin, const half* cos, int c, int rotary) {
+  if constexpr (NEOX) {
+    const int half_rotary = rotary / 2;
+    const half2 cos2 = *reinterpret_cast<const half2*>(cos + c);
+    const half2 sin2 = *reinterpret_cast<const half2*>(sin + c);
+    const half2 left = *reinterpret_cast<const half2*>(head + c);
+    const half2 right = *reinterpret_cast<const half2*>(head + c + half_rotary);
+    const half2 left_sin = __hmul2(right, __hneg2(sin2));
+    const half2 right_sin = __hmul2(left, sin2);
+    *reinterpret_cast<half2*>(head + c) = __hfma2(left, cos2, left_sin);
+    *reinterpret_cast<half2*>(head + c + half_rotary) = __hfma2(right, cos2, right_sin);
+  } else {
+    const half2 cos01 = *reinterpret_cast<const half2*>(cos + c);
+    const half2 sin01 = as_half2(as_bits(*reinterpret_cast<const half2*>(sin + c)) ^ (1u << 15));  // -sin c, sin c+1
+    const half2 x01 = *reinterpret_cast<const half2*>(head + c);
+    *reinterpret_cast<half2*>(head + c) = __hfma2(__lowhigh2highlow(x01), sin01, __hmul2(x01, cos01));
+  }
+}
+
+template <bool NEOX>
+__global__ void __launch_bounds__(kRopeThreads)
+    rope_store_kernel(half* q, half* k, const half* v, const half* sin, const half* cos, const int* positions,
+                      const int64_t* slots, half* k_cache, half* v_cache, int heads, int kv_heads, int head_dim,
+                      int rotary) {
+  const int row = blockIdx.x;
+  const half* sin_row = sin + (size_t)max(positions[row], 0) * rotary;
+  const half* cos_row = cos + (size_t)max(positions[row], 0) * rotary;
+  const int pairs = NEOX ? rotary / 4 : rotary / 2;  // pairs of columns a head's rotation touches
+  for (int index = threadIdx.x; index < (heads + kv_heads) * pairs; index += kRopeThreads) {
+    const int head = index / pairs, c = 2 * (index % pairs);
+    half* x = head < heads ? q + ((size_t)row * heads + head) * head_dim : k + ((size_t)row * kv_heads + head - heads) * head_dim;
+    rotate<NEOX>(x, sin_row, cos_row, c, rotary);
+  }
+  __syncthreads();  // the row's k is rotated before it is copied
+  const int chunks = kv_heads * head_dim / 8;  // 16-byte chunks of a row's keys (and of its values)
+  const size_t from = (size_t)row * chunks, to = (size_t)slots[row] * chunks;
+  for (int index = threadIdx.x; index < chunks; index += kRopeThreads) {
+    reinterpret_cast<uint4*>(k_cache)[to + index] = reinterpret_cast<const uint4*>(k)[from + index];
+    reinterpret_cast<uint4*>(v_cache)[to + index] = reinterpret_cast<const uint4*>(v)[from + index];
+  }
+}
+
 }  // namespace
 
 // ---- C entry points (ctypes) --------------------------------------------------------------------------
@@ -766,6 +821,22 @@ int verispec_silu_mul(const void* gate, const void* up, void* out, int count, vo
   const int blocks = (count + kActivationThreads - 1) / kActivationThreads;
   silu_mul_kernel<<<blocks < 1024 ? blocks : 1024, kActivationThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
       static_cast<const half*>(gate), static_cast<const half*>(up), static_cast<half*>(out), count);
+  return cudaGetLastError();
+}
+
+// q [rows, heads, head_dim] and k [rows, kv_heads, head_dim] rotated in place at positions [rows] (int32)
+// by the sin and cos tables [positions, rotary] (ExLlamaV2's, NeoX or GPT-J style), then k and v [rows, kv_heads,
+// head_dim] copied to rows slots [rows] (int64) of k_cache and v_cache [slots, kv_heads, head_dim]. fp16, all
+// contiguous; head_dim a multiple of 8, rotary of 4 (NeoX) or 2 (GPT-J) and at most head_dim.
+int verispec_rope_store(void* q, void* k, const void* v, const void* sin, const void* cos, const void* positions,
+                        const void* slots, void* k_cache, void* v_cache, int rows, int heads, int kv_heads,
+                        int head_dim, int rotary, int neox, void* stream_handle) {
+  if (rows < 1) return cudaSuccess;
+  auto kernel = neox ? rope_store_kernel<true> : rope_store_kernel<false>;
+  kernel<<<rows, kRopeThreads, 0, static_cast<cudaStream_t>(stream_handle)>>>(
+      static_cast<half*>(q), static_cast<half*>(k), static_cast<const half*>(v), static_cast<const half*>(sin),
+      static_cast<const half*>(cos), static_cast<const int*>(positions), static_cast<const int64_t*>(slots),
+      static_cast<half*>(k_cache), static_cast<half*>(v_cache), heads, kv_heads, head_dim, rotary);
   return cudaGetLastError();
 }
 

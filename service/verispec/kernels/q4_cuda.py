@@ -303,6 +303,43 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rope_store(
+    q: torch.Tensor,  # [rows, heads, head_dim] fp16, rotated in place
+    k: torch.Tensor,  # [rows, kv_heads, head_dim] fp16, rotated in place
+    v: torch.Tensor,  # [rows, kv_heads, head_dim] fp16
+    sin: torch.Tensor,  # [..., positions, rotary] fp16 (ExLlamaV2's tables)
+    cos: torch.Tensor,
+    positions: torch.Tensor,  # [rows] int32
+    slots: torch.Tensor,  # [rows] int64: where each row's key and value go
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] fp16
+    v_cache: torch.Tensor,
+    neox: bool,
+) -> None:
+    """RoPE on q and k at each row's position with the bits of ExLlamaV2's rope_ (NeoX or GPT-J pairs), then k
+    and v into their cache slots: one kernel for the two rope_ calls and two index copies of a layer."""
+    library = loaded()
+    rows, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    rotary = cos.shape[-1]
+    tensors = {"q": q, "k": k, "v": v, "sin": sin, "cos": cos, "k_cache": k_cache, "v_cache": v_cache}
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float16 or not tensor.is_contiguous() or tensor.device != q.device:
+            raise ValueError(f"{name} must be a contiguous fp16 tensor on {q.device}")
+    if k.shape != (rows, kv_heads, head_dim) or v.shape != k.shape or k_cache.shape[1:] != k.shape[1:]:
+        raise ValueError(f"k {list(k.shape)}, v {list(v.shape)} and k_cache {list(k_cache.shape)} do not match q")
+    if head_dim % 8 or rotary > head_dim or rotary % (4 if neox else 2) or sin.shape != cos.shape:
+        raise ValueError(f"rotary dims {rotary} do not fit head_dim {head_dim} (NeoX: {neox})")
+    if positions.dtype != torch.int32 or slots.dtype != torch.int64 or len(positions) != rows or len(slots) != rows:
+        raise ValueError("positions must be int32 and slots int64, one per row")
+    with on_device(q):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        error = library.verispec_rope_store(
+            *(t.data_ptr() for t in (q, k, v, sin, cos, positions, slots, k_cache, v_cache)),
+            rows, heads, kv_heads, head_dim, rotary, int(neox), stream,
+        )  # fmt: skip
+    raise_on(library, "verispec_rope_store", error)
+
+
 def row_bucket(rows: int) -> int:
     """The smallest of ROW_BUCKETS that holds `rows`: the kernels are compiled per such bound, so a bucket's
     rows all cost about what its largest does."""

@@ -196,9 +196,20 @@ def write_and_attend(
 ) -> torch.Tensor:
     """Writes this pass's keys and values into their slots of one layer's pages, then attends over them
     (paged_attention); returns [T, heads * head_dim]."""
-    k_cache[plan.write_slots] = k
-    v_cache[plan.write_slots] = v
+    write_kv(k, v, k_cache, v_cache, plan.write_slots)
     return paged_attention(q, k_cache, v_cache, plan, scale, compute_dtype)
+
+
+def write_kv(
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # [T] int64
+) -> None:
+    """Puts the pass's keys and values in their slots of one layer's pages."""
+    k_cache[slots] = k
+    v_cache[slots] = v
 
 
 # On CUDA, a masked call with grouped heads went to a kernel whose host-side set-up is paid once per new

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -33,8 +33,9 @@ import torch
 
 from verispec.backends.exl2 import Exl2Backend
 from verispec.errors import ModelLoadError
-from verispec.kernels import MAX_Q4_ROWS
-from verispec.runner.attention import AttentionPlan, write_and_attend
+from verispec.kernels import MAX_Q4_ROWS, cuda_build
+from verispec.kernels.q4_cuda import rope_store
+from verispec.runner.attention import AttentionPlan, paged_attention, write_kv
 from verispec.runner.base import (
     BatchEntry,
     KVLayout,
@@ -63,8 +64,17 @@ class Rows(Protocol):
         """[T] each row's position in its sequence (the offsets RoPE kernels take)."""
         ...
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Writes the rows' keys and values into layer `layer`'s pages and attends; [T, heads * head_dim]."""
+    @property
+    def write_slots(self) -> torch.Tensor:
+        """[T] int64: the cache slot each row's key and value go to."""
+        ...
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes the rows' keys and values [T, kv_heads, head_dim] into layer `layer`'s pages."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """The rows' attention over layer `layer`'s pages (their own keys written); [T, heads * head_dim]."""
         ...
 
 
@@ -79,8 +89,15 @@ class _PlanRows:
     def positions_int32(self) -> torch.Tensor:
         return self.plan.positions_int32
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return write_and_attend(q, k, v, self.runner.k_cache[layer], self.runner.v_cache[layer], self.plan, scale)
+    @property
+    def write_slots(self) -> torch.Tensor:
+        return self.plan.write_slots
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_kv(k, v, self.runner.k_cache[layer], self.runner.v_cache[layer], self.plan.write_slots)
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        return paged_attention(q, self.runner.k_cache[layer], self.runner.v_cache[layer], self.plan, scale)
 
 
 class Exl2Runner:
@@ -115,6 +132,7 @@ class Exl2Runner:
         first = self.attention[0]
         self.heads, self.kv_heads, self.head_dim = first.num_attention_heads, first.num_key_value_heads, first.head_dim
         self.neox_rope = first.archparams.rope_style == RopeStyle.NEOX
+        self.rotates = first.archparams.rope_style in (RopeStyle.NEOX, RopeStyle.GPTJ)
         # Module index -> the 4-bit weights verispec's GEMMs read, for batches of up to MAX_Q4_ROWS rows.
         mode = gemm or backend.gemm
         self.q4_layers, self.gemm_paths = plan_layers(modules, mode)
@@ -258,30 +276,38 @@ class Exl2Runner:
         context = self.model.get_device_context(attn.device_idx)
         sin, cos = context.sin[attn.rope_index], context.cos[attn.rope_index]
         positions = rows.positions_int32
-        # Norm, q/k/v projections and RoPE at each row's own position (batch = rows, q_len = 1).
+        # Norm, q/k/v projections and RoPE at each row's own position (batch = rows, q_len = 1), and the rows'
+        # keys and values into the layer's pages.
         if q4 is None:
-            q = torch.empty((num_tokens, 1, self.heads, self.head_dim), dtype=torch.half, device=x.device)
-            k = torch.empty((num_tokens, 1, self.kv_heads, self.head_dim), dtype=torch.half, device=x.device)
+            q = torch.empty((num_tokens, self.heads, self.head_dim), dtype=torch.half, device=x.device)
+            k = torch.empty((num_tokens, self.kv_heads, self.head_dim), dtype=torch.half, device=x.device)
             v = torch.empty_like(k)
-            ext_c.q_attn_forward_1(attn.q_handle, x, num_tokens, 1, 0, positions, q, k, v, sin, cos, [], none_tensor)
+            ext_c.q_attn_forward_1(
+                attn.q_handle, x, num_tokens, 1, 0, positions, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), sin,
+                cos, [], none_tensor,
+            )  # fmt: skip
+            rows.write(layer, k, v)
         else:
-            q, k, v = qkv_forward(attn, q4, x.view(num_tokens, -1))
-            q = q.view(num_tokens, 1, self.heads, self.head_dim)
-            k = k.view(num_tokens, 1, self.kv_heads, self.head_dim)
-            ext_c.rope_(q, sin, cos, 0, self.heads, self.head_dim, positions, self.neox_rope)
-            ext_c.rope_(k, sin, cos, 0, self.kv_heads, self.head_dim, positions, self.neox_rope)
-        attended = rows.attend(
-            layer,
-            q.view(num_tokens, self.heads, self.head_dim),
-            k.view(num_tokens, self.kv_heads, self.head_dim),
-            v.view(num_tokens, self.kv_heads, self.head_dim),
-            attn.scaling,
-        )
+            q, k, v = (t.view(num_tokens, -1, self.head_dim) for t in qkv_forward(attn, q4, x.view(num_tokens, -1)))
+            if self._rope_store:
+                rope_store(q, k, v, sin, cos, positions, rows.write_slots, self.k_cache[layer], self.v_cache[layer],
+                           self.neox_rope)  # fmt: skip
+            else:
+                ext_c.rope_(q, sin, cos, 0, self.heads, self.head_dim, positions, self.neox_rope)
+                ext_c.rope_(k, sin, cos, 0, self.kv_heads, self.head_dim, positions, self.neox_rope)
+                rows.write(layer, k, v)
+        attended = rows.attend(layer, q, attn.scaling)
         if q4 is not None:  # o_proj added to the residual stream
             return o_forward(q4, attended.view(num_tokens, -1), x.view(num_tokens, -1)).unsqueeze(1)
         # o_proj, added to the residual stream x in place.
         ext_c.q_attn_forward_2(attn.q_handle, x, attended.view(num_tokens, 1, -1), num_tokens, 1, [], none_tensor)
         return x
+
+    @cached_property
+    def _rope_store(self) -> bool:
+        """Whether verispec's 4-bit path rotates q and k and writes the KV pages in one kernel of its CUDA
+        library (q4_cuda.rope_store, ExLlamaV2's rope bits), where nvcc built it; else rope_ twice and a write."""
+        return self.rotates and cuda_build.unavailable() is None
 
     def free(self, seq_id: int) -> None:
         return None  # everything a sequence has here lives in its pages

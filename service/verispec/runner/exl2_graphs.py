@@ -137,12 +137,18 @@ class _StaticRows:
         the graph, so every replay converts the slots it was given)."""
         self.slots_long = self.slots.long()
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    @property
+    def write_slots(self) -> torch.Tensor:
+        return self.slots_long
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.runner.k_cache[layer].index_copy_(0, self.slots_long, k)
+        self.runner.v_cache[layer].index_copy_(0, self.slots_long, v)
+
+    def attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         from verispec.kernels.paged_attention import paged_decode_attention
 
         k_cache, v_cache = self.runner.k_cache[layer], self.runner.v_cache[layer]
-        k_cache.index_copy_(0, self.slots_long, k)
-        v_cache.index_copy_(0, self.slots_long, v)
         out = paged_decode_attention(q, k_cache, v_cache, self.tables, self.lengths, scale, self.runner.kv.page_size)
         return out.view(q.shape[0], -1)
 
