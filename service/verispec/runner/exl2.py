@@ -6,9 +6,10 @@ loaded modules itself. Every new token of the batch is one row: the fused ExLlam
 [sum of new tokens, hidden] at once, and attention reads each sequence's keys and values from the
 paged cache, one fp16 tensor per layer on that layer's GPU. For passes of up to 64 rows the linears can
 run on verispec's own 4-bit GEMMs instead (runner/exl2_q4.py; kernels/q4_gemm.py picks, per shape and
-bucket of rows, the fastest of its CUDA kernels and its Triton one): unfused norm, GEMMs and RoPE, more
-launches but a cost that grows slowly with rows; `--exl2-gemm auto` times both at start-up and keeps the
-faster per row bucket. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
+bucket of rows, the fastest of its CUDA kernels and its Triton one): the norm apart, q, k and v in one
+launch, RoPE with the KV-cache write in one kernel where verispec's CUDA library is built, gate and up in one
+launch; more launches than ExLlamaV2's fused kernels but a cost that grows slowly with rows. `--exl2-gemm
+auto` times both at start-up and keeps the faster per row bucket. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
 and only once an exl2 model is loaded.
 
 Passes of up to 64 rows made of few-token entries (decode, verify, draft steps, short prompts) replay

@@ -39,7 +39,7 @@ def verify(
 
     Row i of `logits` is the target's prediction after the context plus d_1..d_i; `position` is
     the output index of the first token this step emits (it keys the random draws). `target_ids`, when
-    given, are the argmaxes of those rows already taken (greedy_argmax, for a plain-greedy sampler).
+    given, are the argmaxes of those rows already taken (greedy_argmax, for a batch-greedy sampler).
     """
     draft = proposal.token_ids
     k = len(draft)
