@@ -9,8 +9,8 @@ run on verispec's own 4-bit GEMMs instead (runner/exl2_q4.py; kernels/q4_gemm.py
 bucket of rows, the fastest of its CUDA kernels and its Triton one): the norm apart, q, k and v in one
 launch, RoPE with the KV-cache write in one kernel where verispec's CUDA library is built, gate and up in one
 launch; more launches than ExLlamaV2's fused kernels but a cost that grows slowly with rows. `--exl2-gemm
-auto` times both at start-up and keeps the faster per row bucket. Only this module, runner/exl2_q4.py and backends/exl2.py touch exllamav2,
-and only once an exl2 model is loaded.
+auto` times both at start-up and keeps the faster per row bucket. Only this module, runner/exl2_q4.py and
+backends/exl2.py touch exllamav2, and only once an exl2 model is loaded.
 
 Passes of up to 64 rows made of few-token entries (decode, verify, draft steps, short prompts) replay
 CUDA graphs captured at start-up (runner/exl2_graphs.py, `--cuda-graphs`); the rest launch their
