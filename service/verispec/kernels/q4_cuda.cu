@@ -163,7 +163,8 @@ struct ScaleSources {
 template <bool GPTQ>
 __device__ __forceinline__ ScaleSources scale_sources(const Problem& p, int group, int column) {
   if constexpr (GPTQ) {
-    return {static_cast<const half*>(p.scales) + (size_t)group * p.n + column, p.zeros + (size_t)group * (p.n / 8) + column / 8};
+    return {static_cast<const half*>(p.scales) + (size_t)group * p.n + column,
+            p.zeros + (size_t)group * (p.n / 8) + column / 8};
   } else {
     return {static_cast<const uint32_t*>(p.scales) + (size_t)group * (p.n / 8) + column / 8,
             reinterpret_cast<const uint32_t*>(p.scale_max + (group & ~1))};
@@ -234,7 +235,9 @@ constexpr int kQuads = kBatchK / 32;       // word-row quads per batch
 constexpr int kXRowHalves = kBatchK + 32;  // an input row in shared memory, padded against bank conflicts
 
 // The word row that thread row t (lane % 4) reads of quad `quad` of batch `batch`.
-__device__ __forceinline__ int batch_word_row(int batch, int quad, int t) { return (batch * kBatchK) / 8 + 4 * quad + t; }
+__device__ __forceinline__ int batch_word_row(int batch, int quad, int t) {
+  return (batch * kBatchK) / 8 + 4 * quad + t;
+}
 
 // Asks L2 for a warp's words of batches [from, to) below `end` (a batch: K positions batch * 128 .. + 127)
 // in its 32 columns from `warp_column`: sixteen word rows of 128 bytes a batch, one line each for lanes 0-15.
@@ -442,7 +445,9 @@ template <bool GPTQ>
 __device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, int column, uint4 (&words)[kQuads],
                                            uint4& meta) {
 #pragma unroll
-  for (int quad = 0; quad < kQuads; ++quad) words[quad] = load_streaming(weight_words(p, batch_word_row(batch, quad, t), column));
+  for (int quad = 0; quad < kQuads; ++quad) {
+    words[quad] = load_streaming(weight_words(p, batch_word_row(batch, quad, t), column));
+  }
   meta = scale_words<GPTQ>(p, (batch * kBatchK) / p.group_size, column);
 }
 
@@ -693,7 +698,6 @@ __global__ void __launch_bounds__(kActivationThreads) silu_mul_kernel(const half
   }
 }
 
-
 // ---- RoPE on q and k, then k and v into the KV cache: four kernels of a layer in one -------------------
 //
 // Each row (token) is rotated at its own position by ExLlamaV2's rope_ arithmetic, operation for operation in
@@ -735,7 +739,8 @@ __global__ void __launch_bounds__(kRopeThreads)
   const int pairs = NEOX ? rotary / 4 : rotary / 2;  // pairs of columns a head's rotation touches
   for (int index = threadIdx.x; index < (heads + kv_heads) * pairs; index += kRopeThreads) {
     const int head = index / pairs, c = 2 * (index % pairs);
-    half* x = head < heads ? q + ((size_t)row * heads + head) * head_dim : k + ((size_t)row * kv_heads + head - heads) * head_dim;
+    half* x = head < heads ? q + ((size_t)row * heads + head) * head_dim
+                           : k + ((size_t)row * kv_heads + head - heads) * head_dim;
     rotate<NEOX>(x, sin_row, cos_row, c, rotary);
   }
   __syncthreads();  // the row's k is rotated before it is copied
