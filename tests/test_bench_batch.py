@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 from tests.test_cli import _STARTUP_SCRIPT, HEAVY, HEAVY_OURS
-from verispec.tools.bench_batch import PASS_LOG, POLICIES, BatchCounts, pass_summary, token_latencies
+from verispec.tools.bench_batch import (
+    PASS_LOG,
+    POLICIES,
+    BatchCounts,
+    long_prompt_started,
+    pass_summary,
+    token_latencies,
+)
 
 BENCH = [sys.executable, "-m", "verispec", "bench", "batch"]
 
@@ -25,7 +32,7 @@ def test_the_pass_log_keeps_the_last_passes_in_order_and_summarises_a_window() -
     counts = BatchCounts()
     for i in range(PASS_LOG + 3):
         counts.on_batch(8, 8 + i, 0.001 * (i + 1))
-    assert counts.snapshot() == (PASS_LOG + 3, 8 * (PASS_LOG + 3), PASS_LOG + 2)
+    assert counts.snapshot() == (PASS_LOG + 3, 8 * (PASS_LOG + 3))
     assert len(counts.passes(0)) == PASS_LOG  # older passes are overwritten
     assert counts.passes(PASS_LOG + 1) == [(8, 8 + PASS_LOG + 1, PASS_LOG + 2.0), (8, 8 + PASS_LOG + 2, PASS_LOG + 3.0)]
     summary = pass_summary(counts.passes(PASS_LOG))
@@ -35,6 +42,17 @@ def test_the_pass_log_keeps_the_last_passes_in_order_and_summarises_a_window() -
         "max": 8 + PASS_LOG + 2,
     }
     assert pass_summary([]) == {"passes": 0}
+
+
+def test_the_long_prompt_is_seen_starting_by_its_sequence_however_small_its_chunk() -> None:
+    """Behind 8 decoding streams, the long prompt's first chunk is the first pass of 9 sequences, even of
+    one token (a pass that looks like a decode), or a pass of more tokens than sequences."""
+    decodes = [(8, 8, 20.0)] * 3
+    assert not long_prompt_started(decodes, background=8)
+    assert long_prompt_started([*decodes, (9, 9, 21.0)], background=8)
+    assert long_prompt_started([*decodes, (9, 24, 38.0)], background=8)
+    assert long_prompt_started([(1, 16, 5.0)], background=0)
+    assert not long_prompt_started([], background=8)
 
 
 def test_help_imports_nothing_heavy() -> None:

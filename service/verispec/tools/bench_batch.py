@@ -141,13 +141,13 @@ def generate_request(prompt: str, mode: str, max_new_tokens: int, chat: bool = T
 
 
 class BatchCounts:
-    """A StepObserver counting forward passes, their sequences, and passes with more tokens than sequences
-    (a prefill chunk, or drafts), and keeping the shape and time of the last PASS_LOG passes. The engine
-    thread writes; the client process reads snapshots, so the counts live in shared memory."""
+    """A StepObserver counting forward passes and their sequences, and keeping the shape and time of the
+    last PASS_LOG passes. The engine thread writes; the client process reads snapshots, so the counts live in
+    shared memory."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
-        self._values = context.Array("q", 3)
+        self._values = context.Array("q", 2)
         self._log = context.Array("q", 3 * PASS_LOG, lock=False)  # (sequences, tokens, microseconds) per pass
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
@@ -159,13 +159,12 @@ class BatchCounts:
             self._log[slot : slot + 3] = [batch_size, batch_tokens, round(seconds * 1e6)]
             self._values[0] += 1
             self._values[1] += batch_size
-            self._values[2] += batch_tokens > batch_size
 
-    def snapshot(self) -> tuple[int, int, int]:
-        """(forward passes, sequences in them, passes with more tokens than sequences) so far."""
+    def snapshot(self) -> tuple[int, int]:
+        """(forward passes, sequences in them) so far."""
         with self._values.get_lock():
-            passes, sequences, wide = self._values[:]
-        return passes, sequences, wide
+            passes, sequences = self._values[:]
+        return passes, sequences
 
     def passes(self, since: int) -> list[tuple[int, int, float]]:
         """(sequences, tokens, milliseconds) of each pass from pass number `since` on (the last PASS_LOG)."""
@@ -242,12 +241,12 @@ def _ms(seconds: float | None) -> float | None:
 
 async def run_round(target: Target, mode: str, concurrency: int, max_new_tokens: int, repeat: int = 0) -> Round:
     """N streams at once on distinct prompts; the round's wall time runs from the calls to the last token."""
-    passes, sequences, _ = target.counts.snapshot()
+    passes, sequences = target.counts.snapshot()
     requests = [generate_request(prompt_for(i), mode, max_new_tokens, target.chat) for i in range(concurrency)]
     start = time.perf_counter()
     streams = await asyncio.gather(*(stream(target.stub, r) for r in requests))
     wall = time.perf_counter() - start
-    passes_after, sequences_after, _ = target.counts.snapshot()
+    passes_after, sequences_after = target.counts.snapshot()
     mean_batch = (sequences_after - sequences) / (passes_after - passes) if passes_after > passes else None
     passes_seen = target.counts.passes(passes)
     return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch, passes_seen)
@@ -304,12 +303,11 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     passes_before = target.counts.snapshot()[0]
     long_job = None
     if long_prompt is not None:
-        _, _, wide_before = target.counts.snapshot()
+        submitted = target.counts.snapshot()[0]
         long_job = asyncio.ensure_future(
             stream(target.stub, generate_request(long_prompt, "off", PROBE_MAX_NEW_TOKENS, chat=False))
         )
-        # Its first prefill chunk is the only pass with more tokens than sequences (OFF: no drafts).
-        await _until(lambda: target.counts.snapshot()[2] > wide_before or long_job.done())
+        await _until(lambda: long_prompt_started(target.counts.passes(submitted), background) or long_job.done())
     probes: list[StreamResult] = []
     for _ in range(samples):
         if long_job is not None and long_job.done():
@@ -334,6 +332,13 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     run["probes"] = probes
     run["seconds_to_idle_after_cancel"] = await _until_idle(target.stub)
     return run
+
+
+def long_prompt_started(passes: Sequence[tuple[int, int, float]], background: int) -> bool:
+    """Whether a pass since the long prompt's submission holds its first prefill chunk: a pass of more
+    sequences than the background streams, or of more tokens than sequences (OFF makes no drafts), however
+    few tokens the chunk has."""
+    return any(size > background or tokens > size for size, tokens, _ms in passes)
 
 
 async def _until_idle(stub: pb_grpc.GenerationServiceStub, timeout: float = 60.0) -> float:
