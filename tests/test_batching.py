@@ -210,6 +210,29 @@ def test_an_asynchronous_runner_overlaps_a_steps_outputs_with_the_next_pass() ->
     assert len(tokens(outputs)) == 4 and [out.finished for out in outputs] == [False, False, False, True]
 
 
+def test_an_output_handed_over_during_a_pass_comes_after_the_stats_that_free_its_request() -> None:
+    """With an asynchronous runner a cancelled request's final output goes out during the next pass of the
+    request still running; by then the stats snapshot no longer counts it (its pages are free)."""
+    core, _ = _fake_core(num_pages=256, asynchronous=True)
+    seen: dict[str, int] = {}
+
+    def sink(out: StepOutput) -> None:
+        if not out.finished:
+            core.abort("short")
+        else:
+            seen[out.request_id] = core.stats().active_requests
+
+    try:
+        done = threading.Event()
+        core.submit(_request("long", FAKE_PROMPTS[1], 200), lambda out: done.set() if out.finished else None)
+        short = run_to_completion(core, _request("short", FAKE_PROMPTS[0], 100), observe=sink)
+        core.abort("long")
+        assert done.wait(30)
+    finally:
+        core.stop(5)
+    assert short[-1].finish_reason is FinishReason.CANCELLED and seen["short"] == 1, seen
+
+
 def test_cancelled_requests_return_their_pages() -> None:
     core, _ = _fake_core(num_pages=256)
     try:

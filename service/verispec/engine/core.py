@@ -321,7 +321,7 @@ class EngineCore:
             log.info("engine.preempted", request_id=seq.request_id, num_preemptions=seq.num_preemptions)
         scheduled = [s for s in plan.scheduled if self._prepare(s)]
         if not scheduled:
-            self._deliver()
+            self._hand_over()
             return
         step = StepTiming(time.time_ns())
         # (1) Drafters propose up to k tokens d_1..d_k for every decoding sequence, batched per drafter.
@@ -340,10 +340,10 @@ class EngineCore:
             log.exception("engine.step_failed", batch_size=len(scheduled))
             for s in scheduled:
                 self._finish(s.seq, final(s.seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}"))
-            self._deliver()
+            self._hand_over()
             return
         if self.runner.asynchronous:
-            self._deliver()  # the last step's outputs go out (gRPC work, on other threads) while the device runs
+            self._hand_over()  # the last step's outputs go out (gRPC work, on other threads) while the device runs
         # (3) Verification per request keeps a prefix of its drafts and adds one token of the target's
         # own; (4) the rejected drafts are forgotten by moving the sequence's length.
         targets = speculation.greedy_targets(scheduled, logits)
@@ -424,6 +424,13 @@ class EngineCore:
             old = self._request_seconds
             self._request_seconds = seconds if old is None else old + 0.2 * (seconds - old)
         self._outbox.append((seq.sink, out))
+
+    def _hand_over(self) -> None:
+        """Delivers inside a step: the stats first where an output ends a request (or where the step ended
+        requests), so that a caller who sees its final output sees its pages freed."""
+        if any(out.finished for _, out in self._outbox):
+            self._publish()
+        self._deliver()
 
     def _deliver(self) -> None:
         """Hands this iteration's outputs to their requests' sinks."""
