@@ -127,12 +127,17 @@ class Sampler:
         return uniform(self.params.seed, position, stream)
 
 
-def check_scores(scores: torch.Tensor) -> None:
-    """Raises SamplingError when `scores` [n, vocab] hold NaN or +inf, or a row is all -inf (masked).
+def finite_rows(scores: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the rows of `scores` [n, vocab] that can be sampled from, in one reduction. A row's max is
+    NaN where the row holds a NaN (max propagates it), +inf where it holds +inf, -inf where every value is
+    masked, and finite otherwise."""
+    return scores.amax(-1).isfinite()
 
-    One reduction and one wait for the device: a row's max is NaN where the row holds a NaN (max propagates
-    it), +inf where it holds +inf, -inf where every value is masked, and finite otherwise."""
-    if not bool(scores.amax(-1).isfinite().all()):
+
+def check_scores(scores: torch.Tensor) -> None:
+    """Raises SamplingError when `scores` [n, vocab] hold NaN or +inf, or a row is all -inf (masked): one
+    reduction (finite_rows) and one wait for the device."""
+    if not bool(finite_rows(scores).all()):
         raise SamplingError("cannot sample: the scores hold NaN or infinite values")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from verispec.sampling import STREAM_ACCEPT, Sampler
+from verispec.sampling import STREAM_ACCEPT, Sampler, finite_rows
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def greedy_argmax(
 ) -> list[list[int] | None]:
     """The argmax of every row of each logits tensor [n_i, vocab] in one reduction and one wait for the
     device (rather than one of each per request). suppressed[i] = (r, token_ids): the first r rows of
-    tensor i never pick those tokens (Sampler.suppressed_rows). None for a tensor with a row that is not
-    finite (NaN, +inf, or every token masked), which its request's own verify() then reports. The argmax of
+    tensor i never pick those tokens (Sampler.suppressed_rows). None for a tensor with a row that cannot be
+    sampled from (sampling.finite_rows), which its request's own verify() then reports. The argmax of
     the logits is the greedy token whichever float type they come in (fp16 widens to fp32 exactly).
     """
     if not rows:
@@ -96,7 +96,7 @@ def greedy_argmax(
         offset += r.shape[0]
     if marked_rows:
         stacked[marked_rows, marked_ids] = float("-inf")
-    best = torch.where(stacked.amax(-1).isfinite(), stacked.argmax(-1), -1).tolist()
+    best = torch.where(finite_rows(stacked), stacked.argmax(-1), -1).tolist()
     result: list[list[int] | None] = []
     offset = 0
     for r in rows:
