@@ -303,11 +303,10 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     passes_before = target.counts.snapshot()[0]
     long_job = None
     if long_prompt is not None:
-        submitted = target.counts.snapshot()[0]
         long_job = asyncio.ensure_future(
             stream(target.stub, generate_request(long_prompt, "off", PROBE_MAX_NEW_TOKENS, chat=False))
         )
-        await _until(lambda: long_prompt_started(target.counts.passes(submitted), background) or long_job.done())
+        await _until(lambda: long_prompt_started(target.counts.passes(passes_before), background) or long_job.done())
     probes: list[StreamResult] = []
     for _ in range(samples):
         if long_job is not None and long_job.done():
