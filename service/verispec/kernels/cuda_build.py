@@ -61,7 +61,8 @@ def build(out_dir: Path, architectures: list[str], nvcc: str | None = None) -> P
         raise FileNotFoundError("nvcc not found (set CUDA_HOME): the CUDA kernels are compiled by nvcc")
     target = out_dir / library_name(architectures)
     gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in architectures]
-    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode, str(_SOURCE)]
+    # --threads 0: one nvcc thread per CPU, so the architectures compile side by side.
+    command = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--threads", "0", *gencode, str(_SOURCE)]
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     log.info("kernels.q4_cuda_building", library=target.name, note="once per machine and source, 10-30 s")
