@@ -254,7 +254,7 @@ _OPTIONS: tuple[tuple[str, str, str, Any, str], ...] = (
         "model",
         "cuda_graphs",
         bool,
-        "exl2: run passes of up to 64 rows (decode, verify, draft steps, short prompts) as CUDA graphs "
+        "exl2: run passes of up to 64 rows (decodes, verifies, draft steps, prefill chunks) as CUDA graphs "
         "captured at start-up, one per row bucket (needs Triton); false: every pass launches its kernels",
     ),
     ("device", "model", "device", str, "torch device: auto (cuda if present, else cpu), cpu, cuda:N"),

@@ -88,7 +88,7 @@ def _prefilled(runner: Any, prompts: list[list[int]], room: int) -> list[PageTab
     tables = [PageTable() for _ in prompts]
     for i, (table, prompt) in enumerate(zip(tables, prompts, strict=True)):
         pool.reserve(table, len(prompt) + room)
-        runner.forward([BatchEntry(i, prompt, 0, table.pages, 0)])  # over 16 tokens: an eager pass
+        runner.forward([BatchEntry(i, prompt, 0, table.pages, 0)])  # a graph's replay where the runner has them
     return tables
 
 
@@ -105,7 +105,8 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
 
 def _batches(prompts: list[list[int]], tables: list[PageTable]) -> list[list[BatchEntry]]:
     """Few-token passes that fill buckets exactly and that need padding: decodes, verifies of k+1,
-    draft catch-up (several tokens, one logit) and a short prompt (<= 16 tokens) beside decodes."""
+    draft catch-up (several tokens, one logit), a 12-token prompt beside decodes and a 29-token one beside
+    two (a whole chat prompt in one replay)."""
     n = [len(p) for p in prompts]
 
     def entry(i: int, tokens: list[int], start: int, logits: int) -> BatchEntry:
@@ -118,17 +119,23 @@ def _batches(prompts: list[list[int]], tables: list[PageTable]) -> list[list[Bat
         [entry(0, [530, 531, 532, 533], n[0], 4), entry(2, [540, 541, 542], n[2], 3)],  # 7 rows: bucket 8
         [entry(i, [550 + i], n[i], 1) for i in range(5)] + [entry(5, prompts[5], 0, 1)],  # decodes + a prompt
         [entry(3, [560, 561, 562], n[3], 1), entry(4, [570], n[4], 1)],  # catch-up: logits on the last row
+        [entry(0, [580], n[0], 1), entry(1, [581], n[1], 1), entry(6, prompts[6], 0, 1)],  # 31 rows: bucket 32
     ]
 
 
 def test_graph_replays_score_as_eager_passes(pair: tuple[Any, Any]) -> None:
-    """Every pass shape above (1 to 13 rows, padded and not) gives from a graph replay the logits the
-    eager pass gives on the same weights and pages, to fp16 noise."""
+    """Every pass shape above (1 to 31 rows, padded and not) gives from a graph replay the logits the
+    eager pass gives on the same weights and pages, to fp16 noise; the prompts prefilled first (17 to 64
+    tokens) went through replays on one side and eager passes on the other."""
     graphs, eager = pair
-    prompts = [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate((40, 23, 64, 17, 31, 12))]
-    # The short prompt (sequence 5) takes the pool's last pages, which no prefilled prompt holds.
-    graph_tables = [*_prefilled(graphs, prompts[:5], 8), PageTable([graphs.kv.num_pages - 1])]
-    eager_tables = [*_prefilled(eager, prompts[:5], 8), PageTable([eager.kv.num_pages - 1])]
+    prompts = [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate((40, 23, 64, 17, 31, 12, 29))]
+
+    # The new prompts (sequences 5 and 6) take the pool's last pages, which no prefilled prompt holds.
+    def fresh(last: int) -> list[PageTable]:
+        return [PageTable([last - 1]), PageTable([last - 3, last - 2])]
+
+    graph_tables = [*_prefilled(graphs, prompts[:5], 8), *fresh(graphs.kv.num_pages)]
+    eager_tables = [*_prefilled(eager, prompts[:5], 8), *fresh(eager.kv.num_pages)]
     assert graphs.graphs is not None and eager.graphs is None
     worst = 0.0
     for graph_batch, eager_batch in zip(_batches(prompts, graph_tables), _batches(prompts, eager_tables), strict=True):
@@ -185,16 +192,19 @@ def test_padding_rows_leave_every_sequence_as_it_was(pair: tuple[Any, Any]) -> N
         assert torch.equal(old[keep].view(torch.int16), new[keep].view(torch.int16))
 
 
-def test_long_entries_and_large_passes_launch_eagerly(pair: tuple[Any, Any]) -> None:
-    """A prefill chunk of more than 16 tokens, or more rows than the largest bucket, is not captured."""
-    from verispec.runner.exl2_graphs import GRAPH_BUCKETS, GRAPH_MAX_NEW_TOKENS
+def test_prompts_replay_graphs_and_only_passes_past_the_largest_bucket_launch_eagerly(pair: tuple[Any, Any]) -> None:
+    """A whole prompt of up to 64 tokens replays the bucket that holds it; more rows than the largest bucket
+    launch eagerly."""
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS
 
     graphs, _eager = pair
     table = PageTable(list(range(12)))
-    assert graphs.graphs.accepts([BatchEntry(0, [1] * (GRAPH_MAX_NEW_TOKENS + 1), 0, table.pages, 1)]) is None
+    assert graphs.graphs.accepts([BatchEntry(0, [1] * 40, 0, table.pages, 1)]) == 48
+    assert graphs.graphs.accepts([BatchEntry(0, [1] * GRAPH_BUCKETS[-1], 0, table.pages, 1)]) == GRAPH_BUCKETS[-1]
+    assert graphs.graphs.accepts([BatchEntry(0, [1] * (GRAPH_BUCKETS[-1] + 1), 0, table.pages, 1)]) is None
     many = [BatchEntry(i, [1] * 4, 0, table.pages, 1) for i in range(GRAPH_BUCKETS[-1] // 4 + 1)]
     assert graphs.graphs.accepts(many) is None
-    assert graphs.graphs.accepts([BatchEntry(0, [1] * GRAPH_MAX_NEW_TOKENS, 0, table.pages, 1)]) == 16
+    assert graphs.graphs.largest == GRAPH_BUCKETS[-1]
 
 
 def test_a_bucket_that_cannot_be_captured_passes_to_the_next(exl2: Any) -> None:

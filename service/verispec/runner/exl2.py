@@ -166,7 +166,7 @@ class Exl2Runner:
         self.kv.log_ready("exl2_paged", layers_per_gpu={f"cuda:{d}": n for d, n in sorted(layers_on.items())})
         use_graphs = backend.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graphs = self._capture_graphs(mode) if use_graphs else None  # few-token passes replay these
-        if mode == "auto" and self.q4_layers:  # eager passes (prefill chunks, where graphs run) measured too
+        if mode == "auto" and self.q4_layers:  # eager passes (those past the largest graph) measured too
             self.calibrate_gemm()
 
     def _capture_graphs(self, gemm: str) -> DecodeGraphs | None:
@@ -183,9 +183,12 @@ class Exl2Runner:
         """Times an eager decode pass of 1, 2, 4 ... 64 sequences with each GEMM and keeps the faster per
         row count: ExLlamaV2's fused kernels launch less and its q-gemm is quick at one row, verispec's keep
         their cost as rows grow (`verispec bench gemm` shows both; on an H100 a 32-row eager pass took 232 ms
-        with ExLlamaV2's, 64 with verispec's). With CUDA graphs the eager passes left are prefill chunks of
-        17 to 64 rows, where this choice sets a prompt's time to first token. Runs before the engine."""
+        with ExLlamaV2's, 64 with verispec's). Row counts that a captured CUDA graph holds never launch
+        eagerly and are not timed. Runs before the engine."""
+        graphed = self.graphs.largest if self.graphs is not None else 0
         for rows in ROW_BUCKETS:
+            if rows <= graphed:
+                continue
             batch = calibration_batch(self.kv.new_pool(), rows)
             if batch is None:
                 break
@@ -202,6 +205,13 @@ class Exl2Runner:
             verispec_rows=[rows for rows, use in self.q4_rows.items() if use],
             pass_ms=self.gemm_calibration,
         )
+
+    @property
+    def cost_breaks(self) -> tuple[int, ...]:
+        """A pass of more rows than the largest captured graph launches eagerly: ~1,500 kernel launches from
+        Python, which cost more than the replay of the largest graph (rows, not tokens of work)."""
+        largest = self.graphs.largest if self.graphs is not None else 0
+        return (largest,) if largest else ()
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:

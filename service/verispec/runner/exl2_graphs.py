@@ -1,8 +1,8 @@
 """CUDA graphs of the exl2 runner's few-token passes: decode, verify, draft steps and short prompts.
 
 A 70B decode pass launches ~1,500 kernels; launched from Python they cost more host time than the GPU
-spends running them. So a pass of up to 64 rows whose entries each bring at most GRAPH_MAX_NEW_TOKENS
-new tokens runs as the replay of a graph captured at start-up for the smallest row bucket that holds it.
+spends running them. So a pass of up to 64 rows (decodes, verifies, draft catch-ups and prefill chunks in
+any mix) runs as the replay of a graph captured at start-up for the smallest row bucket that holds it.
 Before a replay the host writes into static buffers the pass's token embeddings and, per row, its
 position, the slot its key and value go to, how many keys it sees and its sequence's page table; each
 GPU of the split replays its own graph over its layers (the hidden state hops between them). Rows that
@@ -44,7 +44,7 @@ from verispec.runner.base import (
 log = structlog.get_logger(__name__)
 
 GRAPH_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # rows a captured pass holds
-GRAPH_MAX_NEW_TOKENS = 16  # new tokens of one entry in a captured pass; longer prefill chunks launch eagerly
+GRAPH_LOOKAHEAD = 16  # positions past the model's context a captured pass's page tables reach (a verify's drafts)
 # ExLlamaV2's q-gemm autotunes each (rows, in, out) shape of up to 4 rows over its first 200 calls, timing
 # each with CUDA events it waits on; call 201 settles it. A capture cannot contain those waits.
 EXLLAMAV2_AUTOTUNED_ROWS = 4
@@ -177,7 +177,7 @@ class DecodeGraphs:
         self.page_size = runner.kv.page_size
         self.spare_page = runner.kv.num_pages  # the cache holds one page more than the pool hands out
         # Page-table width: a sequence never holds more than the model's context plus a verify's lookahead.
-        context = int(runner.model.config.max_seq_len) + GRAPH_MAX_NEW_TOKENS
+        context = int(runner.model.config.max_seq_len) + GRAPH_LOOKAHEAD
         self.max_pages = min(runner.kv.num_pages, pages_for(context, self.page_size))
         self.segments = segments(runner.modules)
         devices = sorted({segment.device for segment in self.segments})
@@ -337,14 +337,16 @@ class DecodeGraphs:
         meta.tables[first:, 0] = self.spare_page
 
     def accepts(self, batch: Sequence[BatchEntry]) -> int | None:
-        """The bucket whose graphs run `batch`, or None when it launches eagerly."""
-        num_rows = 0
-        for entry in batch:
-            n = len(entry.token_ids)
-            if n > GRAPH_MAX_NEW_TOKENS or len(entry.pages) > self.max_pages:
-                return None
-            num_rows += n
-        return bucket_for(num_rows, self.captured)
+        """The bucket whose graphs run `batch`, or None when it launches eagerly (more rows than the largest
+        bucket, or a page table wider than the captured one)."""
+        if any(len(entry.pages) > self.max_pages for entry in batch):
+            return None
+        return bucket_for(sum(len(entry.token_ids) for entry in batch), self.captured)
+
+    @property
+    def largest(self) -> int:
+        """Rows of the largest captured bucket (0: none captured)."""
+        return max(self.captured, default=0)
 
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor] | None:
         """The logits of `batch` from a replay, or None when no captured bucket takes it."""
