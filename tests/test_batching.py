@@ -70,6 +70,7 @@ class FakeRunner:
 
     batched = True
     asynchronous = False
+    cost_breaks: tuple[int, ...] = ()
 
     def __init__(self, num_pages: int, page_size: int = 4) -> None:
         self.info = BackendInfo("fake", "fake", VOCAB, 4096, "float32", ("cpu",))
@@ -597,6 +598,46 @@ def test_a_burst_of_short_prompts_beside_decodes_starts_together() -> None:
         scheduler.add(seq)
     plan = scheduler.schedule(_no_drafts)
     assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(decoding, 1), *((seq, 14) for seq in burst[:4])]
+
+
+def _graph_cost(tokens: int) -> float:
+    """A GPU's pass cost with CUDA graphs up to 64 rows (the H100's measured shape): a replay grows slowly
+    with rows, an eager pass past the largest bucket pays ~50 ms of launches first."""
+    return 0.019 + 0.00065 * tokens if tokens <= 64 else 0.07 + 0.0008 * tokens
+
+
+def test_a_burst_at_an_idle_engine_is_prefilled_a_graph_bucket_at_a_time() -> None:
+    """Eight 30-token prompts reach an idle engine whose passes past 64 rows launch eagerly: the first pass
+    takes the 64 tokens that move the most tokens per second (two prompts whole and the start of a third),
+    not the whole 256-token budget, so the first of them get their first tokens a third as late."""
+    pool = PagePool(512, 16)
+    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
+    make = _Plain(pool)
+    burst = [make.sequence(30) for _ in range(8)]
+    for seq in burst:
+        scheduler.add(seq)
+    plan = scheduler.schedule(_no_drafts)
+    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(burst[0], 30), (burst[1], 30), (burst[2], 4)]
+
+
+def test_a_prompt_that_would_cross_the_largest_graph_waits_for_the_next_pass() -> None:
+    """Two 30-token prompts arrive while six requests decode: the first rides with the decodes (36 rows, a
+    graph's replay); the second would make the pass 66 rows, an eager pass dearer than two passes, so it
+    waits for the next one rather than slowing all seven."""
+    pool = PagePool(512, 16)
+    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
+    make = _Plain(pool)
+    decoding = [make.sequence(4, emitted=1) for _ in range(6)]
+    for seq in decoding:
+        scheduler.add(seq)
+    scheduler.schedule(_no_drafts)
+    for seq in decoding:
+        seq.num_computed = len(seq.context) - 1
+    new = [make.sequence(30) for _ in range(2)]
+    for seq in new:
+        scheduler.add(seq)
+    plan = scheduler.schedule(_no_drafts)
+    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [*((seq, 1) for seq in decoding), (new[0], 30)]
 
 
 def _eight_decoding_and_a_new_prompt(

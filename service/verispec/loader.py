@@ -217,14 +217,19 @@ def calibrate_draft(draft: ModelRunner, costs: CostModel, repeats: int = 5) -> N
 
 def calibrate(runner: ModelRunner, costs: CostModel, max_tokens: int, max_batch_tokens: int, repeats: int = 3) -> None:
     """Measures a pass over 1..max_tokens tokens (and a few larger, as batches reach) so AUTO can price
-    k from the first request.
+    k from the first request, and the scheduler can size prefill chunks.
 
     It times what a live step times (the forward pass and verification, which also waits for the
-    device), so calibrated and live figures mix in one average without bias.
+    device), so calibrated and live figures mix in one average without bias. Where the runner's cost
+    steps up past a pass size (a CUDA graph's largest bucket), both sides of the step and the full budget
+    are measured too: interpolation across a step would price the passes past it far too low.
     """
     pool, table = runner.kv.new_pool(), PageTable()
     sampler = Sampler(SamplingParams(), runner.info.vocab_size, [])
-    sizes = [*range(1, max_tokens + 1), *(n for n in (16, 32, 64) if max_tokens < n <= max_batch_tokens)]
+    larger = {n for n in (16, 32, 64) if n <= max_batch_tokens}
+    for step in runner.cost_breaks:
+        larger |= {n for n in (step, step + 1, max_batch_tokens) if step <= n <= max_batch_tokens}
+    sizes = [*range(1, max_tokens + 1), *sorted(n for n in larger if n > max_tokens)]
     sizes = [n for n in sizes if 16 + n <= pool.capacity_tokens]  # a tiny test pool measures what fits
     try:
         runner.forward([scratch_entry(pool, table, list(range(16)), 0, 1)])  # also warms the kernels

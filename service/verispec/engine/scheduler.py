@@ -8,7 +8,9 @@ or two instead of waiting for the whole long prefill. While requests decode, pre
 step `decode_step_slack` times slower than decoding alone would be (by the measured pass costs): on
 hardware where a pass costs more with more tokens, that keeps inter-token latency and a new request's
 time to first token steady while a long prompt is prefilled in smaller chunks. Where that is cheaper
-for everyone by the same costs, new short prompts get a pass of their own ahead of the decodes.
+for everyone by the same costs, new short prompts get a pass of their own ahead of the decodes. With
+nothing decoding, prefill takes the pass size that moves the most tokens per measured second: on a GPU
+with CUDA graphs, the largest graph's bucket rather than a larger pass that launches eagerly.
 
 A waiting request is admitted when the pages for its whole context are free (its prefill can then
 never stall); a decoding sequence that needs a new page when none is free takes one from the newest
@@ -136,8 +138,8 @@ class Scheduler:
         if not preempted:  # a sequence preempted for room now must not take that room back at once
             self._admit()
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
-        short = self._short_prompts(prefilling)
-        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget, short)
+        decode_tokens = self.max_batch_tokens - budget
+        budget = self._prefill_allowance(decode_tokens, budget, self._short_prompts(prefilling, decode_tokens))
         for seq in prefilling:
             if budget < 1:
                 break
@@ -170,14 +172,11 @@ class Scheduler:
             (s for s in self.running if not s.decoding and s.num_computed == 0 and s.num_pending <= short),
             key=lambda s: s.num_pending,
         )
-        chosen, tokens = [], 0
-        for seq in fresh:
-            if tokens + seq.num_pending > self.max_batch_tokens:
-                break
-            chosen.append(seq)
-            tokens += seq.num_pending
+        # The prompts that would ride with the decodes if the budget allowed: compared as riding or alone.
+        chosen = self._whole_prompts(fresh, num_decoding, self.max_batch_tokens)
         if not chosen:
             return []
+        tokens = sum(seq.num_pending for seq in chosen)
         cost = self.step_cost
         saved = cost(num_decoding + tokens) - cost(tokens)  # per new request
         lost = max(0.0, cost(tokens) + cost(num_decoding) - cost(num_decoding + tokens))  # per decoding request
@@ -185,30 +184,58 @@ class Scheduler:
             return []
         return [ScheduledSequence(seq, seq.num_pending) for seq in chosen]
 
-    def _short_prompts(self, prefilling: list[Sequence]) -> int:
-        """Pending tokens of the shortest prompts (`prefilling` in ascending order) that fit together in a
-        quarter of the budget: the short requests a step beside decodes takes whole."""
+    def _whole_prompts(self, prompts: list[Sequence], decode_tokens: int, limit: int) -> list[Sequence]:
+        """The first of `prompts` (shortest first) a pass beside `decode_tokens` decode tokens takes whole,
+        up to `limit` tokens together. Each joins only while the pass costs less with it than without it
+        plus a pass of its own (by the measured costs): past a CUDA graph's largest bucket a pass costs a
+        step more, and the prompt that would cross it waits for the next pass instead."""
+        cost = self.step_cost
+        chosen: list[Sequence] = []
         total = 0
-        for seq in prefilling:
-            if total + seq.num_pending > self.max_batch_tokens // 4:
+        for seq in prompts:
+            tokens = seq.num_pending
+            if total + tokens > limit:
                 break
-            total += seq.num_pending
-        return total
+            carried = decode_tokens + total
+            if cost is not None and carried and cost(carried + tokens) > cost(carried) + cost(tokens):
+                break
+            chosen.append(seq)
+            total += tokens
+        return chosen
+
+    def _short_prompts(self, prefilling: list[Sequence], decode_tokens: int) -> int:
+        """Pending tokens of the shortest prompts that a step beside the decodes takes whole: those
+        `_whole_prompts` picks within a quarter of the budget."""
+        return sum(s.num_pending for s in self._whole_prompts(prefilling, decode_tokens, self.max_batch_tokens // 4))
 
     def _prefill_allowance(self, decode_tokens: int, budget: int, short: int) -> int:
-        """Prefill tokens this step may carry: the whole budget when nothing decodes; while requests
-        decode, as many as keep the step within decode_step_slack x the decode-only step (measured),
-        but at least a page's worth (long prompts always progress) and the `short` tokens of the short
-        prompts pending (a quarter of the budget at most; a short request is never split over steps, and
-        a burst of them starts in one step rather than one a step)."""
-        if not decode_tokens or self.step_cost is None or self.decode_step_slack <= 0:
+        """Prefill tokens this step may carry. While requests decode: as many as keep the step within
+        decode_step_slack x the decode-only step (measured), but at least a page's worth (long prompts
+        always progress) and the `short` tokens of the short prompts pending (a short request is never
+        split over steps, and a burst of them starts in one step rather than one a step). With nothing
+        decoding: the pass that prefills the most tokens per second (idle_allowance)."""
+        if self.step_cost is None or self.decode_step_slack <= 0:
             return budget
+        if not decode_tokens:
+            return self._idle_allowance(budget, self.step_cost)
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
         floor = min(budget, max(self.pool.page_size, short))
         tokens = budget
         while tokens > floor and self.step_cost(decode_tokens + tokens) > limit:
             tokens //= 2
         return max(tokens, floor)
+
+    def _idle_allowance(self, budget: int, cost: Callable[[int], float]) -> int:
+        """The prefill pass, of a page and doublings of it up to the budget, that moves the most tokens per
+        measured second: the largest within 5% of the best (the whole budget where a pass costs by its
+        tokens). Where a pass past a CUDA graph's largest bucket pays for its launches, that bucket is
+        cheaper per token, and a burst of new prompts gets its first tokens a bucket at a time."""
+        sizes = [budget]
+        while sizes[-1] // 2 >= self.pool.page_size:
+            sizes.append(sizes[-1] // 2)
+        rates = {n: n / max(cost(n), 1e-9) for n in sizes}
+        best = max(rates.values())
+        return max(n for n, rate in rates.items() if rate >= 0.95 * best)
 
     def _reserve_decode(
         self, seq: Sequence, k: int, preempted: list[Sequence], scheduled: list[ScheduledSequence]

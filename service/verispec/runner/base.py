@@ -68,6 +68,12 @@ class ModelRunner(Protocol):
     batched: bool  # False: the fallback that runs entries one after another
     asynchronous: bool  # forward returns while the device still computes (the logits are read later)
 
+    @property
+    def cost_breaks(self) -> tuple[int, ...]:
+        """Pass sizes (tokens) past which a pass costs a step more than the tokens it adds (exl2: the largest
+        CUDA-graph bucket); calibration measures both sides of each, so the scheduler sees the step."""
+        ...
+
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
         """Writes each entry's keys and values into its pages; returns float32 logits
         [num_logits, vocab] per entry, in batch order."""

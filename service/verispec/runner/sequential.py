@@ -21,6 +21,7 @@ class SequentialRunner:
 
     batched = False
     asynchronous = False  # a backend's forward returns its logits
+    cost_breaks: tuple[int, ...] = ()
 
     def __init__(self, backend: Backend, page_size: int, num_pages: int) -> None:
         self.backend = backend

@@ -79,6 +79,7 @@ class TorchLlamaRunner:
     """One forward over all scheduled sequences: linears see [sum of new tokens, hidden] at once."""
 
     batched = True
+    cost_breaks: tuple[int, ...] = ()  # a pass costs by its tokens: no step
 
     def __init__(self, model: Any, info: BackendInfo, page_size: int, kv_budget_bytes: int, max_tokens: int) -> None:
         self.model = model
