@@ -36,6 +36,10 @@ class CostModel:
     # The median of each batch_s window, kept as passes are recorded (once a step) rather than worked out
     # on every price AUTO asks for (k_max + 1 of them a step).
     _batch_median: dict[int, dict[int, float]] = field(default_factory=dict, repr=False)
+    # Prices worked out since the last pass was recorded: a step's scheduling asks the same few shapes
+    # again and again (every decoding request prices k = 0 .. k_max against nearly the same batch).
+    _priced: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)  # (seqs, tokens) -> s
+    _interpolated: dict[int, float] = field(default_factory=dict, repr=False)  # tokens -> s
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_verify(self, num_tokens: int, seconds: float, num_seqs: int = 1) -> None:
@@ -45,6 +49,8 @@ class CostModel:
             window = self.batch_s.setdefault(num_seqs, {}).setdefault(num_tokens, collections.deque(maxlen=_RECENT))
             window.append(seconds)
             self._batch_median.setdefault(num_seqs, {})[num_tokens] = statistics.median(window)
+            self._priced.clear()
+            self._interpolated.clear()
 
     def record_draft(self, drafter: str, num_draft_tokens: int, seconds: float) -> None:
         if num_draft_tokens <= 0:
@@ -58,6 +64,12 @@ class CostModel:
         """Seconds for a pass over num_tokens, interpolated linearly between measured sizes."""
         if num_tokens in self.verify_s:
             return self.verify_s[num_tokens]
+        cost = self._interpolated.get(num_tokens)
+        if cost is None:
+            cost = self._interpolated[num_tokens] = self._interpolate(num_tokens)
+        return cost
+
+    def _interpolate(self, num_tokens: int) -> float:
         known = sorted(self.verify_s)
         if not known:
             return float(num_tokens)  # nothing measured: assume cost grows with tokens (no speculation)
@@ -79,6 +91,12 @@ class CostModel:
         the nearest measured pass of as many sequences and fewer tokens plus what the extra tokens add by
         tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
         tokens alone; never less than a measured pass of as many sequences and fewer tokens."""
+        cost = self._priced.get((num_seqs, num_tokens))
+        if cost is None:
+            cost = self._priced[num_seqs, num_tokens] = self._price(num_seqs, num_tokens)
+        return cost
+
+    def _price(self, num_seqs: int, num_tokens: int) -> float:
         with self._lock:
             shape = {t: v for t, v in self._batch_median.get(num_seqs, {}).items() if t <= num_tokens}
         base = max((t for t in shape if t < num_tokens), default=None)
