@@ -22,6 +22,7 @@ from verispec.engine.sequence import Sequence as EngineSequence
 from verispec.engine.text import TextStream
 from verispec.errors import CapacityError
 from verispec.kv.pages import OutOfPagesError, PagePool, PageTable
+from verispec.loader import calibrate
 from verispec.request import (
     FinishReason,
     Request,
@@ -37,7 +38,7 @@ from verispec.runner.attention import AttentionPlan, paged_attention
 from verispec.runner.base import BatchEntry, KVLayout
 from verispec.runner.sequential import SequentialRunner
 from verispec.runner.torch_llama import TorchLlamaRunner
-from verispec.spec.adaptive import KController
+from verispec.spec.adaptive import CostModel, KController
 from verispec.spec.drafters import Drafter, ModelDrafter, NgramDrafter
 from verispec.tokenizer import Tokenizer
 
@@ -638,6 +639,20 @@ def test_a_prompt_that_would_cross_the_largest_graph_waits_for_the_next_pass() -
         scheduler.add(seq)
     plan = scheduler.schedule(_no_drafts)
     assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [*((seq, 1) for seq in decoding), (new[0], 30)]
+
+
+def test_calibration_measures_both_sides_of_where_a_pass_costs_a_step_more() -> None:
+    """Besides the verify sizes and 16 / 32 / 64, start-up times the runner's cost break and one token past
+    it, and the whole budget: prices past the break then rest on passes of that kind, not on a line drawn
+    from the cheaper side."""
+    runner = FakeRunner(num_pages=64)
+    costs = CostModel()
+    calibrate(runner, costs, 3, 48)
+    assert sorted(costs.verify_s) == [1, 2, 3, 16, 32]
+    runner.cost_breaks = (8,)
+    costs = CostModel()
+    calibrate(runner, costs, 3, 48)
+    assert sorted(costs.verify_s) == [1, 2, 3, 8, 9, 16, 32, 48]
 
 
 def _eight_decoding_and_a_new_prompt(
