@@ -226,7 +226,7 @@ class Scheduler:
         return max(tokens, floor)
 
     def _idle_allowance(self, budget: int, cost: Callable[[int], float]) -> int:
-        """The prefill pass, of a page and doublings of it up to the budget, that moves the most tokens per
+        """The prefill pass, of the budget or a halving of it down to a page, that moves the most tokens per
         measured second: the largest within 5% of the best (the whole budget where a pass costs by its
         tokens). Where a pass past a CUDA graph's largest bucket pays for its launches, that bucket is
         cheaper per token, and a burst of new prompts gets its first tokens a bucket at a time."""
