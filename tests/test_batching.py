@@ -625,18 +625,7 @@ def test_a_prompt_that_would_cross_the_largest_graph_waits_for_the_next_pass() -
     """Two 30-token prompts arrive while six requests decode: the first rides with the decodes (36 rows, a
     graph's replay); the second would make the pass 66 rows, an eager pass dearer than two passes, so it
     waits for the next one rather than slowing all seven."""
-    pool = PagePool(512, 16)
-    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
-    make = _Plain(pool)
-    decoding = [make.sequence(4, emitted=1) for _ in range(6)]
-    for seq in decoding:
-        scheduler.add(seq)
-    scheduler.schedule(_no_drafts)
-    for seq in decoding:
-        seq.num_computed = len(seq.context) - 1
-    new = [make.sequence(30) for _ in range(2)]
-    for seq in new:
-        scheduler.add(seq)
+    scheduler, decoding, new = _decoding_and_new_prompts(_graph_cost, 6, [30, 30])
     plan = scheduler.schedule(_no_drafts)
     assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [*((seq, 1) for seq in decoding), (new[0], 30)]
 
@@ -655,21 +644,30 @@ def test_calibration_measures_both_sides_of_where_a_pass_costs_a_step_more() -> 
     assert sorted(costs.verify_s) == [1, 2, 3, 8, 9, 16, 32, 48]
 
 
-def _eight_decoding_and_a_new_prompt(
-    cost: Callable[[int], float],
-) -> tuple[Scheduler, list[EngineSequence], EngineSequence]:
+def _decoding_and_new_prompts(
+    cost: Callable[[int], float], num_decoding: int, new_lengths: Sequence[int]
+) -> tuple[Scheduler, list[EngineSequence], list[EngineSequence]]:
+    """A scheduler whose `num_decoding` sequences each decode their next token, and new prompts waiting."""
     pool = PagePool(512, 16)
     scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.25)
     make = _Plain(pool)
-    decoding = [make.sequence(4, emitted=1) for _ in range(8)]
+    decoding = [make.sequence(4, emitted=1) for _ in range(num_decoding)]
     for seq in decoding:
         scheduler.add(seq)
     scheduler.schedule(_no_drafts)
     for seq in decoding:
         seq.num_computed = len(seq.context) - 1
-    new = make.sequence(30)
-    scheduler.add(new)
+    new = [make.sequence(n) for n in new_lengths]
+    for seq in new:
+        scheduler.add(seq)
     return scheduler, decoding, new
+
+
+def _eight_decoding_and_a_new_prompt(
+    cost: Callable[[int], float],
+) -> tuple[Scheduler, list[EngineSequence], EngineSequence]:
+    scheduler, decoding, new = _decoding_and_new_prompts(cost, 8, [30])
+    return scheduler, decoding, new[0]
 
 
 def test_a_new_short_prompt_goes_alone_where_passes_cost_by_the_token() -> None:
