@@ -603,22 +603,29 @@ def test_a_burst_of_short_prompts_beside_decodes_starts_together() -> None:
 
 def _graph_cost(tokens: int) -> float:
     """A GPU's pass cost with CUDA graphs up to 64 rows (the H100's measured shape): a replay grows slowly
-    with rows, an eager pass past the largest bucket pays ~50 ms of launches first."""
-    return 0.019 + 0.00065 * tokens if tokens <= 64 else 0.07 + 0.0008 * tokens
+    with rows; an eager pass past the largest bucket pays ~100 ms of launches first (112 tokens 145 ms),
+    and only a full one is cheaper per token than the 64-row replay."""
+    return 0.019 + 0.00065 * tokens if tokens <= 64 else 0.1 + 0.0004 * tokens
 
 
-def test_a_burst_at_an_idle_engine_is_prefilled_a_graph_bucket_at_a_time() -> None:
-    """Eight 30-token prompts reach an idle engine whose passes past 64 rows launch eagerly: the first pass
-    takes the 64 tokens that move the most tokens per second (two prompts whole and the start of a third),
-    not the whole 256-token budget, so the first of them get their first tokens a third as late."""
+def test_an_idle_engine_prefills_the_pass_that_moves_the_most_pending_tokens_per_second() -> None:
+    """At an idle engine whose passes past 64 rows launch eagerly: four 28-token prompts (112 tokens) would
+    part-fill an eager pass at 0.77 tokens/ms, so the first pass takes the 64-row replay's 64 tokens (1.06
+    tokens/ms: two prompts whole and the start of a third); a 2000-token prompt fills the whole 256-token
+    budget, the eager pass's 1.26 tokens/ms beating the replay."""
     pool = PagePool(512, 16)
     scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
     make = _Plain(pool)
-    burst = [make.sequence(30) for _ in range(8)]
+    burst = [make.sequence(28) for _ in range(4)]
     for seq in burst:
         scheduler.add(seq)
     plan = scheduler.schedule(_no_drafts)
-    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(burst[0], 30), (burst[1], 30), (burst[2], 4)]
+    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(burst[0], 28), (burst[1], 28), (burst[2], 8)]
+    pool = PagePool(512, 16)
+    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
+    long = _Plain(pool).sequence(2000)
+    scheduler.add(long)
+    assert [(s.seq, s.num_new_tokens) for s in scheduler.schedule(_no_drafts).scheduled] == [(long, 256)]
 
 
 def test_a_prompt_that_would_cross_the_largest_graph_waits_for_the_next_pass() -> None:

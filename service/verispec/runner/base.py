@@ -70,8 +70,8 @@ class ModelRunner(Protocol):
 
     @property
     def cost_breaks(self) -> tuple[int, ...]:
-        """Pass sizes (tokens) past which a pass costs a step more than the tokens it adds (exl2: the largest
-        CUDA-graph bucket); calibration measures both sides of each, so the scheduler sees the step."""
+        """Pass sizes (tokens) past which a pass costs a step more than the tokens it adds (exl2: its CUDA-graph
+        buckets); calibration measures both sides of each, so the scheduler sees the step."""
         ...
 
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:

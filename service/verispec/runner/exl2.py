@@ -208,10 +208,9 @@ class Exl2Runner:
 
     @property
     def cost_breaks(self) -> tuple[int, ...]:
-        """A pass of more rows than the largest captured graph launches eagerly: ~1,500 kernel launches from
-        Python, which cost more than the replay of the largest graph (rows, not tokens of work)."""
-        largest = self.graphs.largest if self.graphs is not None else 0
-        return (largest,) if largest else ()
+        """Every captured bucket: a pass of one row more replays the next bucket (a 17-row pass costs a
+        24-row one), and one past the largest launches eagerly, ~1,500 kernel launches from Python."""
+        return tuple(sorted(self.graphs.captured)) if self.graphs is not None else ()
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[BatchEntry]) -> list[torch.Tensor]:
