@@ -221,8 +221,8 @@ def calibrate(runner: ModelRunner, costs: CostModel, max_tokens: int, max_batch_
 
     It times what a live step times (the forward pass and verification, which also waits for the
     device), so calibrated and live figures mix in one average without bias. Where the runner's cost
-    steps up past a pass size (a CUDA graph's largest bucket), both sides of the step and the full budget
-    are measured too: interpolation across a step would price the passes past it far too low.
+    steps up past a pass size (its CUDA graphs' buckets), both sides of each step and the full budget are
+    measured too: interpolation across a step would price the passes past it too low.
     """
     pool, table = runner.kv.new_pool(), PageTable()
     sampler = Sampler(SamplingParams(), runner.info.vocab_size, [])

@@ -9,8 +9,9 @@ step `decode_step_slack` times slower than decoding alone would be (by the measu
 hardware where a pass costs more with more tokens, that keeps inter-token latency and a new request's
 time to first token steady while a long prompt is prefilled in smaller chunks. Where that is cheaper
 for everyone by the same costs, new short prompts get a pass of their own ahead of the decodes. With
-nothing decoding, prefill takes the pass size that moves the most tokens per measured second: on a GPU
-with CUDA graphs, the largest graph's bucket rather than a larger pass that launches eagerly.
+nothing decoding, prefill takes the pass size that moves the most pending prompt tokens per measured
+second: on a GPU with CUDA graphs, a few short prompts go a graph bucket at a time rather than in a
+part-filled pass that launches eagerly.
 
 A waiting request is admitted when the pages for its whole context are free (its prefill can then
 never stall); a decoding sequence that needs a new page when none is free takes one from the newest
@@ -188,8 +189,8 @@ class Scheduler:
     def _whole_prompts(self, prompts: list[Sequence], decode_tokens: int, limit: int) -> list[Sequence]:
         """The first of `prompts` (shortest first) a pass beside `decode_tokens` decode tokens takes whole,
         up to `limit` tokens together. Each joins only while the pass costs less with it than without it
-        plus a pass of its own (by the measured costs): past a CUDA graph's largest bucket a pass costs a
-        step more, and the prompt that would cross it waits for the next pass instead."""
+        plus a pass of its own (by the measured costs): past a CUDA graph's bucket, above all the largest, a
+        pass costs a step more, and the prompt that would cross a dear step waits for the next pass."""
         cost = self.step_cost
         chosen: list[Sequence] = []
         total = 0

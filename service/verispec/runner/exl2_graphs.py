@@ -1,4 +1,4 @@
-"""CUDA graphs of the exl2 runner's few-token passes: decode, verify, draft steps and short prompts.
+"""CUDA graphs of the exl2 runner's passes of up to 64 rows: decodes, verifies, draft steps, prompts.
 
 A 70B decode pass launches ~1,500 kernels; launched from Python they cost more host time than the GPU
 spends running them. So a pass of up to 64 rows (decodes, verifies, draft catch-ups and prefill chunks in
