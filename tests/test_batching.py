@@ -608,24 +608,25 @@ def _graph_cost(tokens: int) -> float:
     return 0.019 + 0.00065 * tokens if tokens <= 64 else 0.1 + 0.0004 * tokens
 
 
-def test_an_idle_engine_prefills_the_pass_that_moves_the_most_pending_tokens_per_second() -> None:
-    """At an idle engine whose passes past 64 rows launch eagerly: four 28-token prompts (112 tokens) would
-    part-fill an eager pass at 0.77 tokens/ms, so the first pass takes the 64-row replay's 64 tokens (1.06
-    tokens/ms: two prompts whole and the start of a third); a 2000-token prompt fills the whole 256-token
-    budget, the eager pass's 1.26 tokens/ms beating the replay."""
-    pool = PagePool(512, 16)
-    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
-    make = _Plain(pool)
-    burst = [make.sequence(28) for _ in range(4)]
-    for seq in burst:
-        scheduler.add(seq)
-    plan = scheduler.schedule(_no_drafts)
-    assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == [(burst[0], 28), (burst[1], 28), (burst[2], 8)]
-    pool = PagePool(512, 16)
-    scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=_graph_cost, decode_step_slack=1.25)
-    long = _Plain(pool).sequence(2000)
-    scheduler.add(long)
-    assert [(s.seq, s.num_new_tokens) for s in scheduler.schedule(_no_drafts).scheduled] == [(long, 256)]
+def test_an_idle_engine_prefills_the_whole_prompts_that_move_the_most_tokens_per_second() -> None:
+    """At an idle engine whose passes past 64 rows launch eagerly, four 28-token prompts (112 tokens) would
+    part-fill an eager pass at 0.77 tokens/ms: the first pass takes two of them whole, a 64-row replay at
+    1.01 tokens/ms; a 2000-token prompt fills the whole 256-token budget, the eager pass's 1.26 tokens/ms
+    beating the replay. Where a pass costs more per token the more tokens it has, one prompt still goes
+    whole: it is never cut short of the budget."""
+    for cost, lengths, expected in (
+        (_graph_cost, [28, 28, 28, 28], [28, 28]),
+        (_graph_cost, [2000], [256]),
+        (lambda tokens: 0.001 * tokens**1.3, [42], [42]),
+    ):
+        pool = PagePool(512, 16)
+        scheduler = Scheduler(pool, max_running=16, max_batch_tokens=256, step_cost=cost, decode_step_slack=1.25)
+        make = _Plain(pool)
+        prompts = [make.sequence(n) for n in lengths]
+        for seq in prompts:
+            scheduler.add(seq)
+        plan = scheduler.schedule(_no_drafts)
+        assert [(s.seq, s.num_new_tokens) for s in plan.scheduled] == list(zip(prompts, expected, strict=False))
 
 
 def test_a_prompt_that_would_cross_the_largest_graph_waits_for_the_next_pass() -> None:

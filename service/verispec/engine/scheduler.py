@@ -9,9 +9,9 @@ step `decode_step_slack` times slower than decoding alone would be (by the measu
 hardware where a pass costs more with more tokens, that keeps inter-token latency and a new request's
 time to first token steady while a long prompt is prefilled in smaller chunks. Where that is cheaper
 for everyone by the same costs, new short prompts get a pass of their own ahead of the decodes. With
-nothing decoding, prefill takes the pass size that moves the most pending prompt tokens per measured
-second: on a GPU with CUDA graphs, a few short prompts go a graph bucket at a time rather than in a
-part-filled pass that launches eagerly.
+nothing decoding, prefill takes the whole prompts (or the full budget) that move the most tokens per
+measured second: on a GPU with CUDA graphs, a few short prompts go a graph bucket at a time rather than
+in a part-filled pass that launches eagerly.
 
 A waiting request is admitted when the pages for its whole context are free (its prefill can then
 never stall); a decoding sequence that needs a new page when none is free takes one from the newest
@@ -141,7 +141,7 @@ class Scheduler:
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
         decode_tokens = self.max_batch_tokens - budget
         short = self._short_prompts(prefilling, decode_tokens)
-        budget = self._prefill_allowance(decode_tokens, budget, short, sum(s.num_pending for s in prefilling))
+        budget = self._prefill_allowance(decode_tokens, budget, short, prefilling)
         for seq in prefilling:
             if budget < 1:
                 break
@@ -210,16 +210,16 @@ class Scheduler:
         `_whole_prompts` picks within a quarter of the budget."""
         return sum(s.num_pending for s in self._whole_prompts(prefilling, decode_tokens, self.max_batch_tokens // 4))
 
-    def _prefill_allowance(self, decode_tokens: int, budget: int, short: int, pending: int) -> int:
+    def _prefill_allowance(self, decode_tokens: int, budget: int, short: int, prefilling: list[Sequence]) -> int:
         """Prefill tokens this step may carry. While requests decode: as many as keep the step within
         decode_step_slack x the decode-only step (measured), but at least a page's worth (long prompts
         always progress) and the `short` tokens of the short prompts pending (a short request is never
         split over steps, and a burst of them starts in one step rather than one a step). With nothing
-        decoding: the pass that prefills the most of the `pending` prompt tokens per second (idle_allowance)."""
+        decoding: the pass over the prompts `prefilling` that moves the most tokens per second (idle_allowance)."""
         if self.step_cost is None or self.decode_step_slack <= 0:
             return budget
         if not decode_tokens:
-            return self._idle_allowance(budget, pending, self.step_cost)
+            return self._idle_allowance(budget, prefilling, self.step_cost)
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
         floor = min(budget, max(self.pool.page_size, short))
         tokens = budget
@@ -227,16 +227,23 @@ class Scheduler:
             tokens //= 2
         return max(tokens, floor)
 
-    def _idle_allowance(self, budget: int, pending: int, cost: Callable[[int], float]) -> int:
-        """The prefill pass, of the budget or a halving of it down to a page, that moves the most of the
-        `pending` tokens per measured second: the largest within 5% of the best (the whole budget where a
-        pass costs by its tokens). On a GPU a long prompt gets the budget, a large eager pass being cheapest
-        per token, but a few short prompts that would only part-fill it go a graph bucket at a time: four
-        chat prompts of 112 tokens took 139 ms as one eager pass on an H100, two of them 60 ms as a replay."""
-        sizes = [budget]
-        while sizes[-1] // 2 >= self.pool.page_size:
-            sizes.append(sizes[-1] // 2)
-        rates = {n: min(n, pending) / max(cost(min(n, pending)), 1e-9) for n in sizes}
+    def _idle_allowance(self, budget: int, prefilling: list[Sequence], cost: Callable[[int], float]) -> int:
+        """The prefill pass that moves the most tokens per measured second, of those that take the shortest
+        prompts whole (1, 2, 3 ... of them, `prefilling` in ascending order) or fill the budget: the largest
+        within 5% of the best. On a GPU a long prompt gets the budget, a large eager pass being cheapest per
+        token, but a few short prompts that would part-fill it go a graph bucket at a time: four chat
+        prompts of 112 tokens took 139 ms as one eager pass on an H100, two of them 60 ms as a replay. No
+        prompt is cut short of the budget, where a pass's cost per token grows with its tokens (a CPU)."""
+        sizes: set[int] = set()
+        total = 0
+        for seq in prefilling:
+            total += seq.num_pending
+            sizes.add(min(total, budget))
+            if total >= budget:
+                break
+        if not sizes:
+            return budget
+        rates = {n: n / max(cost(n), 1e-9) for n in sizes}
         best = max(rates.values())
         return max(n for n, rate in rates.items() if rate >= 0.95 * best)
 
