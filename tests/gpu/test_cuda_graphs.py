@@ -207,6 +207,25 @@ def test_prompts_replay_graphs_and_only_passes_past_the_largest_bucket_launch_ea
     assert graphs.graphs.largest == GRAPH_BUCKETS[-1]
 
 
+def test_calibration_times_every_bucket_step_and_prices_the_eager_pass_above_the_largest(
+    pair: tuple[Any, Any],
+) -> None:
+    """Start-up calibration over a runner with graphs times each captured bucket and one row past it, and the
+    full budget: one row past the largest bucket launches eagerly, dearer than the largest replay, so the
+    scheduler's prices step up there instead of following a line drawn from the replays."""
+    from verispec.loader import calibrate
+    from verispec.spec.adaptive import CostModel
+
+    graphs, _eager = pair
+    costs = CostModel()
+    calibrate(graphs, costs, 9, SMALL_KV.max_batch_tokens)
+    largest = graphs.graphs.largest
+    steps = {n for bucket in graphs.cost_breaks for n in (bucket, bucket + 1)}
+    assert steps | {SMALL_KV.max_batch_tokens} <= set(costs.verify_s)
+    print(f"calibrated ms: { {n: round(1000 * s, 2) for n, s in sorted(costs.verify_s.items())} }")
+    assert costs.verify_s[largest + 1] > costs.verify_s[largest]
+
+
 def test_a_bucket_that_cannot_be_captured_passes_to_the_next(exl2: Any) -> None:
     """A capture that fails (here: a host sync inside the 3-row pass, as a kernel that cannot be captured
     would) is logged and dropped; the GPU gets its default stream back, the next buckets still capture, and
