@@ -139,9 +139,7 @@ class Scheduler:
         if not preempted:  # a sequence preempted for room now must not take that room back at once
             self._admit()
         prefilling = sorted((s for s in self.running if not s.decoding), key=lambda s: s.num_pending)
-        decode_tokens = self.max_batch_tokens - budget
-        short = self._short_prompts(prefilling, decode_tokens)
-        budget = self._prefill_allowance(decode_tokens, budget, short, prefilling)
+        budget = self._prefill_allowance(self.max_batch_tokens - budget, budget, prefilling)
         for seq in prefilling:
             if budget < 1:
                 break
@@ -205,21 +203,18 @@ class Scheduler:
             total += tokens
         return chosen
 
-    def _short_prompts(self, prefilling: list[Sequence], decode_tokens: int) -> int:
-        """Pending tokens of the shortest prompts that a step beside the decodes takes whole: those
-        `_whole_prompts` picks within a quarter of the budget."""
-        return sum(s.num_pending for s in self._whole_prompts(prefilling, decode_tokens, self.max_batch_tokens // 4))
-
-    def _prefill_allowance(self, decode_tokens: int, budget: int, short: int, prefilling: list[Sequence]) -> int:
-        """Prefill tokens this step may carry. While requests decode: as many as keep the step within
-        decode_step_slack x the decode-only step (measured), but at least a page's worth (long prompts
-        always progress) and the `short` tokens of the short prompts pending (a short request is never
-        split over steps, and a burst of them starts in one step rather than one a step). With nothing
-        decoding: the pass over the prompts `prefilling` that moves the most tokens per second (idle_allowance)."""
+    def _prefill_allowance(self, decode_tokens: int, budget: int, prefilling: list[Sequence]) -> int:
+        """Prefill tokens this step may carry over the prompts `prefilling` (shortest first). While requests
+        decode: as many as keep the step within decode_step_slack x the decode-only step (measured), but at
+        least a page's worth (long prompts always progress) and the tokens of the short prompts that
+        `_whole_prompts` picks within a quarter of the budget (a short request is never split over steps,
+        and a burst of them starts in one step rather than one a step). With nothing decoding: the pass that
+        moves the most tokens per second (idle_allowance)."""
         if self.step_cost is None or self.decode_step_slack <= 0:
             return budget
         if not decode_tokens:
             return self._idle_allowance(budget, prefilling, self.step_cost)
+        short = sum(s.num_pending for s in self._whole_prompts(prefilling, decode_tokens, self.max_batch_tokens // 4))
         limit = self.decode_step_slack * self.step_cost(decode_tokens)
         floor = min(budget, max(self.pool.page_size, short))
         tokens = budget

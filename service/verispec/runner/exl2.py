@@ -12,7 +12,7 @@ launch; more launches than ExLlamaV2's fused kernels but a cost that grows slowl
 auto` times both at start-up and keeps the faster per row bucket. Only this module, runner/exl2_q4.py and
 backends/exl2.py touch exllamav2, and only once an exl2 model is loaded.
 
-Passes of up to 64 rows made of few-token entries (decode, verify, draft steps, short prompts) replay
+Passes of up to 64 rows (decodes, verifies, draft steps and prefill chunks in any mix) replay
 CUDA graphs captured at start-up (runner/exl2_graphs.py, `--cuda-graphs`); the rest launch their
 kernels one by one. Both go through the same module loop (`run_modules`).
 
