@@ -26,8 +26,8 @@ def test_the_cuda_source_compiles_for_ada_and_hopper_and_exports_its_entry_point
     path = cuda_build.main(["--arch", "8.9;9.0", "--out", str(tmp_path)]) == 0 and next(tmp_path.glob("*.so"))
     assert path and path.name == cuda_build.library_name(["89", "90"])
     library = ctypes.CDLL(str(path))
-    entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul")
-    for entry in (*entries, "verispec_error_string"):
+    entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_q4_mma_occupancy")
+    for entry in (*entries, "verispec_silu_mul", "verispec_rope_store", "verispec_error_string"):
         assert hasattr(library, entry)
 
 

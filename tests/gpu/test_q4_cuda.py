@@ -119,6 +119,20 @@ def test_the_default_grid_fills_its_waves_of_blocks() -> None:
                 assert blocks >= 0.75 * waves * resident * sms, f"{k}x{n} pipeline={pipeline}"
 
 
+def test_every_row_tile_keeps_the_blocks_its_grid_is_cut_for() -> None:
+    """Through shared memory, each tile count of rows takes the most stages that keep resident the blocks per
+    SM the grid is cut for, so that no bucket of rows leaves part of its grid for a second wave; on a Hopper
+    card (228 KB of shared memory per SM) that is four blocks at every bucket."""
+    device = torch.device("cuda", 0)
+    for gptq in (False, True):
+        resident = q4_cuda.mma_resident_blocks(device, 0, gptq)
+        if torch.cuda.get_device_capability(device) == (9, 0):
+            assert resident == 4, f"gptq={gptq}"
+        for rows in q4_cuda.ROW_BUCKETS:
+            stages, blocks = q4_cuda.mma_occupancy(device, rows, 0, gptq)
+            assert 2 <= stages <= 4 and blocks >= resident, f"rows={rows} gptq={gptq}: {stages} stages, {blocks}"
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_slices_are_added_inside_the_launch_and_the_counts_rearmed(kernel: str) -> None:
     """With K in slices, the last block of each column range to finish adds them in slice order: repeated

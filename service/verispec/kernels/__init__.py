@@ -14,12 +14,17 @@ MAX_Q4_ROWS = 64  # rows the 4-bit GEMM takes; above this the GEMM is compute-bo
 _SMS: dict[int, int] = {}
 
 
+def device_index(device: torch.device) -> int:
+    """The index of a CUDA device, the current one where `device` names none."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, which the kernels size their grids by; 8 on the CPU, where
     Triton's interpreter runs them."""
     if device.type != "cuda":
         return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SMS[index]

@@ -114,11 +114,19 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     # parts, their pointers and sizes, arrivals, rows, K, group size, slices, per slice/warp, options, stream
     library.verispec_q4_mma.argtypes = [integer, pointer, pointer, pointer, *[integer] * 7, pointer]
     library.verispec_q4_gemv.argtypes = [integer, pointer, pointer, pointer, *[integer] * 6, pointer]
-    library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, integer, ctypes.POINTER(ctypes.c_int)]
+    counts = ctypes.POINTER(ctypes.c_int)
+    library.verispec_q4_mma_resident_blocks.argtypes = [integer, integer, counts]
+    library.verispec_q4_mma_occupancy.argtypes = [integer, integer, integer, counts, counts]
     library.verispec_silu_mul.argtypes = [pointer, pointer, pointer, integer, pointer]
     # q, k, v, sin, cos, positions, slots, k_cache, v_cache; rows, heads, kv_heads, head_dim, rotary, neox; stream
     library.verispec_rope_store.argtypes = [*[pointer] * 9, *[integer] * 6, pointer]
-    entries = ("verispec_q4_mma", "verispec_q4_gemv", "verispec_q4_mma_resident_blocks", "verispec_silu_mul")
+    entries = (
+        "verispec_q4_mma",
+        "verispec_q4_gemv",
+        "verispec_q4_mma_resident_blocks",
+        "verispec_q4_mma_occupancy",
+        "verispec_silu_mul",
+    )
     for entry in (*entries, "verispec_rope_store"):
         getattr(library, entry).restype = integer
     library.verispec_error_string.argtypes = [integer]

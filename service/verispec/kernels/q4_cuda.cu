@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -110,6 +111,7 @@ struct Problems {
   Problem part[kMaxParts];
   int first_block[kMaxParts];  // grid x where each part's blocks of columns begin (part 0 at 0)
   int parts;
+  int stages;  // q4_mma through shared memory: batches staged at once, 2 to kMaxStages
 };
 
 // This block's product, and the index of its block of columns within that product's columns.
@@ -224,15 +226,17 @@ __device__ __forceinline__ void store_run(const Problem& p, size_t at, const flo
 //   eight input values x[g][8 (kw0 + t) .. + 7] are one 16-byte load, halves 0-3 for step 0, 4-7 for step 1.
 //
 // A block of kMmaWarps warps owns 32 columns a warp; all its warps walk the same slice of K in batches of
-// 128 (4 word-row quads), staged through shared memory by cp.async, STAGES - 1 batches ahead: each warp's
+// 128 (4 word-row quads), staged through shared memory by cp.async, stages - 1 batches ahead: each warp's
 // weights, the scales, and the input rows the whole block shares. Rows come in tiles of 8 (M_TILES of them):
-// the weights of a quad are dequantized once and multiplied against every tile.
+// the weights of a quad are dequantized once and multiplied against every tile. A stage grows with the tiles
+// (2 KB of input each), so more tiles launch with fewer stages: every tile count keeps resident the blocks
+// per SM the grid is cut for (staged_stages).
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kBatchK = 128;               // positions of K per batch: a group divides into batches
 constexpr int kQuads = kBatchK / 32;       // word-row quads per batch
-constexpr int kXRowHalves = kBatchK + 32;  // an input row in shared memory, padded against bank conflicts
+constexpr int kMaxStages = 4;
 
 // The word row that thread row t (lane % 4) reads of quad `quad` of batch `batch`.
 __device__ __forceinline__ int batch_word_row(int batch, int quad, int t) {
@@ -252,12 +256,24 @@ __device__ __forceinline__ void prefetch_batches(const Problem& p, int from, int
   }
 }
 
-template <int M_TILES>
+// Per thread: EXL2 {scale codes, scale_max pair}, GPTQ {four fp16 scales, zero codes, unused}.
+template <bool GPTQ>
+using StagedMeta = std::conditional_t<GPTQ, uint4, uint2>;
+
+__device__ __forceinline__ uint4 widened(const uint2& meta) { return make_uint4(meta.x, meta.y, 0, 0); }
+__device__ __forceinline__ uint4 widened(const uint4& meta) { return meta; }
+
+template <int M_TILES, bool GPTQ>
 struct MmaStage {
   uint4 weights[kMmaWarps][kQuads][32];
-  uint4 meta[kMmaWarps][32];  // per thread: EXL2 scale codes, scale_max pair; GPTQ 4 scales, zero codes
-  half x[8 * M_TILES][kXRowHalves];
+  StagedMeta<GPTQ> meta[kMmaWarps][32];
+  uint4 x[8 * M_TILES][kBatchK / 8];  // 16-byte chunks of the input rows, at x_chunk's places
 };
+
+// Where chunk `chunk` (16 bytes) of input row `row` sits in a stage: odd rows swap the halves of each 128-byte
+// run, so that the eight lanes of a quarter-warp, which read four chunks of two neighbouring rows, hit 32
+// different banks without padding the rows.
+__device__ __forceinline__ int x_chunk(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
 
 __device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
@@ -289,48 +305,85 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Copies batch `batch` (K positions batch * 128 ..) into `stage`: this thread's weights and scales, and its
-// share of the block's input rows. Rows of x past `rows` are never read (their B slots are zero).
-template <int M_TILES, bool GPTQ>
-__device__ __forceinline__ void issue_batch(const Problem& p, MmaStage<M_TILES>& stage, int batch, int warp, int lane,
-                                            int column, bool active) {
-  const int t = lane % 4;
-  if (active) {
-#pragma unroll
-    for (int quad = 0; quad < kQuads; ++quad) {
-      cp_async_16(&stage.weights[warp][quad][lane], weight_words(p, batch_word_row(batch, quad, t), column));
-    }
-    const ScaleSources at = scale_sources<GPTQ>(p, (batch * kBatchK) / p.group_size, column);
-    uint32_t* meta = reinterpret_cast<uint32_t*>(&stage.meta[warp][lane]);
-    if constexpr (GPTQ) {
-      cp_async_8(meta, at.first);
-      cp_async_4(meta + 2, at.second);
-    } else {
-      cp_async_4(meta, at.first);
-      cp_async_4(meta + 1, at.second);
-    }
-  }
-  constexpr int chunks = 8 * M_TILES * (kBatchK / 8);  // 16-byte chunks of input per batch
-  for (int index = threadIdx.x; index < chunks; index += kMmaThreads) {
-    const int row = index / (kBatchK / 8), chunk = index % (kBatchK / 8);
-    if (row < p.rows) {
-      cp_async_16(&stage.x[row][8 * chunk], p.x + (size_t)row * p.x_stride + batch * kBatchK + 8 * chunk);
-    }
-  }
-}
+// Which group of scales a run of consecutive batches is in, counted instead of divided: a batch is 128
+// positions of K, a group group_size / 128 batches.
+struct GroupCounter {
+  int group, left, per_group;  // left: batches of `group` still to come, this one included
 
-// acc += W^T tile products for one batch of 128 positions of K: this thread's words of the batch's four
-// quads (its word row t of each, its four columns), its scale words, and input_at(row, quad): the 16 bytes
-// x[row][batch * 128 + 32 quad + 8 t ..] of a row below `rows` (rows past it are never read: zero).
-template <int M_TILES, bool GPTQ, typename InputAt>
-__device__ __forceinline__ void multiply_batch(float (&acc)[2][M_TILES][4], const uint4 (&words)[kQuads],
-                                               const uint4& meta, int group, int column, int rows, InputAt input_at) {
-  const int g = (threadIdx.x % 32) / 4;
+  __device__ GroupCounter(int batch, int group_size) : per_group(group_size / kBatchK) {
+    group = batch / per_group;
+    left = per_group - batch % per_group;
+  }
+
+  __device__ __forceinline__ void next() {
+    if (--left == 0) {
+      ++group;
+      left = per_group;
+    }
+  }
+};
+
+// This thread's copies of consecutive batches into stages, by cp.async: its words of each quad and its scale
+// words (where its columns exist), and its share of the block's input rows: M_TILES chunks of 16 bytes, one
+// per tile of rows, the same chunk of rows x_row, x_row + 8, ... Rows of x past `rows` are never copied, and
+// never read (their B slots are zero). The sources move on by a batch at every copy, with no division.
+template <int M_TILES, bool GPTQ>
+struct BatchCopies {
+  const uint4* words;  // word row t of the next batch's first quad, this thread's four columns
+  const half* x;       // this thread's input chunk of the next batch, in row x_row
+  int quad_stride;     // uint4s from one quad's word rows to the next (4 word rows of N / 4)
+  int tile_stride;     // halves from a chunk to the same chunk 8 rows down
+  int x_row, x_place;  // the chunk's row in the first tile, and its place in a stage's row (x_chunk)
+  GroupCounter groups;
+
+  __device__ BatchCopies(const Problem& p, int first_batch, int t, int column)
+      : words(weight_words(p, batch_word_row(first_batch, 0, t), column)),
+        x(p.x + (size_t)(threadIdx.x / (kBatchK / 8)) * p.x_stride + first_batch * kBatchK +
+          8 * (threadIdx.x % (kBatchK / 8))),
+        quad_stride(p.n),
+        tile_stride(8 * p.x_stride),
+        x_row(threadIdx.x / (kBatchK / 8)),
+        x_place(x_chunk(x_row, threadIdx.x % (kBatchK / 8))),
+        groups(first_batch, p.group_size) {}
+
+  __device__ __forceinline__ void issue(const Problem& p, MmaStage<M_TILES, GPTQ>& stage, int warp, int lane, int column,
+                                        bool active) {
+    if (active) {
+#pragma unroll
+      for (int quad = 0; quad < kQuads; ++quad) cp_async_16(&stage.weights[warp][quad][lane], words + quad * quad_stride);
+      const ScaleSources at = scale_sources<GPTQ>(p, groups.group, column);
+      uint32_t* meta = reinterpret_cast<uint32_t*>(&stage.meta[warp][lane]);
+      if constexpr (GPTQ) {
+        cp_async_8(meta, at.first);
+        cp_async_4(meta + 2, at.second);
+      } else {
+        cp_async_4(meta, at.first);
+        cp_async_4(meta + 1, at.second);
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < M_TILES; ++v) {
+      if (x_row + 8 * v < p.rows) cp_async_16(&stage.x[x_row + 8 * v][x_place], x + v * tile_stride);
+    }
+    words += kQuads * quad_stride;
+    x += kBatchK;
+    groups.next();
+  }
+};
+
+// acc += W^T tile products for one batch of 128 positions of K: words_at(quad), this thread's words of each of
+// the batch's four quads (its word row t, its four columns); its scale words; and input_at(row, quad): the 16
+// bytes x[row][batch * 128 + 32 quad + 8 t ..] of a row below `rows` (rows past it are never read: zero).
+template <int M_TILES, bool GPTQ, typename WordsAt, typename InputAt>
+__device__ __forceinline__ void multiply_batch(float (&acc)[2][M_TILES][4], WordsAt words_at, const uint4& meta,
+                                               int group, int column, int rows, int lane, InputAt input_at) {
+  const int g = lane / 4;
   ColumnScale scale[4];
   meta_scales<GPTQ>(meta, group, column, scale);
 #pragma unroll
   for (int quad = 0; quad < kQuads; ++quad) {
-    const uint32_t word[4] = {words[quad].x, words[quad].y, words[quad].z, words[quad].w};
+    const uint4 words = words_at(quad);
+    const uint32_t word[4] = {words.x, words.y, words.z, words.w};
     uint32_t pairs[4][4];  // [column of the four][pair]
 #pragma unroll
     for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
@@ -375,50 +428,60 @@ __device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], co
   }
 }
 
-// Stages in flight: four, or three where the input rows make a stage large (a block must fit twice per SM).
-template <int M_TILES>
-__host__ __device__ constexpr int mma_stages() {
-  return M_TILES >= 4 ? 3 : 4;
+// Waits until at most `pending` (0 to kMaxStages - 2) groups of copies are in flight.
+__device__ __forceinline__ void cp_async_wait_for(int pending) {
+  if (pending >= 2) {
+    cp_async_wait<2>();
+  } else if (pending == 1) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
 }
 
+// Blocks of q4_mma_kernel one SM is built to hold: registers are capped for it (128 a thread), and the stages
+// fit shared memory to it.
+constexpr int kMmaBlocksPerSm = 4;
+
 template <int M_TILES, bool GPTQ>
-__global__ void __launch_bounds__(kMmaThreads) q4_mma_kernel(Problems set, int batches_per_slice) {
-  constexpr int kMmaStages = mma_stages<M_TILES>();
+__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) q4_mma_kernel(Problems set, int batches_per_slice) {
   extern __shared__ uint4 shared_memory[];
-  auto* stages = reinterpret_cast<MmaStage<M_TILES>*>(shared_memory);
+  auto* stages = reinterpret_cast<MmaStage<M_TILES, GPTQ>*>(shared_memory);
+  const int count = set.stages;  // stages in the ring: count - 1 batches are copied ahead of the one multiplied
   int column_block;
   const Problem p = part_of_block(set, column_block);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;  // rows 8v + g: g's parity
   const int warp_column = (column_block * kMmaWarps + warp) * 32;
-  const int column = warp_column + 4 * (lane / 4);  // this thread's first of four
+  const int column = warp_column + 4 * g;  // this thread's first of four
   const bool active = column < p.n;
   const int first = blockIdx.y * batches_per_slice;
   const int end = min(first + batches_per_slice, p.k / kBatchK);
 
-#pragma unroll
-  for (int s = 0; s < kMmaStages - 1; ++s) {
-    if (first + s < end) issue_batch<M_TILES, GPTQ>(p, stages[s], first + s, warp, lane, column, active);
+  BatchCopies<M_TILES, GPTQ> copies(p, first, t, column);
+  for (int s = 0; s < count - 1; ++s) {
+    if (first + s < end) copies.issue(p, stages[s], warp, lane, column, active);
     cp_async_commit();
   }
-  const int in_flight = kMmaStages - 1;
-  prefetch_batches(p, first + in_flight, first + in_flight + p.l2_prefetch, end, warp_column, lane);
+  prefetch_batches(p, first + count - 1, first + count - 1 + p.l2_prefetch, end, warp_column, lane);
 
   float acc[2][M_TILES][4] = {};
-
-  for (int batch = first, it = 0; batch < end; ++batch, ++it) {
-    cp_async_wait<kMmaStages - 2>();
-    __syncthreads();  // batch `it` is in for every thread; the stage read last round is free again
-    const int ahead = batch + in_flight;
-    if (ahead < end) issue_batch<M_TILES, GPTQ>(p, stages[(it + in_flight) % kMmaStages], ahead, warp, lane, column, active);
+  GroupCounter groups(first, p.group_size);
+  int read = 0, write = count - 1;  // the stage multiplied next, the stage copied into next
+  for (int batch = first; batch < end; ++batch) {
+    cp_async_wait_for(count - 2);
+    __syncthreads();  // the batch in `read` is in for every thread; the stage read last round is free again
+    const int ahead = batch + count - 1;
+    if (ahead < end) copies.issue(p, stages[write], warp, lane, column, active);
     cp_async_commit();
     prefetch_batches(p, ahead + p.l2_prefetch, ahead + p.l2_prefetch + 1, end, warp_column, lane);
+    write = write + 1 == count ? 0 : write + 1;
 
-    const MmaStage<M_TILES>& stage = stages[it % kMmaStages];
-    uint4 words[kQuads];
-#pragma unroll
-    for (int quad = 0; quad < kQuads; ++quad) words[quad] = stage.weights[warp][quad][lane];
-    multiply_batch<M_TILES, GPTQ>(acc, words, stage.meta[warp][lane], (batch * kBatchK) / p.group_size, column, p.rows,
-                                  [&](int row, int quad) { return *reinterpret_cast<const uint4*>(&stage.x[row][32 * quad + 8 * t]); });
+    const MmaStage<M_TILES, GPTQ>& stage = stages[read];
+    multiply_batch<M_TILES, GPTQ>(
+        acc, [&](int quad) { return stage.weights[warp][quad][lane]; }, widened(stage.meta[warp][lane]), groups.group,
+        column, p.rows, lane, [&](int row, int quad) { return stage.x[row][x_chunk(g, 4 * quad + t)]; });
+    read = read + 1 == count ? 0 : read + 1;
+    groups.next();
   }
   cp_async_wait<0>();
   if (active) store_sums<M_TILES>(acc, p, column);
@@ -485,7 +548,8 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems 
       if (active && batch + STAGES < end) load_batch<GPTQ>(p, batch + STAGES, t, column, words[s], meta[s]);
       prefetch_batches(p, batch + STAGES + p.l2_prefetch, batch + STAGES + p.l2_prefetch + 1, end, warp_column, lane);
       const half* x_batch = x + batch * kBatchK;
-      multiply_batch<M_TILES, GPTQ>(acc, current, current_meta, (batch * kBatchK) / p.group_size, column, p.rows,
+      multiply_batch<M_TILES, GPTQ>(acc, [&](int quad) { return current[quad]; }, current_meta,
+                                    (batch * kBatchK) / p.group_size, column, p.rows, lane,
                                     [&](int row, int quad) {
                                       return __ldg(reinterpret_cast<const uint4*>(x_batch + (size_t)row * p.x_stride + 32 * quad));
                                     });
@@ -497,11 +561,98 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems 
 
 using KernelFunction = void (*)(Problems, int);  // every kernel here: its products and their cut of K
 
-// A kernel of the library with the dynamic shared memory it launches with.
+// A kernel of the library with the dynamic shared memory and the stages (q4_mma_kernel) it launches with.
 struct Kernel {
   KernelFunction function;
   int shared_bytes;
+  int stages;
 };
+
+// ---- How q4_mma_kernel launches on the current device ---------------------------------------------------
+//
+// The grid is cut into slices of K for the blocks one SM holds at once (q4_cuda.py's mma_slices), the same at
+// every tile count of rows so that a row's sums never depend on its batch. A stage grows by 2 KB a tile, so each
+// tile count takes the most stages (kMaxStages down to 2) that still keep that many blocks resident: more
+// stages bought with fewer blocks would leave part of the grid for a second wave.
+
+constexpr int kDevices = 64;  // devices whose launch shapes are kept (others are worked out at every launch)
+
+// `value` as find(value) gives it, kept per device in `known` (0: not yet found).
+template <typename Find>
+cudaError_t once_per_device(int (&known)[kDevices], int& value, Find find) {
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (device < kDevices && known[device] != 0) {
+    value = known[device];
+    return cudaSuccess;
+  }
+  error = find(value);
+  if (error == cudaSuccess && device < kDevices) known[device] = value;
+  return error;
+}
+
+// Blocks of q4_mma_kernel<M_TILES, GPTQ> one SM holds with `stages` stages (0 where they exceed a block's
+// shared memory), its dynamic shared memory limit set to them.
+template <int M_TILES, bool GPTQ>
+cudaError_t staged_blocks(int stages, int& blocks) {
+  const int bytes = stages * static_cast<int>(sizeof(MmaStage<M_TILES, GPTQ>));
+  int device = 0, most = 0;
+  blocks = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error != cudaSuccess || bytes > most) return error;
+  error = cudaFuncSetAttribute(q4_mma_kernel<M_TILES, GPTQ>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (error != cudaSuccess) return error;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, q4_mma_kernel<M_TILES, GPTQ>, kMmaThreads, bytes);
+}
+
+// The most blocks of q4_mma_kernel<M_TILES, GPTQ> one SM holds, at the stage count that fits the most.
+template <int M_TILES, bool GPTQ>
+cudaError_t most_staged_blocks(int& most) {
+  most = 0;
+  for (int stages = 2; stages <= kMaxStages; ++stages) {
+    int blocks = 0;
+    const cudaError_t error = staged_blocks<M_TILES, GPTQ>(stages, blocks);
+    if (error != cudaSuccess) return error;
+    most = blocks > most ? blocks : most;
+  }
+  return cudaSuccess;
+}
+
+// The blocks per SM that every tile count of rows keeps resident, kMmaBlocksPerSm at most: the grid's unit.
+template <bool GPTQ>
+cudaError_t staged_resident_blocks(int& resident) {
+  static int known[kDevices] = {};
+  return once_per_device(known, resident, [](int& value) {
+    int counts[6] = {};
+    cudaError_t error = most_staged_blocks<1, GPTQ>(counts[0]);
+    if (error == cudaSuccess) error = most_staged_blocks<2, GPTQ>(counts[1]);
+    if (error == cudaSuccess) error = most_staged_blocks<3, GPTQ>(counts[2]);
+    if (error == cudaSuccess) error = most_staged_blocks<4, GPTQ>(counts[3]);
+    if (error == cudaSuccess) error = most_staged_blocks<6, GPTQ>(counts[4]);
+    if (error == cudaSuccess) error = most_staged_blocks<8, GPTQ>(counts[5]);
+    value = kMmaBlocksPerSm;
+    for (const int count : counts) value = count < value ? count : value;
+    return error;
+  });
+}
+
+// The stages q4_mma_kernel<M_TILES, GPTQ> launches with: the most that keep staged_resident_blocks resident
+// (two where none does), its shared memory limit set to them.
+template <int M_TILES, bool GPTQ>
+cudaError_t staged_stages(int& stages) {
+  static int known[kDevices] = {};
+  return once_per_device(known, stages, [](int& value) {
+    int resident = 0, blocks = 0;
+    cudaError_t error = staged_resident_blocks<GPTQ>(resident);
+    for (value = kMaxStages; error == cudaSuccess && value > 2; --value) {
+      error = staged_blocks<M_TILES, GPTQ>(value, blocks);
+      if (blocks >= resident) break;
+    }
+    return error == cudaSuccess ? staged_blocks<M_TILES, GPTQ>(value, blocks) : error;
+  });
+}
 
 // The q4_mma kernel for M_TILES tiles of rows and `pipeline` (0 staged, else registers that many batches
 // ahead; past two tiles of rows a deeper register pipeline spills, so two there), its shared memory size set.
@@ -517,15 +668,10 @@ cudaError_t mma_kernel(int pipeline, Kernel& kernel) {
   } else if (pipeline == 4) {
     function = q4_mma_registers_kernel<M_TILES, GPTQ, 4>;
   }
-  kernel = {function, 0};
+  kernel = {function, 0, 0};
   if (pipeline != 0) return cudaSuccess;
-  kernel.shared_bytes = mma_stages<M_TILES>() * sizeof(MmaStage<M_TILES>);
-  static bool attribute_set[64] = {};  // per template instance and device
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error != cudaSuccess || (device < 64 && attribute_set[device])) return error;
-  error = cudaFuncSetAttribute(function, cudaFuncAttributeMaxDynamicSharedMemorySize, kernel.shared_bytes);
-  if (error == cudaSuccess && device < 64) attribute_set[device] = true;
+  const cudaError_t error = staged_stages<M_TILES, GPTQ>(kernel.stages);
+  kernel.shared_bytes = kernel.stages * static_cast<int>(sizeof(MmaStage<M_TILES, GPTQ>));
   return error;
 }
 
@@ -550,7 +696,9 @@ cudaError_t launch_mma(const Problems& set, int column_blocks, bool gptq, int sl
   Kernel kernel{};
   const cudaError_t error = mma_kernel_for(set.part[0].rows, gptq, pipeline, kernel);
   if (error != cudaSuccess) return error;
-  kernel.function<<<dim3(column_blocks, slices), kMmaThreads, kernel.shared_bytes, stream>>>(set, batches_per_slice);
+  Problems staged = set;
+  staged.stages = kernel.stages;
+  kernel.function<<<dim3(column_blocks, slices), kMmaThreads, kernel.shared_bytes, stream>>>(staged, batches_per_slice);
   return cudaGetLastError();
 }
 
@@ -658,7 +806,7 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
 
 template <int MAX_ROWS, bool PREFETCH>
 Kernel gemv_kernel(bool gptq) {
-  return {gptq ? q4_gemv_kernel<MAX_ROWS, true, PREFETCH> : q4_gemv_kernel<MAX_ROWS, false, PREFETCH>, 0};
+  return {gptq ? q4_gemv_kernel<MAX_ROWS, true, PREFETCH> : q4_gemv_kernel<MAX_ROWS, false, PREFETCH>, 0, 0};
 }
 
 // The q4_gemv kernel compiled for the fewest rows that hold `rows`.
@@ -813,12 +961,22 @@ int verispec_q4_gemv(int parts, void* const* pointers, const int* sizes, void* a
                      static_cast<cudaStream_t>(stream_handle));
 }
 
-// How many blocks of the q4_mma kernel for `rows` and `pipeline` one SM of the current device holds at once.
-int verispec_q4_mma_resident_blocks(int rows, int gptq, int pipeline, int* blocks) {
+// How the q4_mma kernel for `rows` and `pipeline` launches on the current device: the stages it takes through
+// shared memory (0 for the register pipelines) and the blocks of it one SM holds at once.
+int verispec_q4_mma_occupancy(int rows, int gptq, int pipeline, int* stages, int* blocks) {
   Kernel kernel{};
   const cudaError_t error = mma_kernel_for(rows, gptq != 0, pipeline, kernel);
   if (error != cudaSuccess) return error;
+  *stages = kernel.stages;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel.function, kMmaThreads, kernel.shared_bytes);
+}
+
+// The blocks per SM a q4_mma grid is cut for: through shared memory (pipeline 0) the count every tile of rows
+// keeps resident, through registers the count of one tile's kernel.
+int verispec_q4_mma_resident_blocks(int gptq, int pipeline, int* blocks) {
+  if (pipeline == 0) return gptq ? staged_resident_blocks<true>(*blocks) : staged_resident_blocks<false>(*blocks);
+  int stages = 0;
+  return verispec_q4_mma_occupancy(8, gptq, pipeline, &stages, blocks);
 }
 
 // out [count] = SiLU(gate) * up, fp16, on the caller's stream.

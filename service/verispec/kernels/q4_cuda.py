@@ -25,7 +25,7 @@ from typing import Protocol
 import structlog
 import torch
 
-from verispec.kernels import Q4Weights, num_sms, on_device
+from verispec.kernels import Q4Weights, device_index, num_sms, on_device
 from verispec.kernels.cuda_build import loaded, raise_on, unavailable
 
 log = structlog.get_logger(__name__)
@@ -38,8 +38,7 @@ MAX_PARTS = 3  # products one launch takes (q4_cuda.cu's kMaxParts)
 MMA_PIPELINES = (0, 2, 3, 4)  # q4_mma: 0 through shared memory, else through registers, batches ahead
 REGISTER_PIPELINE = 3
 L2_PREFETCH = 1  # batches of weights mma_registers_l2 asks L2 for past those loaded (bench gemm --variants)
-_MMA_RESIDENCY_ROWS = 8  # q4_mma's grid is sized by the blocks its smallest row tile keeps resident per SM
-_WAVE_FILL = 0.75  # ... in the fewest waves of them it fills to at least this share
+_WAVE_FILL = 0.75  # q4_mma's grid fills the fewest waves of resident blocks it takes to at least this share
 _BATCH_K = 128  # q4_mma's K positions per pipelined batch (q4_cuda.cu's kBatchK)
 _MMA_BLOCK_COLUMNS = 128  # columns per q4_mma block (4 warps of 32)
 _GEMV_WARPS = 4  # per block, each taking whole groups of K (kGemvWarps)
@@ -90,11 +89,10 @@ def mma_slices(in_features: int, out_features: Sequence[int], sms: int, resident
 
 
 def mma_resident_blocks(device: torch.device, pipeline: int, gptq: bool) -> int:
-    """Blocks of a q4_mma pipeline one SM of `device` holds at once (registers, shared memory) at its
-    smallest tile of rows, as CUDA's occupancy calculator gives it."""
-    return _mma_resident_blocks(
-        device.index if device.index is not None else torch.cuda.current_device(), pipeline, gptq
-    )
+    """Blocks of a q4_mma pipeline per SM of `device` that its grid is cut for, as CUDA's occupancy
+    calculator gives them: through shared memory, the count its kernel keeps resident at every tile of rows
+    (a tile count takes fewer stages where more would cost a block); through registers, one tile's."""
+    return _mma_resident_blocks(device_index(device), pipeline, gptq)
 
 
 @functools.cache
@@ -102,9 +100,20 @@ def _mma_resident_blocks(index: int, pipeline: int, gptq: bool) -> int:
     library = loaded()
     blocks = ctypes.c_int(0)
     with torch.cuda.device(index):
-        error = library.verispec_q4_mma_resident_blocks(_MMA_RESIDENCY_ROWS, int(gptq), pipeline, ctypes.byref(blocks))
+        error = library.verispec_q4_mma_resident_blocks(int(gptq), pipeline, ctypes.byref(blocks))
     raise_on(library, "verispec_q4_mma_resident_blocks", error)
     return max(1, blocks.value)
+
+
+def mma_occupancy(device: torch.device, rows: int, pipeline: int, gptq: bool) -> tuple[int, int]:
+    """How the q4_mma kernel for `rows` launches on `device`: (stages through shared memory, 0 for the
+    register pipelines; blocks of it one SM holds at once)."""
+    library = loaded()
+    stages, blocks = ctypes.c_int(0), ctypes.c_int(0)
+    with torch.cuda.device(device_index(device)):
+        error = library.verispec_q4_mma_occupancy(rows, int(gptq), pipeline, ctypes.byref(stages), ctypes.byref(blocks))
+    raise_on(library, "verispec_q4_mma_occupancy", error)
+    return stages.value, blocks.value
 
 
 def gemv_slices(in_features: int, out_features: Sequence[int], group_size: int, sms: int) -> int:
@@ -419,7 +428,7 @@ def _arrivals(device: torch.device) -> torch.Tensor:
     on the device, so its launches must not overlap in time, as those of one stream never do. Made on the
     device's first launch, which must not be inside a graph capture (the zeros would only be written when the
     graph replays); the runner's warm-up and `fastest` launch every kernel eagerly first."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _ARRIVALS:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the CUDA 4-bit kernels' first launch on a device cannot be inside a graph capture")

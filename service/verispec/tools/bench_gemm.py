@@ -245,9 +245,9 @@ def _cuda_points(
     ops: _Operands, x: Any, m: int, sweep: bool, kernel: Callable[[int, Callable[[], object]], dict[str, Any]]
 ) -> dict[str, Any]:
     """Each CUDA kernel `q4_matmul` can choose (q4_cuda.KERNELS) at its default slices of K, with the slices
-    and resident blocks per SM that default comes from; with --variants also each count of slices, each
-    register-pipeline depth, each distance of L2 prefetch and the CUDA-core kernel without prefetching. And
-    q4_matmul as the runner calls it (the fastest kernel at m)."""
+    and resident blocks per SM that default comes from, and the blocks (and stages) its kernel for m holds;
+    with --variants also each count of slices, each register-pipeline depth, each distance of L2 prefetch and
+    the CUDA-core kernel without prefetching. And q4_matmul as the runner calls it (the fastest kernel at m)."""
     import torch
 
     from verispec.kernels import cuda_build, num_sms, q4_cuda
@@ -267,6 +267,10 @@ def _cuda_points(
         resident = q4_cuda.mma_resident_blocks(device, pipeline, ops.q4.gptq)
         point[f"cuda_{name}_resident_blocks"] = resident
         point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], num_sms(device), resident)
+        stages, blocks = q4_cuda.mma_occupancy(device, m, pipeline, ops.q4.gptq)
+        point[f"cuda_{name}_blocks_at_m"] = blocks
+        if stages:
+            point[f"cuda_{name}_stages_at_m"] = stages
     if "gemv" in kernels:
         point["cuda_gemv_slices"] = q4_cuda.gemv_slices(ops.k, [ops.n], ops.q4.group_size, num_sms(device))
     if not sweep:
