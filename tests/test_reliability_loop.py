@@ -8,8 +8,10 @@ import argparse
 import asyncio
 import gc
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -47,6 +49,27 @@ def test_serving_starts_with_the_tokenizer_warm_and_start_up_heap_frozen(
         assert gc.get_freeze_count() > 100_000
         tracked = {id(item) for item in gc.get_objects()}
         assert not {id(models.engine), id(models.engine.core), id(tokenizer)} & tracked
+    finally:
+        loop_thread.run(server.stop(0))
+
+
+def test_a_stopped_server_lets_its_engine_go(target: Target, loop_thread: LoopThread) -> None:
+    """Once a server has stopped and its last reference is dropped, its engine is freed by reference
+    counting alone, as the objects start-up froze are never collected: a second engine in the same process
+    (`bench batch` builds one per policy) then finds the first one's KV pool and CUDA graphs given back."""
+    engine, core = _serve_and_stop(target, loop_thread)
+    assert engine() is None and core() is None
+
+
+def _serve_and_stop(target: Target, loop_thread: LoopThread) -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+    """A server loaded and stopped; weak references to its engine and engine core once it is dropped."""
+    config = config_from_argv(["--host", "127.0.0.1", "--port", "0"])
+    server = Server(config)
+    loop_thread.run(server.start())
+    models = start_engine(config, target.backend, target.tokenizer, None, observer=server.metrics)
+    loop_thread.run(server.load(lambda _config, _observer: models))
+    try:
+        return weakref.ref(models.engine), weakref.ref(models.engine.core)
     finally:
         loop_thread.run(server.stop(0))
 

@@ -123,8 +123,9 @@ class Metrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
 
-    def watch(self, stats: Callable[[], EngineStats]) -> None:
-        """Reads the engine's gauges and its preemption count from `stats` at scrape time."""
+    def watch(self, stats: Callable[[], EngineStats] | None) -> None:
+        """Reads the engine's gauges and its preemption count from `stats` at scrape time (None: no engine,
+        the gauges absent)."""
         self.engine.stats = stats
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:

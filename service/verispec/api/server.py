@@ -223,7 +223,13 @@ class Server:
         if self.health_grpc is not None:  # answered NOT_SERVING through the whole drain
             await self.health_grpc.stop(0)
         if self.state.models is not None:
-            await asyncio.to_thread(self.state.models.engine.core.stop, 10.0)
+            core = self.state.models.engine.core
+            await asyncio.to_thread(core.stop, 10.0)
+            # The engine's failure hook holds this server, and the metrics it reports to read its stats: two
+            # cycles of objects that finish_start_up froze, which the collector never frees. Cut, the engine
+            # (its KV pool, its CUDA graphs) goes with the last reference to the server.
+            core.on_failure = None
+            self.metrics.watch(None)
         log.info("server.stopped")
 
     def _engine_busy(self) -> bool:
