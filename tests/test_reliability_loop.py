@@ -1,6 +1,7 @@
 """Nothing long runs on the event loop's time and nothing large waits for the collector: start-up's
 lazy work and the collector's walk over start-up's heap are done before serving, a refused request
-leaves no reference cycle holding it, and the soak's load generator keeps its own heap small."""
+leaves no reference cycle holding it, a stopped server leaves none holding its engine, and the soak's load
+generator keeps its own heap small."""
 
 from __future__ import annotations
 
