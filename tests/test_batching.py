@@ -150,16 +150,34 @@ def tokens(outputs: list[StepOutput]) -> list[int]:
 
 
 def _run_concurrently(core: EngineCore, requests: list[Request]) -> dict[str, list[StepOutput]]:
-    results: dict[str, list[StepOutput]] = {}
+    """Every request submitted while the engine thread is held between steps, so that all of them are in
+    its queues together however fast a step is; then their outputs once each has its final one."""
+    held, release = threading.Event(), threading.Event()
 
-    def run(request: Request) -> None:
-        results[request.request_id] = run_to_completion(core, request, timeout=300)
+    def hold() -> None:
+        held.set()
+        release.wait(60)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in requests]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    core.call(hold)
+    assert held.wait(60), "the engine thread never took the call"
+    results: dict[str, list[StepOutput]] = {r.request_id: [] for r in requests}
+    done = {r.request_id: threading.Event() for r in requests}
+
+    def sink_for(request_id: str) -> Callable[[StepOutput], None]:
+        def sink(out: StepOutput) -> None:
+            results[request_id].append(out)
+            if out.finished:
+                done[request_id].set()
+
+        return sink
+
+    try:
+        for request in requests:
+            core.submit(request, sink_for(request.request_id))
+    finally:
+        release.set()
+    for request_id, event in done.items():
+        assert event.wait(300), f"{request_id} never finished"
     return results
 
 
