@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.test_cli import _STARTUP_SCRIPT, HEAVY, HEAVY_OURS
@@ -12,8 +13,10 @@ from verispec.tools.bench_batch import (
     PASS_LOG,
     POLICIES,
     BatchCounts,
+    StreamResult,
     long_prompt_started,
     pass_summary,
+    passes_to_first_token,
     token_latencies,
 )
 
@@ -42,6 +45,19 @@ def test_the_pass_log_keeps_the_last_passes_in_order_and_summarises_a_window() -
         "max": 8 + PASS_LOG + 2,
     }
     assert pass_summary([]) == {"passes": 0}
+
+
+def test_a_probe_counts_the_passes_that_ended_between_its_call_and_its_first_token() -> None:
+    """Pass ends are logged on the clock the client reads: a probe called at 1.0 s whose first token came at
+    1.1 s saw the passes that ended at 1.02 and 1.09 (the one in flight and its own), not those around them;
+    a probe with no first token is left out."""
+    counts = BatchCounts()
+    before = time.perf_counter()
+    counts.on_batch(8, 8, 0.02)
+    ends = counts.pass_ends(0)
+    assert len(ends) == 1 and before <= ends[0] <= time.perf_counter()
+    probe = StreamResult(ttft_s=0.1, first_token_at=1.1)
+    assert passes_to_first_token([probe, StreamResult()], [0.95, 1.02, 1.09, 1.13]) == [2]
 
 
 def test_the_long_prompt_is_seen_starting_by_its_sequence_however_small_its_chunk() -> None:

@@ -46,6 +46,7 @@ PROBE_BACKGROUND_STREAMS = 8
 PROBE_MAX_NEW_TOKENS = 2
 PROBE_BACKGROUND_TOKENS = 1024  # cancelled once the probe is done
 PASS_LOG = 4096  # passes whose shape and time BatchCounts keeps
+_PASS_FIELDS = 4
 FIRST_PASSES = 12  # passes of a point's first round listed in the report (sequences, tokens, ms): its ramp-up
 PROBE_PROMPT = "Name three colours."
 STREAM_TIMEOUT_S = 600.0
@@ -141,22 +142,26 @@ def generate_request(prompt: str, mode: str, max_new_tokens: int, chat: bool = T
 
 
 class BatchCounts:
-    """A StepObserver counting forward passes and their sequences, and keeping the shape and time of the
+    """A StepObserver counting forward passes and their sequences, and keeping the shape, time and end of the
     last PASS_LOG passes. The engine thread writes; the client process reads snapshots, so the counts live in
-    shared memory."""
+    shared memory. A pass's end is a time.perf_counter() reading (CLOCK_MONOTONIC: one clock for both
+    processes), so that a client's request can be placed among the passes."""
 
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._values = context.Array("q", 2)
-        self._log = context.Array("q", 3 * PASS_LOG, lock=False)  # (sequences, tokens, microseconds) per pass
+        # (sequences, tokens, microseconds, end in microseconds) per pass
+        self._log = context.Array("q", _PASS_FIELDS * PASS_LOG, lock=False)
 
     def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
         """Per-request steps are not this bench's concern."""
 
     def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
         with self._values.get_lock():
-            slot = 3 * (self._values[0] % PASS_LOG)
-            self._log[slot : slot + 3] = [batch_size, batch_tokens, round(seconds * 1e6)]
+            slot = _PASS_FIELDS * (self._values[0] % PASS_LOG)
+            self._log[slot : slot + _PASS_FIELDS] = [
+                batch_size, batch_tokens, round(seconds * 1e6), round(time.perf_counter() * 1e6)
+            ]  # fmt: skip
             self._values[0] += 1
             self._values[1] += batch_size
 
@@ -168,11 +173,18 @@ class BatchCounts:
 
     def passes(self, since: int) -> list[tuple[int, int, float]]:
         """(sequences, tokens, milliseconds) of each pass from pass number `since` on (the last PASS_LOG)."""
+        return [(size, tokens, micros / 1000) for size, tokens, micros, _end in self._rows(since)]
+
+    def pass_ends(self, since: int) -> list[float]:
+        """When each pass from pass number `since` on ended (time.perf_counter() seconds; the last PASS_LOG)."""
+        return [end / 1e6 for *_shape, end in self._rows(since)]
+
+    def _rows(self, since: int) -> list[tuple[int, ...]]:
         with self._values.get_lock():
             total = self._values[0]
             first = max(since, total - PASS_LOG)
-            rows = [tuple(self._log[3 * (i % PASS_LOG) : 3 * (i % PASS_LOG) + 3]) for i in range(first, total)]
-        return [(size, tokens, micros / 1000) for size, tokens, micros in rows]
+            slots = [_PASS_FIELDS * (i % PASS_LOG) for i in range(first, total)]
+            return [tuple(self._log[slot : slot + _PASS_FIELDS]) for slot in slots]
 
 
 def pass_summary(passes: Sequence[tuple[int, int, float]]) -> dict[str, Any]:
@@ -316,6 +328,7 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     run: dict[str, Any] = {
         "background_decoding_at_last_probe_token": sum(not j.done() or j.result().ended_at > last for j in jobs),
         "passes_while_probing": pass_summary(target.counts.passes(passes_before)),
+        "passes_to_first_token": passes_to_first_token(probes, target.counts.pass_ends(passes_before)),
     }
     for job in jobs:  # before the long prompt is done: how long its prefill takes under load is not this run's
         job.cancel()
@@ -331,6 +344,18 @@ async def probe_ttft(target: Target, background: int, long_prompt: str | None, s
     run["probes"] = probes
     run["seconds_to_idle_after_cancel"] = await _until_idle(target.stub)
     return run
+
+
+def passes_to_first_token(probes: Sequence[StreamResult], ends: Sequence[float]) -> list[int]:
+    """For each probe, the passes that ended between its call and its first token: the pass in flight when it
+    came, its own, and any it waited for besides."""
+    counts = []
+    for probe in probes:
+        if probe.first_token_at is None or probe.ttft_s is None:
+            continue
+        called = probe.first_token_at - probe.ttft_s
+        counts.append(sum(called < end <= probe.first_token_at for end in ends))
+    return counts
 
 
 def long_prompt_started(passes: Sequence[tuple[int, int, float]], background: int) -> bool:
