@@ -4,6 +4,7 @@ are tested on one, in tests/gpu/test_q4_cuda.py)."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import shutil
 from pathlib import Path
 
@@ -43,17 +44,81 @@ def test_a_library_built_ahead_is_used_only_when_it_covers_every_gpu(tmp_path: P
 
 @pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192), (8192, 1024)])
 def test_k_is_cut_into_whole_batches_that_fill_their_waves_of_blocks(k: int, n: int) -> None:
-    """Every slice of K holds whole batches of 128 and none is empty, and the blocks fill the waves they
-    take (SMs x resident blocks each) to three quarters, unless every batch already has its own slice: for the
-    70B shapes on 132 or 16 SMs, two to four blocks resident on each."""
+    """Through registers every block of columns is cut into runs of whole batches of 128, none empty, and the
+    blocks fill the waves they take (SMs x resident blocks each) to three quarters, unless every batch already
+    has its own run: for the 70B shapes on 132 or 16 SMs, two to four blocks resident on each."""
     column_blocks, batches = -(-n // 128), k // 128
     for sms in (132, 16):
         for resident in (2, 3, 4):
             slices = q4_cuda.mma_slices(k, [n], sms, resident)
-            count, per_slice = q4_cuda._even_slices(batches, slices)
-            assert count == slices and (count - 1) * per_slice < batches <= count * per_slice
+            assert 1 <= slices <= batches
             waves = -(-column_blocks * slices // (resident * sms))
             assert slices == batches or column_blocks * slices >= 0.75 * waves * resident * sms
+
+
+def _shares(batches: int, column_blocks: int, blocks: int) -> list[list[tuple[int, int, int]]]:
+    """The staged kernel's cut, as q4_cuda.cu's q4_mma_kernel walks it: for each grid block, its (block of
+    columns, first batch, end batch) runs."""
+    units = batches * column_blocks
+    shares = []
+    for block in range(blocks):
+        unit, end = block * units // blocks, (block + 1) * units // blocks
+        runs = []
+        while unit < end:
+            column_block, first = divmod(unit, batches)
+            last = min(batches, first + end - unit)
+            runs.append((column_block, first, last))
+            unit += last - first
+        shares.append(runs)
+    return shares
+
+
+@pytest.mark.parametrize(("k", "n"), [(8192, 10240), (8192, 8192), (8192, 28672 * 2), (28672, 8192), (2048, 3072)])
+def test_the_staged_grid_cuts_every_batch_once_into_even_shares(k: int, n: int) -> None:
+    """Through shared memory each grid block takes an even share of the blocks of columns times their batches,
+    within one batch of each other: every batch of every block of columns is taken once, its runs follow one
+    another in K, and most_runs is the most runs any block of columns has (room for its partial sums)."""
+    column_blocks, batches = -(-n // 128), k // 128
+    for sms, resident in ((132, 4), (16, 3)):
+        blocks = q4_cuda.mma_grid(k, [n], sms, resident)
+        assert 1 <= blocks <= batches * column_blocks
+        shares = _shares(batches, column_blocks, blocks)
+        sizes = [sum(last - first for _, first, last in runs) for runs in shares]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        by_block: dict[int, list[tuple[int, int]]] = {}
+        for runs in shares:
+            for column_block, first, last in runs:
+                by_block.setdefault(column_block, []).append((first, last))
+        assert sorted(by_block) == list(range(column_blocks))
+        for runs_of_block in by_block.values():
+            assert runs_of_block[0][0] == 0 and runs_of_block[-1][1] == batches
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(runs_of_block))
+        assert q4_cuda.most_runs(batches, column_blocks, blocks) == max(len(r) for r in by_block.values())
+
+
+def test_the_staged_grid_takes_even_shares_where_whole_runs_would_leave_a_wave_idle() -> None:
+    """On 132 SMs holding 4 blocks (528 places): gate and up of a 70B layer (448 blocks of columns, one run of
+    K each) and qkv (80 blocks in 6 runs: 480) take one wave of 528 even shares; o and down (64 blocks of
+    columns in 8 runs: 512) and a 1B draft's products keep whole runs, a block each."""
+    assert q4_cuda.mma_grid(8192, [28672, 28672], 132, 4) == 528
+    assert q4_cuda.mma_grid(8192, [8192, 1024, 1024], 132, 4) == 528
+    for k, n in ((8192, 8192), (28672, 8192)):
+        assert q4_cuda.mma_grid(k, [n], 132, 4) == 64 * q4_cuda.mma_slices(k, [n], 132, 4) == 512
+    for k, widths in ((2048, [2048, 512, 512]), (2048, [8192, 8192]), (8192, [2048])):
+        slices = q4_cuda.mma_slices(k, widths, 132, 4)
+        assert q4_cuda.mma_grid(k, widths, 132, 4) == sum(-(-n // 128) for n in widths) * slices
+
+
+def test_given_slices_the_staged_grid_cuts_each_block_of_columns_alike() -> None:
+    """A grid of blocks of columns x slices cuts every block of columns into exactly `slices` runs, as the
+    register pipelines' grid does (so the two add the same sums in the same order)."""
+    for batches, column_blocks, slices in ((64, 80, 6), (32, 8, 5), (16, 3, 16), (64, 1, 7)):
+        shares = _shares(batches, column_blocks, column_blocks * slices)
+        assert all(len(runs) == 1 for runs in shares)
+        assert q4_cuda.most_runs(batches, column_blocks, column_blocks * slices) == slices
+        for index, runs in enumerate(shares):
+            _, first, last = runs[0]
+            assert (first, last) == (index % slices * batches // slices, (index % slices + 1) * batches // slices)
 
 
 def test_a_wave_filled_past_its_end_is_avoided() -> None:

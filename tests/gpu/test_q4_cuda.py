@@ -105,8 +105,9 @@ def test_mma_pipelines_give_the_same_bits(layout: str) -> None:
 
 
 def test_the_default_grid_fills_its_waves_of_blocks() -> None:
-    """The occupancy calculator's resident blocks per SM are sane for every pipeline, and the default cut of
-    K fills the waves of blocks it takes to three quarters on the 70B shapes."""
+    """The occupancy calculator's resident blocks per SM are sane for every pipeline; on the 70B shapes the
+    staged grid is one wave of them, and every pipeline's grid fills the waves of blocks it takes to three
+    quarters."""
     device = torch.device("cuda", 0)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for pipeline in q4_cuda.MMA_PIPELINES:
@@ -114,7 +115,11 @@ def test_the_default_grid_fills_its_waves_of_blocks() -> None:
             resident = q4_cuda.mma_resident_blocks(device, pipeline, gptq)
             assert 1 <= resident <= 16, f"pipeline={pipeline} gptq={gptq}: {resident}"
             for k, n in ((8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)):
-                blocks = -(-n // 128) * q4_cuda.mma_slices(k, [n], sms, resident)
+                if pipeline == 0:
+                    blocks = q4_cuda.mma_grid(k, [n], sms, resident)
+                    assert blocks <= resident * sms, f"{k}x{n}"
+                else:
+                    blocks = -(-n // 128) * q4_cuda.mma_slices(k, [n], sms, resident)
                 waves = -(-blocks // (resident * sms))
                 assert blocks >= 0.75 * waves * resident * sms, f"{k}x{n} pipeline={pipeline}"
 

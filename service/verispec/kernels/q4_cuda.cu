@@ -10,9 +10,10 @@
 //   GPTQ     scales fp16 [G, N], zeros int32 [G, N/8] (4-bit, plain order); zero point = code + 1
 //
 // A weight is fp16(q - zero) * scale with one rounding, ExLlamaV2's `reconstruct`, so the matrix multiplied
-// by is get_weight_tensor_dq()'s bit for bit. K is cut into slices fixed by the shape alone; each slice's
-// fp32 sums are added in slice order by the last block to finish (finish_slices), so a row's result depends
-// on its own input only, whichever rows share its launch (batched greedy = solo greedy).
+// by is get_weight_tensor_dq()'s bit for bit. K is cut into runs fixed by the shape alone (the same number for
+// every block of columns, or even shares of the whole launch: q4_mma_kernel); each run's fp32 sums are added
+// in run order by the last block to finish (finish_slices), so a row's result depends on its own input only,
+// whichever rows share its launch (batched greedy = solo greedy).
 //
 // A launch takes up to three such products that share rows and K (q, k and v; gate and up), one after another
 // along the grid. Beside them, a layer's small steps in one kernel each: SiLU(gate) * up, and RoPE on q and k
@@ -23,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -56,7 +58,7 @@ __device__ __forceinline__ ColumnScale column_scale(half scale, int zero) {
 // Pairs 1 and 3 are taken from bits 4-7 / 20-23 without a shift: (1024 + 16q) is exact, and the fma by 1/16
 // lands on q - zero exactly; every pair is then multiplied by the scale with one rounding.
 __device__ __forceinline__ void dequantize_word(uint32_t word, const ColumnScale& s, uint32_t (&pairs)[4]) {
-  const half2 sixteenth = __float2half2_rn(0.0625f);
+  const half2 sixteenth = as_half2(0x2c002c00u);  // 1/16 (by its bits: conversions are not folded)
   const uint32_t high = word >> 8;
   pairs[0] = as_bits(__hmul2(__hsub2(as_half2(lop3_or_and(word, 0x000f000fu, 0x64006400u)), s.offset), s.scale));
   pairs[1] = as_bits(
@@ -77,13 +79,21 @@ __device__ __forceinline__ void meta_scales(const uint4& meta, int group, int co
 #pragma unroll
     for (int c = 0; c < 4; ++c) out[c] = column_scale(scale[c], ((zero_word >> (4 * c)) & 0xF) + 1);
   } else {
+    // Two columns at a time: their codes become the fp16 pair (1024 + code), less 1023 that is code + 1, and
+    // its square (at most 256) is exact too, so the product with scale_max is the one rounding ExLlamaV2 makes.
     const uint32_t code_word = meta.x >> (4 * (column % 8));
     const half2 pair = as_half2(meta.y);
-    const half top = (group & 1) ? __high2half(pair) : __low2half(pair);
+    const half2 top = (group & 1) ? __high2half2(pair) : __low2half2(pair);
+    // Constants by their bits (conversions are not folded): zero point 8 gives 1032 and -72; and 1023.
+    const half2 offset = as_half2(0x64086408u), offset_16 = as_half2(0xd480d480u), bias = as_half2(0x63fe63feu);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int code = ((code_word >> (4 * c)) & 0xF) + 1;
-      out[c] = column_scale(__hmul(__int2half_rn(code * code), top), 8);
+    for (int c = 0; c < 4; c += 2) {
+      const uint32_t codes = code_word >> (4 * c);  // columns c and c + 1 in nibbles 0 and 1
+      const half2 plus_one =
+          __hsub2(as_half2(lop3_or_and(codes << 12, 0x000f0000u, lop3_or_and(codes, 0x0000000fu, 0x64006400u))), bias);
+      const half2 scales = __hmul2(__hmul2(plus_one, plus_one), top);
+      out[c] = {__low2half2(scales), offset, offset_16};
+      out[c + 1] = {__high2half2(scales), offset, offset_16};
     }
   }
 }
@@ -96,7 +106,7 @@ struct Problem {
   const uint32_t* zeros;   // GPTQ
   const half* residual;    // [rows, N] or null
   half* out;               // [rows, N]
-  float* partial;          // [slices, rows, N] where K is cut into slices
+  float* partial;          // [runs, rows, N] where a block of columns is cut into runs of K
   int* arrivals;           // a count per block of columns, zero between launches
   int rows, n, k, x_stride, group_size;
   int l2_prefetch;         // q4_mma: batches of weights asked into L2 ahead of the loads (0: none)
@@ -111,30 +121,47 @@ struct Problems {
   Problem part[kMaxParts];
   int first_block[kMaxParts];  // grid x where each part's blocks of columns begin (part 0 at 0)
   int parts;
+  int column_blocks;  // of all parts
   int stages;  // q4_mma through shared memory: batches staged at once, 2 to kMaxStages
 };
 
-// This block's product, and the index of its block of columns within that product's columns.
-__device__ __forceinline__ Problem part_of_block(const Problems& set, int& column_block) {
+// The product block of columns `block` of the launch is in (blockIdx.x, where the grid's x is the launch's blocks
+// of columns), and its index `column_block` within that product's columns.
+__device__ __forceinline__ Problem part_of_block(const Problems& set, int block, int& column_block) {
   int which = 0;
 #pragma unroll
   for (int i = 1; i < kMaxParts; ++i) {
-    if (i < set.parts && (int)blockIdx.x >= set.first_block[i]) which = i;
+    if (i < set.parts && block >= set.first_block[i]) which = i;
   }
-  column_block = blockIdx.x - set.first_block[which];
+  column_block = block - set.first_block[which];
   return which == 0 ? set.part[0] : which == 1 ? set.part[1] : set.part[2];
 }
 
-// Adds up the slices of K, inside the launch. Every block has stored its slice's fp32 sums for the columns
+// Which run of K a block's sums cover: run `index` of the `count` its block of columns is cut into (one: the
+// sums are the results), and `arrival`, that block of columns' place in the launch, where finish_slices counts
+// the runs that are done.
+struct KRun {
+  int index, count, arrival;
+};
+
+// The run of a kernel whose grid's y cuts every block of columns (grid x) alike.
+__device__ __forceinline__ KRun grid_run() { return {(int)blockIdx.y, (int)gridDim.y, (int)blockIdx.x}; }
+
+// Where run `index` of `count` runs of `units` begins: the runs differ in length by one unit at most.
+__host__ __device__ __forceinline__ int run_start(long long units, long long index, long long count) {
+  return static_cast<int>(index * units / count);
+}
+
+// Adds up the runs of K, inside the launch. Every block has stored its run's fp32 sums for the columns
 // first_column .. + width of every row; the block of those columns that arrives last (counted in
-// arrivals[blockIdx.x], one count per block of columns of the launch, whichever part it is in) adds them in
-// slice order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The
+// arrivals[run.arrival], one count per block of columns of the launch, whichever part it is in) adds them in
+// run order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The
 // order is fixed whichever block arrives last, so a row's bits depend on neither timing nor the rows beside it.
-__device__ void finish_slices(const Problem& p, int first_column, int width) {
+__device__ void finish_slices(const Problem& p, int first_column, int width, const KRun& run) {
   __shared__ bool last;
   __threadfence();  // this thread's partial sums reach the whole device before its block is counted
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.arrivals + blockIdx.x, 1) == (int)gridDim.y - 1;
+  if (threadIdx.x == 0) last = atomicAdd(p.arrivals + run.arrival, 1) == run.count - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -143,11 +170,11 @@ __device__ void finish_slices(const Problem& p, int first_column, int width) {
     if (column >= p.n) continue;
     const size_t at = (size_t)row * p.n + column;
     float total = 0.0f;
-    for (int slice = 0; slice < (int)gridDim.y; ++slice) total += __ldcg(p.partial + (size_t)slice * p.rows * p.n + at);
+    for (int slice = 0; slice < run.count; ++slice) total += __ldcg(p.partial + (size_t)slice * p.rows * p.n + at);
     if (p.residual != nullptr) total += __half2float(p.residual[at]);
     p.out[at] = __float2half_rn(total);
   }
-  if (threadIdx.x == 0) p.arrivals[blockIdx.x] = 0;
+  if (threadIdx.x == 0) p.arrivals[run.arrival] = 0;
 }
 
 // The 16 bytes of weight words in word row `word_row` for the four columns from `column` (a multiple of 4).
@@ -186,11 +213,11 @@ __device__ __forceinline__ uint4 scale_words(const Problem& p, int group, int co
 }
 
 // Stores WIDTH (1 or 4) sums of consecutive columns of one row, the first at `at` in [rows, N]: out
-// (+ residual) in fp16 when the launch has one slice of K, else this slice's fp32 partial sums.
+// (+ residual) in fp16 when its block of columns is one run of K, else this run's fp32 partial sums.
 template <int WIDTH>
-__device__ __forceinline__ void store_run(const Problem& p, size_t at, const float (&sums)[WIDTH]) {
+__device__ __forceinline__ void store_run(const Problem& p, size_t at, const float (&sums)[WIDTH], const KRun& run) {
   static_assert(WIDTH == 1 || WIDTH == 4, "a run of one column or of a thread's four");
-  if (gridDim.y == 1) {
+  if (run.count == 1) {
     half results[WIDTH];
 #pragma unroll
     for (int c = 0; c < WIDTH; ++c) {
@@ -202,7 +229,7 @@ __device__ __forceinline__ void store_run(const Problem& p, size_t at, const flo
       p.out[at] = results[0];
     }
   } else {
-    float* partial = p.partial + (size_t)blockIdx.y * p.rows * p.n + at;
+    float* partial = p.partial + (size_t)run.index * p.rows * p.n + at;
     if constexpr (WIDTH == 4) {
       *reinterpret_cast<float4*>(partial) = make_float4(sums[0], sums[1], sums[2], sums[3]);
     } else {
@@ -225,7 +252,7 @@ __device__ __forceinline__ void store_run(const Problem& p, size_t at, const flo
 //   (2t, 2t + 1), (2t + 8, 2t + 9) of column g are then x[row g][8 (kw0 + t) + 4s .. + 3]: the thread's
 //   eight input values x[g][8 (kw0 + t) .. + 7] are one 16-byte load, halves 0-3 for step 0, 4-7 for step 1.
 //
-// A block of kMmaWarps warps owns 32 columns a warp; all its warps walk the same slice of K in batches of
+// A block of kMmaWarps warps owns 32 columns a warp; all its warps walk the same run of K in batches of
 // 128 (4 word-row quads), staged through shared memory by cp.async, stages - 1 batches ahead: each warp's
 // weights, the scales, and the input rows the whole block shares. Rows come in tiles of 8 (M_TILES of them):
 // the weights of a quad are dequantized once and multiplied against every tile. A stage grows with the tiles
@@ -275,19 +302,49 @@ struct MmaStage {
 // different banks without padding the rows.
 __device__ __forceinline__ int x_chunk(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
 
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+// `value`, opaque to the compiler: a value worked out from the thread's index is then kept in its register
+// rather than worked out again from the index inside a loop.
+__device__ __forceinline__ uint32_t kept(uint32_t value) {
+  asm volatile("" : "+r"(value));
+  return value;
 }
 
-__device__ __forceinline__ void cp_async_4(void* shared, const void* global) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(global));
+constexpr uint32_t kQuadBytes = 32 * sizeof(uint4);           // a warp's words of one quad in a stage
+constexpr uint32_t kTileBytes = 8 * (kBatchK / 8) * sizeof(uint4);  // eight input rows in a stage
+
+// One thread's places in a stage, in bytes from the stage's start, worked out once: so that the loop copies and
+// reads at a stage's address plus constants. Each thread reads back the weights and scale words it copied in.
+template <int M_TILES, bool GPTQ>
+struct StagePlaces {
+  uint32_t weights;    // its words of quad 0; quad q kQuadBytes * q further on
+  uint32_t meta;       // its scale words
+  uint32_t x_copy;     // the input chunk it copies in, of row x_row; tile v kTileBytes * v further on
+  uint32_t x_read[2];  // the chunks of row g it reads for quads 0 and 1; quads 2 and 3 128 bytes further on
+
+  __device__ StagePlaces(int warp, int lane, int x_row, int x_place) {
+    using Stage = MmaStage<M_TILES, GPTQ>;
+    const int g = lane / 4, t = lane % 4;
+    weights = kept((warp * kQuads * 32 + lane) * sizeof(uint4));
+    meta = kept(offsetof(Stage, meta) + (warp * 32 + lane) * sizeof(StagedMeta<GPTQ>));
+    x_copy = kept(offsetof(Stage, x) + (x_row * (kBatchK / 8) + x_place) * sizeof(uint4));
+#pragma unroll
+    for (int quad = 0; quad < 2; ++quad) {
+      x_read[quad] = kept(offsetof(Stage, x) + (g * (kBatchK / 8) + x_chunk(g, 4 * quad + t)) * sizeof(uint4));
+    }
+  }
+};
+
+__device__ __forceinline__ uint32_t shared_address(const void* shared) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(shared));
 }
 
-__device__ __forceinline__ void cp_async_8(void* shared, const void* global) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(address), "l"(global));
+// Copies of BYTES (4, 8 or 16) from global to shared memory, by cp.async, where `copy` holds: predicated
+// rather than branched around, so that the addresses they take stay worked out outside the loop.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t shared, const void* global, bool copy) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p cp.async.ca.shared.global [%0], [%1], %3;\n}\n" ::"r"(shared),
+      "l"(global), "r"(static_cast<int>(copy)), "n"(BYTES));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -315,65 +372,84 @@ struct GroupCounter {
     left = per_group - batch % per_group;
   }
 
-  __device__ __forceinline__ void next() {
-    if (--left == 0) {
-      ++group;
-      left = per_group;
-    }
+  // Moves on a batch; whether that starts a new group.
+  __device__ __forceinline__ bool next() {
+    if (--left != 0) return false;
+    ++group;
+    left = per_group;
+    return true;
   }
 };
 
 // This thread's copies of consecutive batches into stages, by cp.async: its words of each quad and its scale
 // words (where its columns exist), and its share of the block's input rows: M_TILES chunks of 16 bytes, one
 // per tile of rows, the same chunk of rows x_row, x_row + 8, ... Rows of x past `rows` are never copied, and
-// never read (their B slots are zero). The sources move on by a batch at every copy, with no division.
+// never read (their B slots are zero). The sources move on by a batch at every copy, the scale words' at every
+// new group, with no division.
 template <int M_TILES, bool GPTQ>
 struct BatchCopies {
-  const uint4* words;  // word row t of the next batch's first quad, this thread's four columns
-  const half* x;       // this thread's input chunk of the next batch, in row x_row
-  int quad_stride;     // uint4s from one quad's word rows to the next (4 word rows of N / 4)
-  int tile_stride;     // halves from a chunk to the same chunk 8 rows down
-  int x_row, x_place;  // the chunk's row in the first tile, and its place in a stage's row (x_chunk)
+  const uint4* words;         // word row t of the next batch's first quad, this thread's four columns
+  const half* x;              // this thread's input chunk of the next batch, in row x_row
+  const uint32_t* first;      // the next group's scale words: EXL2 scale codes, GPTQ four fp16 scales
+  const uint32_t* second;     // EXL2 the scale_max pair, GPTQ the zero codes
+  int quad_stride;            // uint4s from one quad's word rows to the next (4 word rows of N / 4)
+  int tile_stride;            // halves from a chunk to the same chunk 8 rows down
+  int first_step, second_step;  // uint32s the scale words move on by at a new group (EXL2 second: see next)
+  int x_tiles;                // tiles of rows whose chunk row x_row + 8 v exists
+  StagePlaces<M_TILES, GPTQ> places;
   GroupCounter groups;
 
-  __device__ BatchCopies(const Problem& p, int first_batch, int t, int column)
-      : words(weight_words(p, batch_word_row(first_batch, 0, t), column)),
+  __device__ BatchCopies(const Problem& p, int first_batch, int warp, int lane, int column)
+      : words(weight_words(p, batch_word_row(first_batch, 0, lane % 4), column)),
         x(p.x + (size_t)(threadIdx.x / (kBatchK / 8)) * p.x_stride + first_batch * kBatchK +
           8 * (threadIdx.x % (kBatchK / 8))),
         quad_stride(p.n),
         tile_stride(8 * p.x_stride),
-        x_row(threadIdx.x / (kBatchK / 8)),
-        x_place(x_chunk(x_row, threadIdx.x % (kBatchK / 8))),
-        groups(first_batch, p.group_size) {}
+        first_step(GPTQ ? p.n / 2 : p.n / 8),
+        second_step(GPTQ ? p.n / 8 : 1),
+        x_tiles(0),
+        places(warp, lane, threadIdx.x / (kBatchK / 8), x_chunk(threadIdx.x / (kBatchK / 8), threadIdx.x % (kBatchK / 8))),
+        groups(first_batch, p.group_size) {
+    const ScaleSources at = scale_sources<GPTQ>(p, groups.group, column);
+    first = static_cast<const uint32_t*>(at.first);
+    second = at.second;
+    const int x_row = threadIdx.x / (kBatchK / 8);
+    while (x_tiles < M_TILES && x_row + 8 * x_tiles < p.rows) ++x_tiles;
+    x_tiles = kept(x_tiles);
+  }
 
-  __device__ __forceinline__ void issue(const Problem& p, MmaStage<M_TILES, GPTQ>& stage, int warp, int lane, int column,
-                                        bool active) {
-    if (active) {
+  // Copies the next batch into the stage at shared address `stage` where `copy` holds (the weights and scale
+  // words where `active` holds too); moves on a batch either way.
+  __device__ __forceinline__ void issue(uint32_t stage, bool copy, bool active) {
+    const bool mine = copy && active;
 #pragma unroll
-      for (int quad = 0; quad < kQuads; ++quad) cp_async_16(&stage.weights[warp][quad][lane], words + quad * quad_stride);
-      const ScaleSources at = scale_sources<GPTQ>(p, groups.group, column);
-      uint32_t* meta = reinterpret_cast<uint32_t*>(&stage.meta[warp][lane]);
-      if constexpr (GPTQ) {
-        cp_async_8(meta, at.first);
-        cp_async_4(meta + 2, at.second);
-      } else {
-        cp_async_4(meta, at.first);
-        cp_async_4(meta + 1, at.second);
-      }
+    for (int quad = 0; quad < kQuads; ++quad) {
+      cp_async<16>(stage + places.weights + quad * kQuadBytes, words + quad * quad_stride, mine);
+    }
+    if constexpr (GPTQ) {
+      cp_async<8>(stage + places.meta, first, mine);
+      cp_async<4>(stage + places.meta + 8, second, mine);
+    } else {
+      cp_async<4>(stage + places.meta, first, mine);
+      cp_async<4>(stage + places.meta + 4, second, mine);
     }
 #pragma unroll
     for (int v = 0; v < M_TILES; ++v) {
-      if (x_row + 8 * v < p.rows) cp_async_16(&stage.x[x_row + 8 * v][x_place], x + v * tile_stride);
+      cp_async<16>(stage + places.x_copy + v * kTileBytes, x + v * tile_stride, copy && v < x_tiles);
     }
     words += kQuads * quad_stride;
     x += kBatchK;
-    groups.next();
+    if (groups.next()) {
+      first += first_step;
+      // EXL2's scale_max pairs: the next pair from an even group on.
+      second += GPTQ || (groups.group & 1) == 0 ? second_step : 0;
+    }
   }
 };
 
 // acc += W^T tile products for one batch of 128 positions of K: words_at(quad), this thread's words of each of
-// the batch's four quads (its word row t, its four columns); its scale words; and input_at(row, quad): the 16
-// bytes x[row][batch * 128 + 32 quad + 8 t ..] of a row below `rows` (rows past it are never read: zero).
+// the batch's four quads (its word row t, its four columns); its scale words; and input_at(v, quad): the 16
+// bytes x[8 v + g][batch * 128 + 32 quad + 8 t ..] of a row below `rows` (rows past it are never read: zero).
 template <int M_TILES, bool GPTQ, typename WordsAt, typename InputAt>
 __device__ __forceinline__ void multiply_batch(float (&acc)[2][M_TILES][4], WordsAt words_at, const uint4& meta,
                                                int group, int column, int rows, int lane, InputAt input_at) {
@@ -387,34 +463,30 @@ __device__ __forceinline__ void multiply_batch(float (&acc)[2][M_TILES][4], Word
     uint32_t pairs[4][4];  // [column of the four][pair]
 #pragma unroll
     for (int c = 0; c < 4; ++c) dequantize_word(word[c], scale[c], pairs[c]);
-    uint4 input[M_TILES];
+    // Tile by tile, each tile's input fragment loaded just before its products: acc[u][v] still adds its
+    // products in the same order (quad, then step s), and fewer input registers are live at once.
 #pragma unroll
     for (int v = 0; v < M_TILES; ++v) {
-      const int row = 8 * v + g;
-      input[v] = row < rows ? input_at(row, quad) : make_uint4(0, 0, 0, 0);
-    }
+      const uint4 input = 8 * v + g < rows ? input_at(v, quad) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
+      for (int s = 0; s < 2; ++s) {
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const uint32_t a[4] = {pairs[2 * u][2 * s], pairs[2 * u + 1][2 * s], pairs[2 * u][2 * s + 1],
-                               pairs[2 * u + 1][2 * s + 1]};
-#pragma unroll
-        for (int v = 0; v < M_TILES; ++v) {
-          const uint32_t b0 = s == 0 ? input[v].x : input[v].z;
-          const uint32_t b1 = s == 0 ? input[v].y : input[v].w;
-          mma_16816(acc[u][v], a, b0, b1);
+        for (int u = 0; u < 2; ++u) {
+          const uint32_t a[4] = {pairs[2 * u][2 * s], pairs[2 * u + 1][2 * s], pairs[2 * u][2 * s + 1],
+                                 pairs[2 * u + 1][2 * s + 1]};
+          mma_16816(acc[u][v], a, s == 0 ? input.x : input.z, s == 0 ? input.y : input.w);
         }
       }
     }
   }
 }
 
-// The sums of this thread's D slots: out (+ residual) in fp16 when the launch has one slice of K, else this
-// slice's fp32 partial sums. acc[u][v] = {(col + 2u, row 8v + 2t), (col + 2u, row 8v + 2t + 1),
+// The sums of this thread's D slots: out (+ residual) in fp16 when its block of columns is one run of K, else
+// this run's fp32 partial sums. acc[u][v] = {(col + 2u, row 8v + 2t), (col + 2u, row 8v + 2t + 1),
 // (col + 2u + 1, row 8v + 2t), (col + 2u + 1, row 8v + 2t + 1)}.
 template <int M_TILES>
-__device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], const Problem& p, int column) {
+__device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], const Problem& p, int column,
+                                           const KRun& run) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int v = 0; v < M_TILES; ++v) {
@@ -423,7 +495,7 @@ __device__ __forceinline__ void store_sums(const float (&acc)[2][M_TILES][4], co
       const int row = 8 * v + 2 * t + r;
       if (row >= p.rows) continue;
       const float sums[4] = {acc[0][v][r], acc[0][v][2 + r], acc[1][v][r], acc[1][v][2 + r]};
-      store_run<4>(p, (size_t)row * p.n + column, sums);
+      store_run<4>(p, (size_t)row * p.n + column, sums, run);
     }
   }
 }
@@ -443,49 +515,80 @@ __device__ __forceinline__ void cp_async_wait_for(int pending) {
 // fit shared memory to it.
 constexpr int kMmaBlocksPerSm = 4;
 
+// One block's run of K [first, end) (in batches) for block of columns `block` of the launch, through the
+// stages in shared memory: its sums stored, and where the run is one of several, added up by the last.
 template <int M_TILES, bool GPTQ>
-__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) q4_mma_kernel(Problems set, int batches_per_slice) {
+__device__ __forceinline__ void multiply_run(const Problems& set, int block, int first, int end, const KRun& run) {
+  using Stage = MmaStage<M_TILES, GPTQ>;
+  constexpr uint32_t kStageBytes = sizeof(Stage);
   extern __shared__ uint4 shared_memory[];
-  auto* stages = reinterpret_cast<MmaStage<M_TILES, GPTQ>*>(shared_memory);
-  const int count = set.stages;  // stages in the ring: count - 1 batches are copied ahead of the one multiplied
+  const char* shared = reinterpret_cast<const char*>(shared_memory);
+  const uint32_t shared_base = kept(shared_address(shared_memory));
+  const uint32_t ring = set.stages * kStageBytes;  // stages in the ring: all but one copied ahead of the one multiplied
   int column_block;
-  const Problem p = part_of_block(set, column_block);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;  // rows 8v + g: g's parity
+  const Problem p = part_of_block(set, block, column_block);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_column = (column_block * kMmaWarps + warp) * 32;
-  const int column = warp_column + 4 * g;  // this thread's first of four
-  const bool active = column < p.n;
-  const int first = blockIdx.y * batches_per_slice;
-  const int end = min(first + batches_per_slice, p.k / kBatchK);
+  const int column = warp_column + 4 * (lane / 4);  // this thread's first of four
+  const bool active = kept(column < p.n) != 0;
 
-  BatchCopies<M_TILES, GPTQ> copies(p, first, t, column);
-  for (int s = 0; s < count - 1; ++s) {
-    if (first + s < end) copies.issue(p, stages[s], warp, lane, column, active);
+  __syncthreads();  // every warp is done with the stages of the block's run before
+  BatchCopies<M_TILES, GPTQ> copies(p, first, warp, lane, column);
+  const StagePlaces<M_TILES, GPTQ> places = copies.places;
+  for (int s = 0; s + 1 < set.stages; ++s) {
+    copies.issue(shared_base + s * kStageBytes, first + s < end, active);
     cp_async_commit();
   }
-  prefetch_batches(p, first + count - 1, first + count - 1 + p.l2_prefetch, end, warp_column, lane);
+  prefetch_batches(p, first + set.stages - 1, first + set.stages - 1 + p.l2_prefetch, end, warp_column, lane);
 
   float acc[2][M_TILES][4] = {};
   GroupCounter groups(first, p.group_size);
-  int read = 0, write = count - 1;  // the stage multiplied next, the stage copied into next
+  uint32_t read = 0, write = ring - kStageBytes;  // the stages multiplied and copied into next, in bytes
   for (int batch = first; batch < end; ++batch) {
-    cp_async_wait_for(count - 2);
+    cp_async_wait_for(set.stages - 2);
     __syncthreads();  // the batch in `read` is in for every thread; the stage read last round is free again
-    const int ahead = batch + count - 1;
-    if (ahead < end) copies.issue(p, stages[write], warp, lane, column, active);
+    const int ahead = batch + set.stages - 1;
+    copies.issue(shared_base + write, ahead < end, active);
     cp_async_commit();
     prefetch_batches(p, ahead + p.l2_prefetch, ahead + p.l2_prefetch + 1, end, warp_column, lane);
-    write = write + 1 == count ? 0 : write + 1;
+    write = write + kStageBytes == ring ? 0 : write + kStageBytes;
 
-    const MmaStage<M_TILES, GPTQ>& stage = stages[read];
+    const char* stage = shared + read;
     multiply_batch<M_TILES, GPTQ>(
-        acc, [&](int quad) { return stage.weights[warp][quad][lane]; }, widened(stage.meta[warp][lane]), groups.group,
-        column, p.rows, lane, [&](int row, int quad) { return stage.x[row][x_chunk(g, 4 * quad + t)]; });
-    read = read + 1 == count ? 0 : read + 1;
+        acc, [&](int quad) { return *reinterpret_cast<const uint4*>(stage + places.weights + quad * kQuadBytes); },
+        widened(*reinterpret_cast<const StagedMeta<GPTQ>*>(stage + places.meta)), groups.group, column, p.rows, lane,
+        [&](int v, int quad) {
+          return *reinterpret_cast<const uint4*>(stage + places.x_read[quad % 2] + 128 * (quad / 2) + v * kTileBytes);
+        });
+    read = read + kStageBytes == ring ? 0 : read + kStageBytes;
     groups.next();
   }
   cp_async_wait<0>();
-  if (active) store_sums<M_TILES>(acc, p, column);
-  if (gridDim.y > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps);
+  if (active) store_sums<M_TILES>(acc, p, column, run);
+  if (run.count > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps, run);
+}
+
+// The launch's work is its blocks of columns times their `batches` of K, in that order; block b of the grid
+// takes the units from run_start(units, b, gridDim.x) on, which may end inside a block of columns and go on in
+// the next. So a grid of exactly the blocks the SMs hold at once keeps every SM busy to the end, whatever the
+// count of blocks of columns (gate and up of a 70B layer: 448 of them for 528 places on an H100). Each block
+// of columns is thereby cut into runs of K by the shape and the grid alone, never by the rows.
+template <int M_TILES, bool GPTQ>
+__global__ void __launch_bounds__(kMmaThreads, kMmaBlocksPerSm) q4_mma_kernel(Problems set, int batches) {
+  const long long units = (long long)set.column_blocks * batches;
+  // The grid block holding unit u: the last whose runs begin at or before it.
+  const auto holder = [&](long long unit) { return static_cast<int>(((unit + 1) * gridDim.x - 1) / units); };
+  int unit = run_start(units, blockIdx.x, gridDim.x);
+  const int end = run_start(units, blockIdx.x + 1, gridDim.x);
+  while (unit < end) {
+    const int block = unit / batches, first = unit % batches;
+    const int last = min(batches, first + end - unit);
+    const int first_holder = holder((long long)block * batches);
+    const KRun run{(int)blockIdx.x - first_holder, holder((long long)block * batches + batches - 1) - first_holder + 1,
+                   block};
+    multiply_run<M_TILES, GPTQ>(set, block, first, last, run);
+    unit += last - first;
+  }
 }
 
 // ---- q4_mma, weights streamed through registers -------------------------------------------------------
@@ -515,15 +618,15 @@ __device__ __forceinline__ void load_batch(const Problem& p, int batch, int t, i
 }
 
 template <int M_TILES, bool GPTQ, int STAGES>
-__global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems set, int batches_per_slice) {
+__global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems set, int batches) {
   int column_block;
-  const Problem p = part_of_block(set, column_block);
+  const Problem p = part_of_block(set, blockIdx.x, column_block);
+  const KRun run = grid_run();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
   const int warp_column = (column_block * kMmaWarps + warp) * 32;
   const int column = warp_column + 4 * (lane / 4);
   const bool active = column < p.n;  // lanes past it still join every mma.sync, on zero words
-  const int first = blockIdx.y * batches_per_slice;
-  const int end = min(first + batches_per_slice, p.k / kBatchK);
+  const int first = run_start(batches, run.index, run.count), end = run_start(batches, run.index + 1, run.count);
 
   uint4 words[STAGES][kQuads], meta[STAGES];
 #pragma unroll
@@ -550,13 +653,14 @@ __global__ void __launch_bounds__(kMmaThreads) q4_mma_registers_kernel(Problems 
       const half* x_batch = x + batch * kBatchK;
       multiply_batch<M_TILES, GPTQ>(acc, [&](int quad) { return current[quad]; }, current_meta,
                                     (batch * kBatchK) / p.group_size, column, p.rows, lane,
-                                    [&](int row, int quad) {
-                                      return __ldg(reinterpret_cast<const uint4*>(x_batch + (size_t)row * p.x_stride + 32 * quad));
+                                    [&](int v, int quad) {
+                                      return __ldg(reinterpret_cast<const uint4*>(
+                                          x_batch + (size_t)(8 * v + lane / 4) * p.x_stride + 32 * quad));
                                     });
     }
   }
-  if (active) store_sums<M_TILES>(acc, p, column);
-  if (gridDim.y > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps);
+  if (active) store_sums<M_TILES>(acc, p, column, run);
+  if (run.count > 1) finish_slices(p, column_block * 32 * kMmaWarps, 32 * kMmaWarps, run);
 }
 
 using KernelFunction = void (*)(Problems, int);  // every kernel here: its products and their cut of K
@@ -570,8 +674,8 @@ struct Kernel {
 
 // ---- How q4_mma_kernel launches on the current device ---------------------------------------------------
 //
-// The grid is cut into slices of K for the blocks one SM holds at once (q4_cuda.py's mma_slices), the same at
-// every tile count of rows so that a row's sums never depend on its batch. A stage grows by 2 KB a tile, so each
+// The grid is cut for the blocks one SM holds at once (q4_cuda.py's mma_grid), the same at every tile count of
+// rows so that a row's sums never depend on its batch. A stage grows by 2 KB a tile, so each
 // tile count takes the most stages (kMaxStages down to 2) that still keep that many blocks resident: more
 // stages bought with fewer blocks would leave part of the grid for a second wave.
 
@@ -691,14 +795,16 @@ cudaError_t mma_kernel_for(int rows, bool gptq, int pipeline, Kernel& kernel) {
   return gptq ? mma_kernel_for_rows<true>(rows, pipeline, kernel) : mma_kernel_for_rows<false>(rows, pipeline, kernel);
 }
 
-cudaError_t launch_mma(const Problems& set, int column_blocks, bool gptq, int slices, int batches_per_slice,
-                       int pipeline, cudaStream_t stream) {
+// Through shared memory a grid of `blocks` blocks, each taking its run of the launch's work (q4_mma_kernel);
+// through registers every block of columns cut into `slices` runs of K, one block each.
+cudaError_t launch_mma(const Problems& set, bool gptq, int slices, int blocks, int pipeline, cudaStream_t stream) {
   Kernel kernel{};
   const cudaError_t error = mma_kernel_for(set.part[0].rows, gptq, pipeline, kernel);
   if (error != cudaSuccess) return error;
   Problems staged = set;
   staged.stages = kernel.stages;
-  kernel.function<<<dim3(column_blocks, slices), kMmaThreads, kernel.shared_bytes, stream>>>(staged, batches_per_slice);
+  const dim3 grid = pipeline == 0 ? dim3(blocks) : dim3(set.column_blocks, slices);
+  kernel.function<<<grid, kMmaThreads, kernel.shared_bytes, stream>>>(staged, set.part[0].k / kBatchK);
   return cudaGetLastError();
 }
 
@@ -722,7 +828,8 @@ __device__ __forceinline__ void load_chunk(uint4 (&words)[kChunkWords], const Pr
 template <int MAX_ROWS, bool GPTQ, bool PREFETCH>
 __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int groups_per_warp) {
   int column_block;
-  const Problem p = part_of_block(set, column_block);
+  const Problem p = part_of_block(set, blockIdx.x, column_block);
+  const KRun run = grid_run();
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int column = column_block * kGemvColumns + 4 * lane;  // this thread's first of four
@@ -799,9 +906,9 @@ __global__ void __launch_bounds__(kGemvThreads) q4_gemv_kernel(Problems set, int
 #pragma unroll
     for (int w = 0; w < kGemvWarps; ++w) total += shared[w][m][local];
     const float sum[1] = {total};
-    store_run<1>(p, (size_t)m * p.n + out_column, sum);
+    store_run<1>(p, (size_t)m * p.n + out_column, sum, run);
   }
-  if (gridDim.y > 1) finish_slices(p, column_block * kGemvColumns, kGemvColumns);
+  if (run.count > 1) finish_slices(p, column_block * kGemvColumns, kGemvColumns, run);
 }
 
 template <int MAX_ROWS, bool PREFETCH>
@@ -908,8 +1015,8 @@ __global__ void __launch_bounds__(kRopeThreads)
 // Both products take `parts` (1 to 3) products of `rows` rows and K = `k`, laid out per part in
 // `pointers` (eight each: x, qweight, scales, scale_max, zeros, residual, out, partial; residual and partial
 // may be null, and zeros is null for EXL2, set for GPTQ, the same for every part) and `sizes` (two each: N and
-// x's row stride): x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16. Where K is cut
-// into slices > 1, each part's `partial` holds [slices, rows, N] fp32, and `arrivals` one int per block of
+// x's row stride): x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16. Where a block
+// of columns may be cut into up to `slices` > 1 runs of K, each part's `partial` holds [slices, rows, N] fp32, and `arrivals` one int per block of
 // columns of the whole launch, zero (and zero again when the launch ends). Launches that share `arrivals` must
 // not overlap (one stream).
 
@@ -930,6 +1037,7 @@ Problems problems(int parts, void* const* pointers, const int* sizes, void* arri
     set.first_block[i] = column_blocks;
     column_blocks += (sizes[2 * i] + columns_per_block - 1) / columns_per_block;
   }
+  set.column_blocks = column_blocks;
   return set;
 }
 
@@ -938,17 +1046,20 @@ Problems problems(int parts, void* const* pointers, const int* sizes, void* arri
 extern "C" {
 
 // On the tensor cores: rows 1..64, K a multiple of 128 and of the group size, which is a multiple of 128.
-// `pipeline`: 0 stages weights through shared memory, 2 to 4 streams them through registers that many batches
-// ahead; `l2_prefetch`: batches past those asked of L2 (0: none).
+// `pipeline`: 0 stages weights through shared memory in a grid of `blocks` blocks (at most the launch's blocks of
+// columns times its batches of K), 2 to 4 streams them through registers that many batches ahead, each block of
+// columns in `slices` runs of K; `slices` is also the most runs of one block of columns, for which the partial
+// sums have room. `l2_prefetch`: batches past those asked of L2 (0: none).
 int verispec_q4_mma(int parts, void* const* pointers, const int* sizes, void* arrivals, int rows, int k,
-                    int group_size, int slices, int batches_per_slice, int pipeline, int l2_prefetch,
-                    void* stream_handle) {
+                    int group_size, int slices, int blocks, int pipeline, int l2_prefetch, void* stream_handle) {
   if (parts < 1 || parts > kMaxParts) return cudaErrorInvalidValue;
   int column_blocks = 0;
   const Problems set =
       problems(parts, pointers, sizes, arrivals, rows, k, group_size, l2_prefetch, 32 * kMmaWarps, column_blocks);
-  return launch_mma(set, column_blocks, pointers[4] != nullptr, slices, batches_per_slice, pipeline,
-                    static_cast<cudaStream_t>(stream_handle));
+  if (pipeline == 0 && (blocks < 1 || (long long)blocks > (long long)column_blocks * (k / kBatchK))) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_mma(set, pointers[4] != nullptr, slices, blocks, pipeline, static_cast<cudaStream_t>(stream_handle));
 }
 
 // On the CUDA cores: rows 1..16; group size a multiple of 64, K cut into `slices` runs of whole groups.

@@ -70,22 +70,51 @@ def _column_blocks(out_features: Sequence[int], columns: int) -> int:
 
 
 def mma_slices(in_features: int, out_features: Sequence[int], sms: int, resident_blocks: int) -> int:
-    """How many slices of K a q4_mma launch of products of these widths takes: enough blocks to fill the
-    `sms` SMs' `resident_blocks` slots each, in the fewest waves of them that the grid fills to three quarters or
-    more. A wave filled a little past its end leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57
-    TB/s in 1.06 waves against 1.75 in 0.91, H100); each slice also adds fp32 partial sums to write and add.
-    By shape and pipeline only, so a row's sums never depend on its batch."""
+    """How many runs of K the register pipelines of q4_mma cut each block of columns of a launch of products
+    of these widths into (a block each): enough blocks to fill the `sms` SMs' `resident_blocks` slots each, in
+    the fewest waves of them that the grid fills to three quarters or more. A wave filled a little past its end
+    leaves the GPU idle but for a few blocks (qkv at 1 row: 1.57 TB/s in 1.06 waves against 1.75 in 0.91,
+    H100); each run also adds fp32 partial sums to write and add. By shape and pipeline only, so a row's sums
+    never depend on its batch."""
     batches = in_features // _BATCH_K
     column_blocks = _column_blocks(out_features, _MMA_BLOCK_COLUMNS)
     slots = resident_blocks * sms
     for waves in itertools.count(1):
-        wanted = waves * slots // column_blocks
-        if wanted >= batches:
-            return batches
-        slices = _even_slices(batches, wanted)[0] if wanted else 0
-        if slices and column_blocks * slices >= _WAVE_FILL * waves * slots:
+        slices = min(waves * slots // column_blocks, batches)
+        if slices == batches or (slices and column_blocks * slices >= _WAVE_FILL * waves * slots):
             return slices
     raise AssertionError("unreachable")
+
+
+def mma_grid(in_features: int, out_features: Sequence[int], sms: int, resident_blocks: int) -> int:
+    """Blocks of the q4_mma grid through shared memory for a launch of products of these widths. Either every
+    block of columns in mma_slices runs of K, a block each, or one wave of the blocks the `sms` SMs hold at once,
+    each taking an even share of the launch's work (its blocks of columns times their batches of K), a share
+    ending inside a block of columns going on in the next. Whichever has its busiest SM's blocks take the fewer
+    batches, counting a share's move to another block of columns as one more (its pipeline drains and fills
+    again): the even shares where the runs leave much of a wave idle (gate and up of a 70B layer: 448 blocks of
+    columns for 528 places on an H100), the runs where they fill it (o and down: 512). By shape only, so a row's
+    sums never depend on its batch."""
+    batches = in_features // _BATCH_K
+    column_blocks = _column_blocks(out_features, _MMA_BLOCK_COLUMNS)
+    slots = resident_blocks * sms
+    slices = mma_slices(in_features, out_features, sms, resident_blocks)
+    by_runs = -(-column_blocks * slices // slots) * -(-batches // slices)
+    units = batches * column_blocks
+    shares = min(units, slots)
+    return shares if -(-units // shares) + 1 <= by_runs else column_blocks * slices
+
+
+@functools.cache
+def most_runs(batches: int, column_blocks: int, blocks: int) -> int:
+    """The most runs of K that a grid of `blocks` cuts one of `column_blocks` blocks of columns of `batches`
+    batches each into (q4_cuda.cu's q4_mma_kernel: block b takes the units from b * units // blocks on)."""
+    units = batches * column_blocks
+
+    def holder(unit: int) -> int:  # the grid block whose share holds `unit`
+        return ((unit + 1) * blocks - 1) // units
+
+    return max(holder(c * batches + batches - 1) - holder(c * batches) + 1 for c in range(column_blocks))
 
 
 def mma_resident_blocks(device: torch.device, pipeline: int, gptq: bool) -> int:
@@ -121,12 +150,6 @@ def gemv_slices(in_features: int, out_features: Sequence[int], group_size: int, 
     eight blocks, so that enough loads are in flight."""
     most = -(-in_features // (group_size * _GEMV_WARPS))  # a group per warp
     return min(most, -(-8 * sms // _column_blocks(out_features, _GEMV_COLUMNS)))
-
-
-def _even_slices(units: int, wanted: int) -> tuple[int, int]:
-    """`units` cut into at most `wanted` (at least 1) runs of equal length but the last: (runs, length)."""
-    per_slice = -(-units // max(1, min(wanted, units)))
-    return -(-units // per_slice), per_slice
 
 
 def _checked(
@@ -208,23 +231,32 @@ def q4_mma_parts(
     l2_prefetch: int = 0,
 ) -> list[torch.Tensor]:
     """Each x [rows, K] fp16 (columns in its weights' sorted order) @ its W (+ its residual) -> [rows, N]
-    fp16, on the tensor cores, for 1 to MAX_MMA_ROWS rows and up to MAX_PARTS parts in one launch. `slices`
-    overrides the cut of K into slices (mma_slices). `pipeline` 0 stages the weights through shared memory
-    (cp.async, the block in step); 2 to 4 streams them through each warp's registers that many batches ahead
-    (two past 16 rows). `l2_prefetch` > 0 asks L2 for that many batches of weights past those. Same sums,
-    same bits, for every pipeline and prefetch."""
+    fp16, on the tensor cores, for 1 to MAX_MMA_ROWS rows and up to MAX_PARTS parts in one launch. `pipeline`
+    0 stages the weights through shared memory (cp.async, the block in step) in a grid of mma_grid blocks; 2 to
+    4 streams them through each warp's registers that many batches ahead (two past 16 rows), each block of
+    columns cut into mma_slices runs of K. `slices` cuts every block of columns into that many runs of K
+    instead, for either. `l2_prefetch` > 0 asks L2 for that many batches of weights past those. Same sums,
+    same bits, for every pipeline and prefetch at the same slices."""
     if pipeline not in MMA_PIPELINES:
         raise ValueError(f"pipeline must be one of {MMA_PIPELINES}, not {pipeline}")
     if not 0 <= l2_prefetch <= 64:
         raise ValueError(f"l2_prefetch must be 0 to 64 batches, not {l2_prefetch}")
     library, checked, residual_list = _checked(xs, weights, residuals, MAX_MMA_ROWS)
     in_features = weights[0].in_features
-    if slices is None:
-        resident = mma_resident_blocks(checked[0].device, pipeline, weights[0].gptq)
-        slices = mma_slices(in_features, [w.out_features for w in weights], num_sms(checked[0].device), resident)
-    slices, per_slice = _even_slices(in_features // _BATCH_K, slices)
-    tail = [per_slice, pipeline, l2_prefetch]
-    return _call(library, "verispec_q4_mma", checked, weights, residual_list, slices, tail)
+    batches, widths = in_features // _BATCH_K, [w.out_features for w in weights]
+    column_blocks = _column_blocks(widths, _MMA_BLOCK_COLUMNS)
+    device = checked[0].device
+    if slices is None and pipeline == 0:
+        blocks = mma_grid(in_features, widths, num_sms(device), mma_resident_blocks(device, 0, weights[0].gptq))
+    else:
+        if slices is None:
+            resident = mma_resident_blocks(device, pipeline, weights[0].gptq)
+            slices = mma_slices(in_features, widths, num_sms(device), resident)
+        blocks = column_blocks * max(1, min(slices, batches))
+    # Room for the partial sums: the most runs of K of one block of columns.
+    runs = most_runs(batches, column_blocks, blocks) if pipeline == 0 else blocks // column_blocks
+    tail = [blocks, pipeline, l2_prefetch]
+    return _call(library, "verispec_q4_mma", checked, weights, residual_list, runs, tail)
 
 
 def q4_gemv_parts(

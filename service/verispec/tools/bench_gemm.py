@@ -244,10 +244,11 @@ def _row_point(ops: _Operands, m: int, args: argparse.Namespace) -> dict[str, An
 def _cuda_points(
     ops: _Operands, x: Any, m: int, sweep: bool, kernel: Callable[[int, Callable[[], object]], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Each CUDA kernel `q4_matmul` can choose (q4_cuda.KERNELS) at its default slices of K, with the slices
-    and resident blocks per SM that default comes from, and the blocks (and stages) its kernel for m holds;
-    with --variants also each count of slices, each register-pipeline depth, each distance of L2 prefetch and
-    the CUDA-core kernel without prefetching. And q4_matmul as the runner calls it (the fastest kernel at m)."""
+    """Each CUDA kernel `q4_matmul` can choose (q4_cuda.KERNELS) at its default cut of K, with the grid (through
+    shared memory) or slices (through registers) and the resident blocks per SM that cut comes from, and the
+    blocks (and stages) its kernel for m holds; with --variants also each count of slices, each
+    register-pipeline depth, each distance of L2 prefetch and the CUDA-core kernel without prefetching. And
+    q4_matmul as the runner calls it (the fastest kernel at m)."""
     import torch
 
     from verispec.kernels import cuda_build, num_sms, q4_cuda
@@ -266,7 +267,10 @@ def _cuda_points(
     for name, pipeline in pipelines.items():
         resident = q4_cuda.mma_resident_blocks(device, pipeline, ops.q4.gptq)
         point[f"cuda_{name}_resident_blocks"] = resident
-        point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], num_sms(device), resident)
+        if pipeline == 0:  # one wave of blocks, each an even share of the work
+            point[f"cuda_{name}_grid_blocks"] = q4_cuda.mma_grid(ops.k, [ops.n], num_sms(device), resident)
+        else:
+            point[f"cuda_{name}_slices"] = q4_cuda.mma_slices(ops.k, [ops.n], num_sms(device), resident)
         stages, blocks = q4_cuda.mma_occupancy(device, m, pipeline, ops.q4.gptq)
         point[f"cuda_{name}_blocks_at_m"] = blocks
         if stages:
