@@ -314,19 +314,25 @@ constexpr uint32_t kTileBytes = 8 * (kBatchK / 8) * sizeof(uint4);  // eight inp
 
 // One thread's places in a stage, in bytes from the stage's start, worked out once: so that the loop copies and
 // reads at a stage's address plus constants. Each thread reads back the weights and scale words it copied in.
+// The input chunk this thread copies into a stage (the block's threads cover 8 rows of 16 chunks; tile v is
+// 8 v rows further down): its row, and its chunk of that row.
+__device__ __forceinline__ int copy_row() { return threadIdx.x / (kBatchK / 8); }
+__device__ __forceinline__ int copy_chunk() { return threadIdx.x % (kBatchK / 8); }
+
 template <int M_TILES, bool GPTQ>
 struct StagePlaces {
   uint32_t weights;    // its words of quad 0; quad q kQuadBytes * q further on
   uint32_t meta;       // its scale words
-  uint32_t x_copy;     // the input chunk it copies in, of row x_row; tile v kTileBytes * v further on
+  uint32_t x_copy;     // the input chunk it copies in (copy_row, copy_chunk); tile v kTileBytes * v further on
   uint32_t x_read[2];  // the chunks of row g it reads for quads 0 and 1; quads 2 and 3 128 bytes further on
 
-  __device__ StagePlaces(int warp, int lane, int x_row, int x_place) {
+  __device__ StagePlaces(int warp, int lane) {
     using Stage = MmaStage<M_TILES, GPTQ>;
     const int g = lane / 4, t = lane % 4;
     weights = kept((warp * kQuads * 32 + lane) * sizeof(uint4));
     meta = kept(offsetof(Stage, meta) + (warp * 32 + lane) * sizeof(StagedMeta<GPTQ>));
-    x_copy = kept(offsetof(Stage, x) + (x_row * (kBatchK / 8) + x_place) * sizeof(uint4));
+    const int row = copy_row();
+    x_copy = kept(offsetof(Stage, x) + (row * (kBatchK / 8) + x_chunk(row, copy_chunk())) * sizeof(uint4));
 #pragma unroll
     for (int quad = 0; quad < 2; ++quad) {
       x_read[quad] = kept(offsetof(Stage, x) + (g * (kBatchK / 8) + x_chunk(g, 4 * quad + t)) * sizeof(uint4));
@@ -383,38 +389,36 @@ struct GroupCounter {
 
 // This thread's copies of consecutive batches into stages, by cp.async: its words of each quad and its scale
 // words (where its columns exist), and its share of the block's input rows: M_TILES chunks of 16 bytes, one
-// per tile of rows, the same chunk of rows x_row, x_row + 8, ... Rows of x past `rows` are never copied, and
-// never read (their B slots are zero). The sources move on by a batch at every copy, the scale words' at every
-// new group, with no division.
+// per tile of rows, the same chunk of rows copy_row(), copy_row() + 8, ... Rows of x past `rows` are never
+// copied, and never read (their B slots are zero). The sources move on by a batch at every copy, the scale
+// words' at every new group, with no division.
 template <int M_TILES, bool GPTQ>
 struct BatchCopies {
   const uint4* words;         // word row t of the next batch's first quad, this thread's four columns
-  const half* x;              // this thread's input chunk of the next batch, in row x_row
+  const half* x;              // this thread's input chunk of the next batch (copy_row, copy_chunk)
   const uint32_t* first;      // the next group's scale words: EXL2 scale codes, GPTQ four fp16 scales
   const uint32_t* second;     // EXL2 the scale_max pair, GPTQ the zero codes
   int quad_stride;            // uint4s from one quad's word rows to the next (4 word rows of N / 4)
   int tile_stride;            // halves from a chunk to the same chunk 8 rows down
   int first_step, second_step;  // uint32s the scale words move on by at a new group (EXL2 second: see next)
-  int x_tiles;                // tiles of rows whose chunk row x_row + 8 v exists
+  int x_tiles;                // tiles of rows whose chunk row copy_row() + 8 v exists
   StagePlaces<M_TILES, GPTQ> places;
   GroupCounter groups;
 
   __device__ BatchCopies(const Problem& p, int first_batch, int warp, int lane, int column)
       : words(weight_words(p, batch_word_row(first_batch, 0, lane % 4), column)),
-        x(p.x + (size_t)(threadIdx.x / (kBatchK / 8)) * p.x_stride + first_batch * kBatchK +
-          8 * (threadIdx.x % (kBatchK / 8))),
+        x(p.x + (size_t)copy_row() * p.x_stride + first_batch * kBatchK + 8 * copy_chunk()),
         quad_stride(p.n),
         tile_stride(8 * p.x_stride),
         first_step(GPTQ ? p.n / 2 : p.n / 8),
         second_step(GPTQ ? p.n / 8 : 1),
         x_tiles(0),
-        places(warp, lane, threadIdx.x / (kBatchK / 8), x_chunk(threadIdx.x / (kBatchK / 8), threadIdx.x % (kBatchK / 8))),
+        places(warp, lane),
         groups(first_batch, p.group_size) {
     const ScaleSources at = scale_sources<GPTQ>(p, groups.group, column);
     first = static_cast<const uint32_t*>(at.first);
     second = at.second;
-    const int x_row = threadIdx.x / (kBatchK / 8);
-    while (x_tiles < M_TILES && x_row + 8 * x_tiles < p.rows) ++x_tiles;
+    while (x_tiles < M_TILES && copy_row() + 8 * x_tiles < p.rows) ++x_tiles;
     x_tiles = kept(x_tiles);
   }
 
@@ -1016,9 +1020,9 @@ __global__ void __launch_bounds__(kRopeThreads)
 // `pointers` (eight each: x, qweight, scales, scale_max, zeros, residual, out, partial; residual and partial
 // may be null, and zeros is null for EXL2, set for GPTQ, the same for every part) and `sizes` (two each: N and
 // x's row stride): x [rows, K] fp16 @ W [K, N] (+ residual [rows, N]) -> out [rows, N] fp16. Where a block
-// of columns may be cut into up to `slices` > 1 runs of K, each part's `partial` holds [slices, rows, N] fp32, and `arrivals` one int per block of
-// columns of the whole launch, zero (and zero again when the launch ends). Launches that share `arrivals` must
-// not overlap (one stream).
+// of columns may be cut into up to `slices` > 1 runs of K, each part's `partial` holds [slices, rows, N] fp32,
+// and `arrivals` one int per block of columns of the whole launch, zero (and zero again when the launch ends).
+// Launches that share `arrivals` must not overlap (one stream).
 
 namespace {
 
