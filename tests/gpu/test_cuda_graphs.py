@@ -207,6 +207,36 @@ def test_prompts_replay_graphs_and_only_passes_past_the_largest_bucket_launch_ea
     assert graphs.graphs.largest == GRAPH_BUCKETS[-1]
 
 
+def test_a_pass_returns_before_the_device_has_run_it(pair: tuple[Any, Any]) -> None:
+    """The runner is asynchronous: a pass only queues its work, so the engine hands the step before's tokens
+    out while the device runs it. Behind a second of work already queued, forward returns with that work
+    still running for a replay and for an eager pass (past the largest bucket, or with no graphs), each with
+    a prefill chunk whose rows but the last want no logits (the index of the rows that do, the embeddings
+    and the attention plan go up from host memory behind the queue, not after it)."""
+    from verispec.runner.exl2_graphs import GRAPH_BUCKETS
+
+    graphs, eager = pair
+    cases = [
+        ("replay", graphs, 20),
+        ("eager past the largest bucket", graphs, GRAPH_BUCKETS[-1] + 6),
+        ("eager", eager, 20),
+    ]
+    for name, runner, tokens in cases:
+        pool = PagePool(runner.kv.num_pages, runner.kv.page_size)
+        table = PageTable()
+        pool.reserve(table, 2 * tokens)
+        chunks = [[BatchEntry(0, list(range(200, 200 + tokens)), start, table.pages, 1)] for start in (0, tokens)]
+        runner.forward(chunks[0])  # warm: any first-call work of this shape is done
+        torch.cuda.synchronize()
+        stream = torch.cuda.current_stream()
+        torch.cuda._sleep(2_000_000_000)  # type: ignore[no-untyped-call]  # ~1 s of GPU clock; torch leaves it untyped
+        logits = runner.forward(chunks[1])
+        still_running = not stream.query()
+        torch.cuda.synchronize()
+        assert still_running, f"{name}: forward waited for the work queued before it"
+        assert logits[0].shape[0] == 1 and bool(torch.isfinite(logits[0]).all())
+
+
 def test_calibration_times_every_bucket_step_and_prices_the_eager_pass_above_the_largest(
     pair: tuple[Any, Any],
 ) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from verispec.runner.base import BatchEntry
+from verispec.runner.base import BatchEntry, queued_copy
 
 PADDED_MAX_TOKENS = 16  # entries with at most this many new tokens share the padded call
 WASTE_MAX = 2  # on CPU, a padded call computes at most this many times the query-key pairs its entries need
@@ -52,7 +52,7 @@ class AttentionPlan:
         """The same plan with its tensors on `device` (each GPU of a split reads its own copy)."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=True)
+            return queued_copy(t, device)
 
         groups = tuple(
             _Group(move(g.query_rows), move(g.key_slots), move(g.mask), move(g.valid_flat), move(g.valid_rows), g.whole)

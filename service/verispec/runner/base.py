@@ -125,6 +125,18 @@ def logits_rows(batch: Sequence[BatchEntry]) -> list[int]:
     return rows
 
 
+def queued_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device`, copied from pinned memory behind the work already queued there. A plain copy
+    from pageable memory (`torch.tensor(values, device=...)`, `.to(device)`) waits for the device's queue
+    to drain first, so an asynchronous runner that made one after its pass's kernels would return only
+    once the pass was done, and the engine would hand the last step's tokens out a pass late."""
+    if device.type == "cpu" or host.device == device:
+        return host.to(device)
+    if host.device.type == "cpu":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def split_logits(batch: Sequence[BatchEntry], logits: torch.Tensor) -> list[torch.Tensor]:
     """Cuts the stacked logits of logits_rows(batch) back into one tensor per entry."""
     result: list[torch.Tensor] = []

@@ -45,6 +45,7 @@ from verispec.runner.base import (
     logits_rows,
     median_seconds,
     plan_num_pages,
+    queued_copy,
     split_logits,
 )
 from verispec.runner.exl2_q4 import Q4Layer, head_forward, mlp_forward, o_forward, plan_layers, qkv_forward
@@ -256,7 +257,7 @@ class Exl2Runner:
         stop: int,
         rows_on: Callable[[torch.device], Rows],
         use_q4: bool,
-        keep: torch.Tensor | None = None,  # [R] rows that go on past the final norm (None: all)
+        keep: torch.Tensor | None = None,  # [R] rows that go on past the final norm (None: all), in host memory
     ) -> torch.Tensor:
         """Runs modules start .. stop-1 over x, moving it to each module's GPU; returns the last output."""
         from exllamav2.attn import ExLlamaV2Attention
@@ -265,9 +266,9 @@ class Exl2Runner:
             module = self.modules[index]
             device = module.device_idx
             if device is not None and device >= 0 and x.device != torch.device("cuda", device):
-                x = x.to(f"cuda:{device}")
+                x = queued_copy(x, torch.device("cuda", device))
             if index == self.head_index - 1 and keep is not None:  # the final norm: only rows with logits
-                x = x[keep.to(x.device)]
+                x = x[queued_copy(keep, x.device)]
             q4 = self.q4_layers.get(index) if use_q4 else None
             if isinstance(module, ExLlamaV2Attention):
                 x = self._attention(module, self.layer_of[index], x, rows_on(x.device), q4)

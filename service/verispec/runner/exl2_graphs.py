@@ -38,6 +38,7 @@ from verispec.runner.base import (
     calibration_batch,
     logits_rows,
     median_seconds,
+    queued_copy,
     split_logits,
 )
 
@@ -359,7 +360,7 @@ class DecodeGraphs:
         num_rows = len(token_ids)
         self._write_rows(captured, batch, num_rows)
         first = captured.inputs[0]
-        first[:num_rows].copy_(self.runner.embed(token_ids))
+        first[:num_rows].copy_(queued_copy(self.runner.embed(token_ids), first.device))
         first[num_rows:].zero_()
         for n, (segment, graph) in enumerate(zip(self.segments, captured.graphs, strict=True)):
             with torch.cuda.device(segment.device):  # each graph replays on its own GPU's stream
@@ -369,7 +370,7 @@ class DecodeGraphs:
         wanted = logits_rows(batch)
         if len(wanted) == num_rows:  # every row: copied out, the next replay overwrites the buffer
             return split_logits(batch, self.logits[:num_rows].clone())
-        index = torch.tensor(wanted, dtype=torch.long, device=self.logits.device)
+        index = queued_copy(torch.tensor(wanted, dtype=torch.long), self.logits.device)
         return split_logits(batch, self.logits.index_select(0, index))
 
     def _write_rows(self, captured: _Captured, batch: Sequence[BatchEntry], num_rows: int) -> None:
