@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 from verispec.backends.base import BackendInfo
 from verispec.quant.int4 import Int4Linear
 from verispec.runner.attention import AttentionPlan, write_and_attend
-from verispec.runner.base import BatchEntry, KVLayout, logits_rows, plan_num_pages, split_logits
+from verispec.runner.base import BatchEntry, KVLayout, logits_rows, plan_num_pages, queued_copy, split_logits
 
 # Decoder-only models whose layers are exactly: RMSNorm -> attention (q/k/v/o, rotary, GQA) -> residual
 # -> RMSNorm -> gated MLP -> residual. Sliding-window variants are excluded (checked on the config).
@@ -132,7 +132,7 @@ class TorchLlamaRunner:
         rows = logits_rows(batch)
         if not rows:
             return split_logits(batch, x.new_empty(0, self.info.vocab_size))
-        hidden = inner.norm(x[torch.tensor(rows, device=self.device)])
+        hidden = inner.norm(x[queued_copy(torch.tensor(rows), self.device)])  # behind the layers' kernels
         logits: torch.Tensor = self.model.lm_head(hidden).float()
         return split_logits(batch, logits)
 
