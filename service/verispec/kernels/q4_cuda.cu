@@ -153,10 +153,16 @@ __host__ __device__ __forceinline__ int run_start(long long units, long long ind
 }
 
 // Adds up the runs of K, inside the launch. Every block has stored its run's fp32 sums for the columns
-// first_column .. + width of every row; the block of those columns that arrives last (counted in
-// arrivals[run.arrival], one count per block of columns of the launch, whichever part it is in) adds them in
-// run order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The
-// order is fixed whichever block arrives last, so a row's bits depend on neither timing nor the rows beside it.
+// first_column .. + width (a multiple of 4) of every row; the block of those columns that arrives last (counted
+// in arrivals[run.arrival], one count per block of columns of the launch, whichever part it is in) adds them in
+// run order, then the residual, into fp16 out, and sets the count back to zero for the next launch. The order
+// is fixed whichever block arrives last, so a row's bits depend on neither timing nor the rows beside it.
+//
+// This runs after the block's last batch, mostly when every other block is done too, so its time is the
+// launch's tail: each thread takes four columns at a time and asks for kRunsInFlight runs' sums at once, so
+// that a row's sums cost one trip to L2 rather than one per run.
+constexpr int kRunsInFlight = 8;
+
 __device__ void finish_slices(const Problem& p, int first_column, int width, const KRun& run) {
   __shared__ bool last;
   __threadfence();  // this thread's partial sums reach the whole device before its block is counted
@@ -165,14 +171,35 @@ __device__ void finish_slices(const Problem& p, int first_column, int width, con
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int index = threadIdx.x; index < p.rows * width; index += blockDim.x) {
-    const int row = index / width, column = first_column + index % width;
+  const size_t run_floats = (size_t)p.rows * p.n;  // from one run's sums to the next's
+  const int quads = width / 4;
+  for (int index = threadIdx.x; index < p.rows * quads; index += blockDim.x) {
+    const int row = index / quads, column = first_column + 4 * (index % quads);
     if (column >= p.n) continue;
     const size_t at = (size_t)row * p.n + column;
-    float total = 0.0f;
-    for (int slice = 0; slice < run.count; ++slice) total += __ldcg(p.partial + (size_t)slice * p.rows * p.n + at);
-    if (p.residual != nullptr) total += __half2float(p.residual[at]);
-    p.out[at] = __float2half_rn(total);
+    const float4* sums = reinterpret_cast<const float4*>(p.partial + at);
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int first = 0; first < run.count; first += kRunsInFlight) {
+      float4 in_flight[kRunsInFlight];
+#pragma unroll
+      for (int r = 0; r < kRunsInFlight; ++r) {
+        if (first + r < run.count) in_flight[r] = __ldcg(sums + (first + r) * run_floats / 4);
+      }
+#pragma unroll
+      for (int r = 0; r < kRunsInFlight; ++r) {
+        if (first + r >= run.count) break;
+        total[0] += in_flight[r].x;
+        total[1] += in_flight[r].y;
+        total[2] += in_flight[r].z;
+        total[3] += in_flight[r].w;
+      }
+    }
+    half results[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      results[c] = __float2half_rn(total[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
+    }
+    *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
   }
   if (threadIdx.x == 0) p.arrivals[run.arrival] = 0;
 }
@@ -311,11 +338,16 @@ __device__ __forceinline__ uint32_t kept(uint32_t value) {
 
 constexpr uint32_t kQuadBytes = 32 * sizeof(uint4);           // a warp's words of one quad in a stage
 constexpr uint32_t kTileBytes = 8 * (kBatchK / 8) * sizeof(uint4);  // eight input rows in a stage
+constexpr int kCopyRows = kMmaThreads / (kBatchK / 8);  // input rows the block's threads copy at once
+constexpr uint32_t kCopyBytes = kCopyRows * (kBatchK / 8) * sizeof(uint4);
+// Copies of kCopyRows rows that fill a stage's M_TILES tiles of input.
+template <int M_TILES>
+__host__ __device__ constexpr int copy_rounds() { return (8 * M_TILES + kCopyRows - 1) / kCopyRows; }
 
 // One thread's places in a stage, in bytes from the stage's start, worked out once: so that the loop copies and
 // reads at a stage's address plus constants. Each thread reads back the weights and scale words it copied in.
-// The input chunk this thread copies into a stage (the block's threads cover 8 rows of 16 chunks; tile v is
-// 8 v rows further down): its row, and its chunk of that row.
+// The input chunk this thread copies into a stage (the block's threads cover kCopyRows rows of 16 chunks; copy
+// round v is kCopyRows v rows further down): its row, and its chunk of that row.
 __device__ __forceinline__ int copy_row() { return threadIdx.x / (kBatchK / 8); }
 __device__ __forceinline__ int copy_chunk() { return threadIdx.x % (kBatchK / 8); }
 
@@ -323,7 +355,7 @@ template <int M_TILES, bool GPTQ>
 struct StagePlaces {
   uint32_t weights;    // its words of quad 0; quad q kQuadBytes * q further on
   uint32_t meta;       // its scale words
-  uint32_t x_copy;     // the input chunk it copies in (copy_row, copy_chunk); tile v kTileBytes * v further on
+  uint32_t x_copy;     // the input chunk it copies in (copy_row, copy_chunk); round v kCopyBytes * v further on
   uint32_t x_read[2];  // the chunks of row g it reads for quads 0 and 1; quads 2 and 3 128 bytes further on
 
   __device__ StagePlaces(int warp, int lane) {
@@ -388,10 +420,10 @@ struct GroupCounter {
 };
 
 // This thread's copies of consecutive batches into stages, by cp.async: its words of each quad and its scale
-// words (where its columns exist), and its share of the block's input rows: M_TILES chunks of 16 bytes, one
-// per tile of rows, the same chunk of rows copy_row(), copy_row() + 8, ... Rows of x past `rows` are never
-// copied, and never read (their B slots are zero). The sources move on by a batch at every copy, the scale
-// words' at every new group, with no division.
+// words (where its columns exist), and its share of the block's input rows: a chunk of 16 bytes per copy
+// round, the same chunk of rows copy_row(), copy_row() + kCopyRows, ... Rows of x past `rows` (or past the
+// stage's tiles) are never copied, and never read (their B slots are zero). The sources move on by a batch at
+// every copy, the scale words' at every new group, with no division.
 template <int M_TILES, bool GPTQ>
 struct BatchCopies {
   const uint4* words;         // word row t of the next batch's first quad, this thread's four columns
@@ -399,9 +431,9 @@ struct BatchCopies {
   const uint32_t* first;      // the next group's scale words: EXL2 scale codes, GPTQ four fp16 scales
   const uint32_t* second;     // EXL2 the scale_max pair, GPTQ the zero codes
   int quad_stride;            // uint4s from one quad's word rows to the next (4 word rows of N / 4)
-  int tile_stride;            // halves from a chunk to the same chunk 8 rows down
+  int round_stride;           // halves from a chunk to the same chunk kCopyRows rows down
   int first_step, second_step;  // uint32s the scale words move on by at a new group (EXL2 second: see next)
-  int x_tiles;                // tiles of rows whose chunk row copy_row() + 8 v exists
+  int x_rounds;               // copy rounds whose chunk row copy_row() + kCopyRows v exists
   StagePlaces<M_TILES, GPTQ> places;
   GroupCounter groups;
 
@@ -409,17 +441,18 @@ struct BatchCopies {
       : words(weight_words(p, batch_word_row(first_batch, 0, lane % 4), column)),
         x(p.x + (size_t)copy_row() * p.x_stride + first_batch * kBatchK + 8 * copy_chunk()),
         quad_stride(p.n),
-        tile_stride(8 * p.x_stride),
+        round_stride(kCopyRows * p.x_stride),
         first_step(GPTQ ? p.n / 2 : p.n / 8),
         second_step(GPTQ ? p.n / 8 : 1),
-        x_tiles(0),
+        x_rounds(0),
         places(warp, lane),
         groups(first_batch, p.group_size) {
     const ScaleSources at = scale_sources<GPTQ>(p, groups.group, column);
     first = static_cast<const uint32_t*>(at.first);
     second = at.second;
-    while (x_tiles < M_TILES && copy_row() + 8 * x_tiles < p.rows) ++x_tiles;
-    x_tiles = kept(x_tiles);
+    const int copied_rows = min(p.rows, 8 * M_TILES);
+    while (x_rounds < copy_rounds<M_TILES>() && copy_row() + kCopyRows * x_rounds < copied_rows) ++x_rounds;
+    x_rounds = kept(x_rounds);
   }
 
   // Copies the next batch into the stage at shared address `stage` where `copy` holds (the weights and scale
@@ -438,8 +471,8 @@ struct BatchCopies {
       cp_async<4>(stage + places.meta + 4, second, mine);
     }
 #pragma unroll
-    for (int v = 0; v < M_TILES; ++v) {
-      cp_async<16>(stage + places.x_copy + v * kTileBytes, x + v * tile_stride, copy && v < x_tiles);
+    for (int v = 0; v < copy_rounds<M_TILES>(); ++v) {
+      cp_async<16>(stage + places.x_copy + v * kCopyBytes, x + v * round_stride, copy && v < x_rounds);
     }
     words += kQuads * quad_stride;
     x += kBatchK;
@@ -516,8 +549,8 @@ __device__ __forceinline__ void cp_async_wait_for(int pending) {
 }
 
 // Blocks of q4_mma_kernel one SM is built to hold: registers are capped for it (128 a thread), and the stages
-// fit shared memory to it.
-constexpr int kMmaBlocksPerSm = 4;
+// fit shared memory to it: 16 warps.
+constexpr int kMmaBlocksPerSm = 16 / kMmaWarps;
 
 // One block's run of K [first, end) (in batches) for block of columns `block` of the launch, through the
 // stages in shared memory: its sums stored, and where the run is one of several, added up by the last.
