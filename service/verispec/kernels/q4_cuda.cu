@@ -152,6 +152,22 @@ __host__ __device__ __forceinline__ int run_start(long long units, long long ind
   return static_cast<int>(index * units / count);
 }
 
+// Stores WIDTH (1 or 4) sums of consecutive columns of one row, the first at `at` in [rows, N], into out in
+// fp16, with the residual added where there is one.
+template <int WIDTH>
+__device__ __forceinline__ void store_out(const Problem& p, size_t at, const float (&sums)[WIDTH]) {
+  half results[WIDTH];
+#pragma unroll
+  for (int c = 0; c < WIDTH; ++c) {
+    results[c] = __float2half_rn(sums[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
+  }
+  if constexpr (WIDTH == 4) {
+    *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
+  } else {
+    p.out[at] = results[0];
+  }
+}
+
 // Adds up the runs of K, inside the launch. Every block has stored its run's fp32 sums for the columns
 // first_column .. + width (a multiple of 4) of every row; the block of those columns that arrives last (counted
 // in arrivals[run.arrival], one count per block of columns of the launch, whichever part it is in) adds them in
@@ -194,12 +210,7 @@ __device__ void finish_slices(const Problem& p, int first_column, int width, con
         total[3] += in_flight[r].w;
       }
     }
-    half results[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      results[c] = __float2half_rn(total[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
-    }
-    *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
+    store_out<4>(p, at, total);
   }
   if (threadIdx.x == 0) p.arrivals[run.arrival] = 0;
 }
@@ -245,16 +256,7 @@ template <int WIDTH>
 __device__ __forceinline__ void store_run(const Problem& p, size_t at, const float (&sums)[WIDTH], const KRun& run) {
   static_assert(WIDTH == 1 || WIDTH == 4, "a run of one column or of a thread's four");
   if (run.count == 1) {
-    half results[WIDTH];
-#pragma unroll
-    for (int c = 0; c < WIDTH; ++c) {
-      results[c] = __float2half_rn(sums[c] + (p.residual != nullptr ? __half2float(p.residual[at + c]) : 0.0f));
-    }
-    if constexpr (WIDTH == 4) {
-      *reinterpret_cast<uint2*>(p.out + at) = *reinterpret_cast<uint2*>(results);
-    } else {
-      p.out[at] = results[0];
-    }
+    store_out<WIDTH>(p, at, sums);
   } else {
     float* partial = p.partial + (size_t)run.index * p.rows * p.n + at;
     if constexpr (WIDTH == 4) {
