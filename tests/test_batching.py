@@ -106,6 +106,9 @@ class FakeRunner:
     def memory(self) -> list[tuple[str, int, int]]:
         return [("cpu", 0, 0)]
 
+    def close(self) -> None:
+        self.slots.clear()
+
 
 class FakeTokenizer:
     """Enough of Tokenizer for the engine: one character per token."""

@@ -22,6 +22,8 @@ from verispec.api.server import Server
 from verispec.config import DEFAULT_MODEL, ModelConfig, config_from_argv
 from verispec.loader import start_engine
 from verispec.models import resolve_model
+from verispec.request import SpeculationMode
+from verispec.spec.drafters import ModelDrafter
 from verispec.tokenizer import Tokenizer
 from verispec.tools import soak
 from verispec_proto.v1 import generation_pb2 as pb
@@ -60,6 +62,28 @@ def test_a_stopped_server_lets_its_engine_go(target: Target, loop_thread: LoopTh
     (`bench batch` builds one per policy) then finds the first one's KV pool and CUDA graphs given back."""
     engine, core = _serve_and_stop(target, loop_thread)
     assert engine() is None and core() is None
+
+
+def test_a_stopped_server_gives_back_its_kv_pages_while_still_referenced(
+    target: Target, loop_thread: LoopThread
+) -> None:
+    """Stopping closes the engine's runners, target and draft: their KV pages go at once, even while the
+    server and its engine are still referenced (an exl2 runner and its CUDA graphs refer to each other, a
+    cycle among start-up's frozen objects that would otherwise hold the GPU's memory to the end)."""
+    config = config_from_argv(["--host", "127.0.0.1", "--port", "0", "--draft-model", DEFAULT_MODEL])
+    server = Server(config)
+    loop_thread.run(server.start())
+    models = start_engine(config, target.backend, target.tokenizer, target.backend, observer=server.metrics)
+    loop_thread.run(server.load(lambda _config, _observer: models))
+    core = models.engine.core
+    drafter = core.speculation.drafter_for(SpeculationMode.DRAFT_MODEL)
+    assert isinstance(drafter, ModelDrafter)
+    pages = [weakref.ref(runner.k_cache[0]) for runner in (core.runner, drafter.runner)]  # type: ignore[attr-defined]
+    assert all(page() is not None for page in pages)
+    loop_thread.run(server.stop(0))
+    assert core.stopped
+    assert [page() for page in pages] == [None, None], "the target's and the draft's pages are gone"
+    assert models.engine.core is core, "while the engine itself is still referenced"
 
 
 def _serve_and_stop(target: Target, loop_thread: LoopThread) -> tuple[weakref.ref[Any], weakref.ref[Any]]:

@@ -316,3 +316,31 @@ def test_graphs_on_a_two_gpu_split_score_as_eager_passes(tmp_path_factory: pytes
     assert draft.info.devices == ("cuda:1",)
     on_one = paged_runner(draft, SMALL_KV, "auto")
     assert [s.device for s in on_one.graphs.segments] == [1] and on_one.graphs.captured
+
+
+def test_closing_a_graphed_runner_gives_its_memory_back_with_the_heap_frozen(exl2: Any) -> None:
+    """A runner and its CUDA graphs refer to each other. The server freezes start-up's objects, so the
+    collector never breaks that cycle: close() must drop the graphs and the pages, and then the pair goes
+    by reference counting alone, its memory with it (allocated bytes back to the figure before)."""
+    import gc
+    import weakref
+
+    paged_runner(exl2, SMALL_KV, "verispec").close()  # one-time allocations (kernels' buffers) made first
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    runner = paged_runner(exl2, SMALL_KV, "verispec")
+    assert runner.graphs is not None and runner.graphs.captured
+    held = torch.cuda.memory_allocated() - before
+    gone = weakref.ref(runner)
+    gc.collect()
+    gc.freeze()
+    try:
+        runner.close()
+        del runner
+        torch.cuda.synchronize()
+        left = torch.cuda.memory_allocated() - before
+    finally:
+        gc.unfreeze()
+    print(f"runner held {held / 2**20:.0f} MiB; {left / 2**20:.1f} MiB left after close")
+    assert gone() is None, "nothing else holds the runner"
+    assert held > 2**20 and left <= 0.01 * held

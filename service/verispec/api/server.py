@@ -225,9 +225,11 @@ class Server:
         if self.state.models is not None:
             core = self.state.models.engine.core
             await asyncio.to_thread(core.stop, 10.0)
+            if core.stopped:  # its runners were built for it alone (loader.build_engine)
+                core.close()  # KV pages and CUDA graphs: an exl2 runner and its graphs refer to each other
             # The engine's failure hook holds this server, and the metrics it reports to read its stats: two
             # cycles of objects that finish_start_up froze, which the collector never frees. Cut, the engine
-            # (its KV pool, its CUDA graphs) goes with the last reference to the server.
+            # goes with the last reference to the server.
             core.on_failure = None
             self.metrics.watch(None)
         log.info("server.stopped")

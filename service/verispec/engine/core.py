@@ -135,6 +135,19 @@ class EngineCore:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the step loop has ended (or never ran): no pass is in flight or will be."""
+        return not self._started or self._done.is_set()
+
+    def close(self) -> None:
+        """After stop(): lets go of the runner's and the drafters' memory (KV pages, CUDA graphs), for an
+        engine that owns them, as the loader's does. It goes back now, whoever still refers to the engine."""
+        if not self.stopped:
+            raise RuntimeError("close() before the engine loop has ended")
+        self.runner.close()
+        self.speculation.close()
+
     def submit(self, request: Request, sink: Sink) -> None:
         """Queues `request`; its outputs go to `sink` on the engine thread. Raises at once when full."""
         if self._failure is not None:

@@ -75,6 +75,11 @@ class SpeculativeStep:
         drafted = sum(d for d, _ in self.recent)
         return sum(a for _, a in self.recent) / drafted if drafted else None
 
+    def close(self) -> None:
+        """Closes every drafter once (AUTO and DRAFT_MODEL may share one)."""
+        for drafter in {id(d): d for d in self.drafters.values()}.values():
+            drafter.close()
+
     def drafter_for(self, mode: SpeculationMode) -> Drafter | None:
         if mode is SpeculationMode.OFF:
             return None

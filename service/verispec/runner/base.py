@@ -87,6 +87,11 @@ class ModelRunner(Protocol):
         """(device, used bytes, total bytes) per device, measured now (call on the engine thread)."""
         ...
 
+    def close(self) -> None:
+        """Lets go of the memory the runner holds (KV pages, CUDA graphs): no pass runs after. Its owner
+        calls it, so that the memory goes back even where something still refers to the runner."""
+        ...
+
 
 def plan_num_pages(bytes_per_token: int, page_size: int, budget_bytes: int, max_tokens: int) -> int:
     """Pages that fit in budget_bytes, but no more than max_tokens positions need (at least one)."""

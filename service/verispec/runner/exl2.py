@@ -326,6 +326,12 @@ class Exl2Runner:
     def memory(self) -> list[tuple[str, int, int]]:
         return self.backend.memory()
 
+    def close(self) -> None:
+        # The graphs refer back to this runner. The server freezes start-up's objects out of the cyclic
+        # collector (api/server.py), so only dropping the graphs here lets the pair go.
+        self.graphs = None
+        self.k_cache, self.v_cache = [], []
+
 
 def _bucket(rows: int) -> int:
     """The smallest row bucket that holds `rows` (rows <= MAX_Q4_ROWS)."""

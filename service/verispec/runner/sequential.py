@@ -49,3 +49,7 @@ class SequentialRunner:
 
     def memory(self) -> list[tuple[str, int, int]]:
         return self.backend.memory()
+
+    def close(self) -> None:
+        for seq_id in list(self._caches):
+            self.free(seq_id)

@@ -195,6 +195,9 @@ class TorchLlamaRunner:
             return [(str(self.device), int(total - free), int(total))]
         return [("cpu", _resident_bytes(), 0)]
 
+    def close(self) -> None:
+        self.k_cache, self.v_cache = [], []
+
 
 def fuse_projections(model: Any) -> int:
     """Per layer, q|k|v and gate|up as one Int4Linear each when every projection is one (native GGUF

@@ -50,6 +50,10 @@ class Drafter(Protocol):
         """Releases the request's drafting state."""
         ...
 
+    def close(self) -> None:
+        """Lets go of what the drafter holds for every request (a draft model's KV pages and graphs)."""
+        ...
+
 
 class NgramDrafter:
     """Prompt lookup: find the latest earlier match of the context's last n tokens, propose what followed."""
@@ -71,6 +75,9 @@ class NgramDrafter:
         return None
 
     def free(self, state: object) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -170,6 +177,9 @@ class ModelDrafter:
         assert isinstance(state, _DraftState)
         self.pool.release(state.pages)
         self.runner.free(state.seq_id)
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 def _proposal(job: _Drafting | None) -> Proposal:

@@ -12,7 +12,6 @@ Its flags are defined in `verispec.tools.bench`: this module imports torch at to
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import random
@@ -80,6 +79,9 @@ class ReplayDrafter:
         return None
 
     def free(self, state: object) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -187,7 +189,6 @@ def _pass_figures(target: Any, draft: Any, n: int) -> dict[str, Any]:
         for name, gemm, graphs in RUNNER_PATHS:
             passes[role][name] = _runner_pass_costs(model, gemm, graphs)
             _progress(f"{role} {name}: {json.dumps(passes[role][name])}")
-            gc.collect()  # a runner and its graphs refer to each other: their memory goes back now
             torch.cuda.empty_cache()
     result["runner_passes"] = passes
     torch.cuda.empty_cache()
@@ -223,8 +224,10 @@ def _runner_pass_costs(backend: Any, gemm: str, cuda_graphs: bool, repeats: int 
     for size in (1, 2, 4, 8, 16, 32):
         batch = [scratch_entry(pool, tables[i], [7], context, 1, -1 - i) for i in range(size)]
         decode[str(size)] = round(timed(batch), 2)
+    replay_ms = runner.graphs.calibration if runner.graphs is not None else {}
+    runner.close()  # its pages and graphs go back now
     return {
-        "replay_ms_by_gemm": runner.graphs.calibration if runner.graphs is not None else {},
+        "replay_ms_by_gemm": replay_ms,
         "verify_pass_ms": verify,
         "verify_pass_relative": {t: round(ms / verify["1"], 2) for t, ms in verify.items()},
         "decode_batch_ms": decode,
