@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.test_cli import _STARTUP_SCRIPT, HEAVY, HEAVY_OURS
 from verispec.tools.bench_batch import (
@@ -128,3 +131,33 @@ def test_sweep_measures_every_point_and_every_stream_gets_exactly_its_tokens(tmp
     for name in ("under_load", "long_prefill"):
         assert ratios[f"ttft_{name}_p99_over_idle"] >= ratios[f"ttft_{name}_p50_over_idle"] > 0
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_that_fails_part_way_reports_what_it_measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """When a later engine cannot be built (on one H100, the third of a 3-repeat run once found its KV pool
+    out of pages), the rounds already measured are reported, marked with the error and the repeats
+    completed, and the command exits 1 rather than losing minutes of measurements."""
+    from verispec.cli import _parser
+    from verispec.kv.pages import OutOfPagesError
+    from verispec.tools import bench, bench_batch
+
+    built = 0
+    real_serving = bench_batch.serving
+
+    def serving(*args: Any, **kwargs: Any) -> Any:
+        nonlocal built
+        built += 1
+        if built == 3:  # repeat 2's first engine
+            raise OutOfPagesError("6 pages needed, 2 free of 6")
+        return real_serving(*args, **kwargs)
+
+    monkeypatch.setattr(bench_batch, "serving", serving)
+    output = tmp_path / "batch.json"
+    flags = ["--concurrency", "1", "--max-new-tokens", "4", "--repeats", "2", "--no-ttft-probe"]
+    assert bench.run_bench(_parser().parse_args(["bench", "batch", *flags, "--output", str(output)])) == 1
+    report = json.loads(output.read_text())
+    assert report["error"] == "OutOfPagesError: 6 pages needed, 2 free of 6"
+    assert report["repeats_completed"] == 1
+    points = {(p["policy"], p["mode"]): p for p in report["points"]}
+    assert set(points) == {(p, m) for p in POLICIES for m in ("off", "auto")}, "repeat 1 of each policy is there"
+    assert report["every_stream_exact"], report["stream_problems"]

@@ -175,7 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text + "\n")
-    return 0
+    return 1 if "error" in result else 0  # a run that stopped early still reports what it measured
 
 
 def _progress(message: str) -> None:

@@ -676,14 +676,24 @@ async def _run(args: argparse.Namespace, progress: Callable[[str], None]) -> dic
     long_prompt = long_prompt_text(parts.tokenizer, args.long_prompt_tokens) if args.long_prompt_tokens else None
     rounds: list[Round] = []
     probe = None
-    for repeat in range(args.repeats):
-        for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:  # ABBA: drift hits both policies
-            async with serving(configs[policy], parts, progress) as clients:
-                rounds += await clients.call("block", args, repeat, progress)
-                if policy == "batched" and probe is None and not args.no_ttft_probe:
-                    probe = await clients.call("probe", args.repeats, args.probe_samples, long_prompt, progress)
-                drafter = clients.server.drafter
+    drafter, failure, completed = "", None, 0
+    try:
+        for repeat in range(args.repeats):
+            for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:  # ABBA: drift hits both policies
+                async with serving(configs[policy], parts, progress) as clients:
+                    rounds += await clients.call("block", args, repeat, progress)
+                    if policy == "batched" and probe is None and not args.no_ttft_probe:
+                        probe = await clients.call("probe", args.repeats, args.probe_samples, long_prompt, progress)
+                    drafter = clients.server.drafter
+            completed += 1
+    except Exception as exc:  # what was measured before is reported, marked incomplete
+        if not rounds:
+            raise
+        failure = f"{type(exc).__name__}: {exc}"
+        progress(f"stopped early, after {completed} of {args.repeats} repeats: {failure}")
     report = _report(args, rounds, probe, parts.raw_batch)
+    if failure is not None:
+        report.update(error=failure, repeats_completed=completed)
     info = parts.target.info
     report.update(
         model=info.model_id,
