@@ -226,7 +226,9 @@ class Server:
             core = self.state.models.engine.core
             await asyncio.to_thread(core.stop, 10.0)
             if core.stopped:  # its runners were built for it alone (loader.build_engine)
-                core.close()  # KV pages and CUDA graphs: an exl2 runner and its graphs refer to each other
+                # Their KV pages and CUDA graphs go now: an exl2 runner and its graphs refer to each other, a
+                # cycle among the frozen objects. Off the loop, as freeing graphs is device work.
+                await asyncio.to_thread(core.close)
             # The engine's failure hook holds this server, and the metrics it reports to read its stats: two
             # cycles of objects that finish_start_up froze, which the collector never frees. Cut, the engine
             # goes with the last reference to the server.
