@@ -10,6 +10,8 @@ behind those streams plus a long prompt in prefill. With the exl2 backend, ExLla
 forward over the same model gives the raw ceiling.
 
 Its flags are defined in `verispec.tools.bench`: this module imports grpc and the generated stubs at top level.
+The clients (streams, rounds, latency arithmetic) are in `bench_batch_clients`, the probe in `bench_batch_probe`;
+here are the ceiling, the set-up (one engine and server at a time, the client process), the run and the report.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import itertools
 import multiprocessing
 import os
 import statistics
@@ -28,393 +29,30 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from verispec_proto.v1 import generation_pb2 as pb
+from verispec.tools.bench_batch_clients import (
+    MODES,
+    BatchCounts,
+    Round,
+    Target,
+    check_round,
+    pass_summary,
+    run_round,
+    spread,
+)
+from verispec.tools.bench_batch_probe import long_prompt_text, run_probe
 from verispec_proto.v1 import generation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 POLICIES = ("batched", "round_robin")
-MODES = {"off": pb.SPECULATION_MODE_OFF, "auto": pb.SPECULATION_MODE_AUTO}
 MAX_ACTIVE_REQUESTS = 32
-PROBE_BACKGROUND_STREAMS = 8
-PROBE_MAX_NEW_TOKENS = 2
-PROBE_BACKGROUND_TOKENS = 1024  # cancelled once the probe is done
-PASS_LOG = 4096  # passes whose shape and time BatchCounts keeps
-_PASS_FIELDS = 4
 FIRST_PASSES = 12  # passes of a point's first round listed in the report (sequences, tokens, ms): its ramp-up
-PROBE_PROMPT = "Name three colours."
-STREAM_TIMEOUT_S = 600.0
-TOPICS = (
-    "the sea", "autumn leaves", "a lighthouse", "bread baking", "a city at night", "mountain trails",
-    "an old clock", "the first snow", "a busy market", "a quiet library", "honeybees", "a river delta",
-    "a thunderstorm", "desert stars", "a train station", "a vegetable garden", "paper kites", "a harbour",
-    "northern lights", "a violin", "tide pools", "a windmill", "morning fog", "a bicycle repair shop",
-    "glaciers", "a chess match", "fireflies", "a ferry crossing", "volcanoes", "a bakery at dawn",
-    "owls", "a village fair",
-)  # fmt: skip
-
-
-def prompt_for(index: int) -> str:
-    """A short prompt, distinct for every stream index."""
-    return f"Write a few sentences about {TOPICS[index % len(TOPICS)]} (note {index})."
-
-
-@dataclass
-class StreamResult:
-    """What one StreamGenerate call delivered, with client-side timings."""
-
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)  # one sample per token after the first message
-    token_ids: list[int] = field(default_factory=list)
-    completion_tokens: int = 0
-    finish_reason: str = ""
-    prompt_tokens: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    error: str | None = None
-    first_token_at: float | None = None  # time.perf_counter() readings, to order streams against each other
-    ended_at: float = 0.0
-
-
-def token_latencies(times: Sequence[float], counts: Sequence[int]) -> tuple[float | None, list[float]]:
-    """(time to the first token, per-token inter-token latencies) from message arrival times.
-
-    `times` are seconds since the call was made, one per message that carried `counts` tokens. A gap
-    between messages is shared by the tokens of the later one (a speculative step delivers several).
-    """
-    arrivals = [(t, n) for t, n in zip(times, counts, strict=True) if n > 0]
-    if not arrivals:
-        return None, []
-    samples: list[float] = []
-    for (before, _), (now, n) in itertools.pairwise(arrivals):
-        samples += [(now - before) / n] * n
-    return arrivals[0][0], samples
-
-
-async def stream(
-    stub: pb_grpc.GenerationServiceStub, request: pb.StreamGenerateRequest, first: asyncio.Event | None = None
-) -> StreamResult:
-    """One call, timed per message; `first` is set when the first token arrives."""
-    result = StreamResult()
-    times: list[float] = []
-    counts: list[int] = []
-    start = time.perf_counter()
-    try:
-        async for message in stub.StreamGenerate(request, timeout=STREAM_TIMEOUT_S):
-            times.append(time.perf_counter() - start)
-            counts.append(len(message.token_ids))
-            result.token_ids += message.token_ids
-            if result.token_ids and result.first_token_at is None:
-                result.first_token_at = time.perf_counter()
-                if first is not None:
-                    first.set()
-            if message.finish_reason:
-                result.finish_reason = pb.FinishReason.Name(message.finish_reason)
-                result.prompt_tokens = message.usage.prompt_tokens
-                result.completion_tokens = message.usage.completion_tokens
-                result.num_draft_tokens = message.speculation.num_draft_tokens
-                result.num_accepted_tokens = message.speculation.num_accepted_tokens
-    except grpc.aio.AioRpcError as exc:
-        result.error = f"{exc.code().name}: {exc.details()}"
-    result.ended_at = time.perf_counter()
-    result.ttft_s, result.itl_s = token_latencies(times, counts)
-    return result
-
-
-def generate_request(prompt: str, mode: str, max_new_tokens: int, chat: bool = True) -> pb.StreamGenerateRequest:
-    """A greedy request that generates exactly max_new_tokens tokens (end-of-sequence held back)."""
-    request = pb.StreamGenerateRequest(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        speculation=pb.SpeculationParams(mode=MODES[mode]),
-    )
-    if chat:
-        request.messages.append(pb.ChatMessage(role="user", content=prompt))
-    else:
-        request.prompt = prompt
-    return request
-
-
-class BatchCounts:
-    """A StepObserver counting forward passes and their sequences, and keeping the shape, time and end of the
-    last PASS_LOG passes. The engine thread writes; the client process reads snapshots, so the counts live in
-    shared memory. A pass's end is a time.perf_counter() reading (CLOCK_MONOTONIC: one clock for both
-    processes), so that a client's request can be placed among the passes."""
-
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._values = context.Array("q", 2)
-        # (sequences, tokens, microseconds, end in microseconds) per pass
-        self._log = context.Array("q", _PASS_FIELDS * PASS_LOG, lock=False)
-
-    def on_step(self, drafter: str, num_draft_tokens: int, num_accepted: int, draft_s: float, verify_s: float) -> None:
-        """Per-request steps are not this bench's concern."""
-
-    def on_batch(self, batch_size: int, batch_tokens: int, seconds: float) -> None:
-        with self._values.get_lock():
-            slot = _PASS_FIELDS * (self._values[0] % PASS_LOG)
-            self._log[slot : slot + _PASS_FIELDS] = [
-                batch_size, batch_tokens, round(seconds * 1e6), round(time.perf_counter() * 1e6)
-            ]  # fmt: skip
-            self._values[0] += 1
-            self._values[1] += batch_size
-
-    def snapshot(self) -> tuple[int, int]:
-        """(forward passes, sequences in them) so far."""
-        with self._values.get_lock():
-            passes, sequences = self._values[:]
-        return passes, sequences
-
-    def passes(self, since: int) -> list[tuple[int, int, float]]:
-        """(sequences, tokens, milliseconds) of each pass from pass number `since` on (the last PASS_LOG)."""
-        return [(size, tokens, micros / 1000) for size, tokens, micros, _end in self._rows(since)]
-
-    def pass_ends(self, since: int) -> list[float]:
-        """When each pass from pass number `since` on ended (time.perf_counter() seconds; the last PASS_LOG)."""
-        return [end / 1e6 for *_shape, end in self._rows(since)]
-
-    def _rows(self, since: int) -> list[tuple[int, ...]]:
-        with self._values.get_lock():
-            total = self._values[0]
-            first = max(since, total - PASS_LOG)
-            slots = [_PASS_FIELDS * (i % PASS_LOG) for i in range(first, total)]
-            return [tuple(self._log[slot : slot + _PASS_FIELDS]) for slot in slots]
-
-
-def pass_summary(passes: Sequence[tuple[int, int, float]]) -> dict[str, Any]:
-    """What the passes of a probe window looked like: how many, their tokens and sequences, their times."""
-    if not passes:
-        return {"passes": 0}
-    sizes, tokens, ms = zip(*passes, strict=True)
-    return {
-        "passes": len(passes),
-        "sequences": _spread([float(n) for n in sizes]),
-        "tokens": _spread([float(n) for n in tokens]),
-        "ms": {**_spread(list(ms)), "p99": round(_quantile(list(ms), 99) or 0.0, 2)},
-    }
-
-
-@dataclass
-class Target:
-    """One policy's server as the bench's clients see it."""
-
-    policy: str
-    stub: pb_grpc.GenerationServiceStub
-    counts: BatchCounts
-    drafter: str  # what AUTO drafts with: ngram or draft_model
-    chat: bool  # prompts as chat messages (models without a chat template, e.g. synthetic ones, get raw text)
-
-
-@dataclass
-class Round:
-    """One round: N concurrent streams on one server, in one mode."""
-
-    policy: str
-    mode: str
-    concurrency: int
-    repeat: int
-    wall_s: float
-    streams: list[StreamResult]
-    mean_batch_size: float | None
-    passes: list[tuple[int, int, float]]  # (sequences, tokens, ms) of each forward pass of the round
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.streams)
-
-    def metrics(self) -> dict[str, float | None]:
-        itl = [x for s in self.streams for x in s.itl_s]
-        ttft = [s.ttft_s for s in self.streams if s.ttft_s is not None]
-        return {
-            "tokens_per_s": self.tokens / self.wall_s,
-            "itl_ms_p50": _ms(_quantile(itl, 50)),
-            "itl_ms_p99": _ms(_quantile(itl, 99)),
-            "ttft_ms_p50": _ms(_quantile(ttft, 50)),
-            "ttft_ms_p99": _ms(_quantile(ttft, 99)),
-            "mean_batch_size": self.mean_batch_size,
-        }
-
-
-def _quantile(values: list[float], q: int) -> float | None:
-    if len(values) < 2:
-        return values[0] if values else None
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else 1000 * seconds
-
-
-async def run_round(target: Target, mode: str, concurrency: int, max_new_tokens: int, repeat: int = 0) -> Round:
-    """N streams at once on distinct prompts; the round's wall time runs from the calls to the last token."""
-    passes, sequences = target.counts.snapshot()
-    requests = [generate_request(prompt_for(i), mode, max_new_tokens, target.chat) for i in range(concurrency)]
-    start = time.perf_counter()
-    streams = await asyncio.gather(*(stream(target.stub, r) for r in requests))
-    wall = time.perf_counter() - start
-    passes_after, sequences_after = target.counts.snapshot()
-    mean_batch = (sequences_after - sequences) / (passes_after - passes) if passes_after > passes else None
-    passes_seen = target.counts.passes(passes)
-    return Round(target.policy, mode, concurrency, repeat, wall, list(streams), mean_batch, passes_seen)
-
-
-def check_round(result: Round, max_new_tokens: int) -> list[dict[str, Any]]:
-    """The streams that did not deliver exactly max_new_tokens tokens and end with LENGTH."""
-    problems = []
-    for index, s in enumerate(result.streams):
-        exact = len(s.token_ids) == s.completion_tokens == max_new_tokens
-        if not exact or s.error is not None or s.finish_reason != "FINISH_REASON_LENGTH":
-            problems.append(
-                {
-                    "policy": result.policy,
-                    "mode": result.mode,
-                    "concurrency": result.concurrency,
-                    "repeat": result.repeat,
-                    "stream": index,
-                    "tokens_received": len(s.token_ids),
-                    "completion_tokens": s.completion_tokens,
-                    "finish_reason": s.finish_reason,
-                    "error": s.error,
-                }
-            )
-    return problems
-
-
-# -- the probe: a new request's first token under load ---------------------------------------------
-
-
-async def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await asyncio.sleep(0.002)
-
-
-async def _probe(target: Target) -> StreamResult:
-    """The short request whose time to first token the probe measures."""
-    return await stream(target.stub, generate_request(PROBE_PROMPT, "off", PROBE_MAX_NEW_TOKENS, target.chat))
-
-
-async def probe_ttft(target: Target, background: int, long_prompt: str | None, samples: int) -> dict[str, Any]:
-    """`samples` short requests, one after another, once `background` streams are decoding (and a long
-    prompt is in prefill); only samples whose first token came while the long prompt was still in prefill
-    count for that condition.
-
-    The background streams ask for far more tokens than the probes need and are cancelled once they are
-    done (a long prompt then finishes its prefill alone); the engine must be idle again (Health) before
-    the next measurement.
-    """
-    first = [asyncio.Event() for _ in range(background)]
-    requests = [generate_request(prompt_for(i), "off", PROBE_BACKGROUND_TOKENS, target.chat) for i in range(background)]
-    jobs = [asyncio.ensure_future(stream(target.stub, r, e)) for r, e in zip(requests, first, strict=True)]
-    await _until(lambda: all(e.is_set() or j.done() for e, j in zip(first, jobs, strict=True)))
-    passes_before = target.counts.snapshot()[0]
-    long_job = None
-    if long_prompt is not None:
-        long_job = asyncio.ensure_future(
-            stream(target.stub, generate_request(long_prompt, "off", PROBE_MAX_NEW_TOKENS, chat=False))
-        )
-        await _until(lambda: long_prompt_started(target.counts.passes(passes_before), background) or long_job.done())
-    probes: list[StreamResult] = []
-    for _ in range(samples):
-        if long_job is not None and long_job.done():
-            break
-        probes.append(await _probe(target))
-    last = (probes[-1].first_token_at or 0.0) if probes else float("inf")
-    run: dict[str, Any] = {
-        "background_decoding_at_last_probe_token": sum(not j.done() or j.result().ended_at > last for j in jobs),
-        "passes_while_probing": pass_summary(target.counts.passes(passes_before)),
-        "passes_to_first_token": passes_to_first_token(probes, target.counts.pass_ends(passes_before)),
-    }
-    for job in jobs:  # before the long prompt is done: how long its prefill takes under load is not this run's
-        job.cancel()
-    await asyncio.gather(*jobs, return_exceptions=True)
-    if long_job is not None:
-        long = await long_job
-        long_first = long.first_token_at or float("inf")
-        run["long_prompt_tokens"] = long.prompt_tokens
-        run["probes_before_long_first_token"] = sum((p.first_token_at or 0.0) < long_first for p in probes)
-        probes = [p for p in probes if (p.first_token_at or 0.0) < long_first]
-        run["long_prompt_ttft_ms"] = round(1000 * (long.ttft_s or 0.0), 1)  # streams cancelled after the probes
-        run["long_exact"] = len(long.token_ids) == PROBE_MAX_NEW_TOKENS and long.error is None
-    run["probes"] = probes
-    run["seconds_to_idle_after_cancel"] = await _until_idle(target.stub)
-    return run
-
-
-def passes_to_first_token(probes: Sequence[StreamResult], ends: Sequence[float]) -> list[int]:
-    """For each probe, the passes that ended between its call and its first token: the pass in flight when it
-    came, its own, and any it waited for besides."""
-    counts = []
-    for probe in probes:
-        if probe.first_token_at is None or probe.ttft_s is None:
-            continue
-        called = probe.first_token_at - probe.ttft_s
-        counts.append(sum(called < end <= probe.first_token_at for end in ends))
-    return counts
-
-
-def long_prompt_started(passes: Sequence[tuple[int, int, float]], background: int) -> bool:
-    """Whether a pass since the long prompt's submission holds its first prefill chunk: a pass of more
-    sequences than the background streams, or of more tokens than sequences (OFF makes no drafts), however
-    few tokens the chunk has."""
-    return any(size > background or tokens > size for size, tokens, _ms in passes)
-
-
-async def _until_idle(stub: pb_grpc.GenerationServiceStub, timeout: float = 60.0) -> float:
-    """Seconds until Health reports no active or queued request; raises after `timeout`."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        health = await stub.Health(pb.HealthRequest(), timeout=10)
-        if health.active_requests == 0 and health.queue_depth == 0:
-            return round(time.perf_counter() - start, 3)
-        await asyncio.sleep(0.01)
-    raise RuntimeError(f"the engine still had {health.active_requests} active requests {timeout}s after cancels")
-
-
-async def run_probe(
-    target: Target, repeats: int, samples: int, long_prompt: str | None, progress: Callable[[str], None]
-) -> Any:
-    """TTFT of the same short request on the idle server, behind decoding streams, and behind those plus
-    a long prefill: `samples` requests per condition, `repeats` times. The goal's figure is a condition's
-    p99 over the idle median; the p50 ratio is beside it."""
-    ttft: dict[str, list[float]] = {"idle": [], "under_load": [], "long_prefill": []}
-    runs: dict[str, list[dict[str, Any]]] = {"under_load": [], "long_prefill": []}
-    problems = 0
-    for repeat in range(repeats):
-        progress(f"TTFT probe {repeat + 1}/{repeats}: idle, behind {PROBE_BACKGROUND_STREAMS} streams, long prefill")
-        probes = [await _probe(target) for _ in range(samples)]
-        ttft["idle"] += [p.ttft_s or 0.0 for p in probes]
-        for name in runs if long_prompt is not None else ("under_load",):
-            run = await probe_ttft(
-                target, PROBE_BACKGROUND_STREAMS, long_prompt if name == "long_prefill" else None, samples
-            )
-            sampled: list[StreamResult] = run.pop("probes")
-            probes += sampled
-            ttft[name] += [p.ttft_s or 0.0 for p in sampled]
-            problems += not run.get("long_exact", True)
-            runs[name].append(run)
-        problems += sum(len(p.token_ids) != PROBE_MAX_NEW_TOKENS or p.error is not None for p in probes)
-    result: dict[str, Any] = {
-        "background_streams": PROBE_BACKGROUND_STREAMS,
-        "samples_per_condition_and_repeat": samples,
-        "streams_not_exact": problems,
-    }
-    idle_median = statistics.median(ttft["idle"])
-    for name, values in ttft.items():
-        if not values:
-            continue
-        ms = [v * 1000 for v in values]
-        result[f"{name}_ttft_ms"] = {**_spread(ms), "p99": round(_quantile(ms, 99) or 0.0, 2), "samples": len(ms)}
-        if name != "idle":
-            result[f"{name}_p50_over_idle"] = round(statistics.median(values) / idle_median, 3)
-            result[f"{name}_p99_over_idle"] = round((_quantile(values, 99) or 0.0) / idle_median, 3)
-            result[f"{name}_runs"] = runs[name]
-    return result
 
 
 # -- the raw ceiling: ExLlamaV2's own batched forward -----------------------------------------------
@@ -636,14 +274,6 @@ def _free_gpu_memory() -> str:
     )
 
 
-def long_prompt_text(tokenizer: Any, num_tokens: int) -> str:
-    """Raw text of about num_tokens tokens: numbered sentences, so n-gram lookup finds little to copy."""
-    sentences = [f"Line {i}: the {TOPICS[i % len(TOPICS)]} was noted at hour {i % 24}." for i in range(num_tokens)]
-    ids = tokenizer.encode(" ".join(sentences))[:num_tokens]
-    text: str = tokenizer.decode(ids)
-    return text
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -730,21 +360,13 @@ async def _block(target: Target, args: argparse.Namespace, repeat: int, progress
 COMMANDS: dict[str, Callable[..., Any]] = {"block": _block, "probe": run_probe}  # what the client process runs
 
 
-def _spread(values: list[float]) -> dict[str, float]:
-    return {
-        "median": round(statistics.median(values), 2),
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
-
-
 def _point(rounds: list[Round]) -> dict[str, Any]:
     first = rounds[0]
     point: dict[str, Any] = {"policy": first.policy, "mode": first.mode, "concurrency": first.concurrency}
     per_round = [r.metrics() for r in rounds]
     for name in per_round[0]:
         values = [v for m in per_round if (v := m[name]) is not None]
-        point[name] = _spread(values) if values else None
+        point[name] = spread(values) if values else None
     drafted = sum(s.num_draft_tokens for r in rounds for s in r.streams)
     accepted = sum(s.num_accepted_tokens for r in rounds for s in r.streams)
     point["acceptance_rate"] = round(accepted / drafted, 4) if drafted else None
