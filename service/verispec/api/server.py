@@ -229,6 +229,8 @@ class Server:
                 # Their KV pages and CUDA graphs go now: an exl2 runner and its graphs refer to each other, a
                 # cycle among the frozen objects. Off the loop, as freeing graphs is device work.
                 await asyncio.to_thread(core.close)
+            else:
+                log.warning("server.engine_still_running", detail="its pass outlasted the stop; its memory stays")
             # The engine's failure hook holds this server, and the metrics it reports to read its stats: two
             # cycles of objects that finish_start_up froze, which the collector never frees. Cut, the engine
             # goes with the last reference to the server.

@@ -333,13 +333,22 @@ def run_exl2(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         core.stop(10)
     result["used_gib_per_gpu_after_engine_runs"] = [round(gib, 2) for gib in _used_gib_per_gpu()]
-    core.close()  # the engine's pages and graphs make room for ExLlamaV2's own caches
+    if core.stopped:
+        core.close()  # the engine's pages and graphs make room for ExLlamaV2's own caches
     torch.cuda.empty_cache()
+    result.update(_generator_figures(target, draft, k, n, result["engine_off_tokens_per_s"]))
+    return result
+
+
+def _generator_figures(target: Any, draft: Any, k: int, n: int, engine_off_tps: float) -> dict[str, Any]:
+    """ExLlamaV2's own generator, unpaged, without and with the draft; an error is reported, not raised, so
+    that the engine's figures are kept."""
     _progress("ExLlamaV2DynamicGenerator, unpaged, without and with the draft")
+    result: dict[str, Any] = {}
     try:
         generator_tps = round(_dynamic_generator(target, None, k, n), 2)
         result["exllamav2_dynamic_generator_tokens_per_s"] = generator_tps
-        result["engine_off_vs_exllamav2_generator"] = round(result["engine_off_tokens_per_s"] / generator_tps, 3)
+        result["engine_off_vs_exllamav2_generator"] = round(engine_off_tps / generator_tps, 3)
         with_draft = _dynamic_generator(target, draft, k, n)
         result[f"exllamav2_dynamic_generator_with_draft_k{k}_tokens_per_s"] = round(with_draft, 2)
     except Exception as exc:  # keep the engine's figures even if the comparison run fails
