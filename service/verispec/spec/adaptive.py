@@ -66,30 +66,21 @@ class CostModel:
             return self.verify_s[num_tokens]
         cost = self._interpolated.get(num_tokens)
         if cost is None:
-            cost = self._interpolated[num_tokens] = self._interpolate(num_tokens)
+            cost = self._interpolated[num_tokens] = _interpolate(self.verify_s, num_tokens)
         return cost
 
-    def _interpolate(self, num_tokens: int) -> float:
-        known = sorted(self.verify_s)
-        if not known:
-            return float(num_tokens)  # nothing measured: assume cost grows with tokens (no speculation)
-        if num_tokens < known[0]:  # below every measured size: scale the smallest down, in proportion
-            return self.verify_s[known[0]] * num_tokens / known[0]
-        lower = max(n for n in known if n < num_tokens)
-        upper = min((n for n in known if n > num_tokens), default=None)
-        if upper is None:  # extrapolate from the two largest sizes, never cheaper than the largest
-            if len(known) < 2:
-                return self.verify_s[lower] * num_tokens / lower
-            a, b = known[-2], known[-1]
-            slope = max(0.0, (self.verify_s[b] - self.verify_s[a]) / (b - a))
-            return self.verify_s[b] + slope * (num_tokens - b)
-        frac = (num_tokens - lower) / (upper - lower)
-        return self.verify_s[lower] + frac * (self.verify_s[upper] - self.verify_s[lower])
+    def _added_by_tokens(self, base: int, num_tokens: int) -> float:
+        """What num_tokens tokens cost over base tokens in passes of one sequence (calibration measures
+        them; verify_cost also averages in passes of many sequences, whose 8 tokens are 8 decodes)."""
+        with self._lock:
+            single = dict(self._batch_median.get(1, {}))
+        table = single if len(single) >= 2 else self.verify_s
+        return max(0.0, _interpolate(table, num_tokens) - _interpolate(table, base))
 
     def pass_cost(self, num_seqs: int, num_tokens: int) -> float:
         """Seconds for a pass over num_tokens tokens of num_seqs sequences: measured for that shape, else
-        the nearest measured pass of as many sequences and fewer tokens plus what the extra tokens add by
-        tokens alone (so a shape not yet seen is priced as before, and measured once it runs), else by
+        the nearest measured pass of as many sequences and fewer tokens plus what the extra tokens add to
+        a pass of one sequence (so a shape not yet seen is priced, and measured once it runs), else by
         tokens alone; never less than a measured pass of as many sequences and fewer tokens."""
         cost = self._priced.get((num_seqs, num_tokens))
         if cost is None:
@@ -107,7 +98,7 @@ class CostModel:
             return max(shape[num_tokens], floor)
         if base is None:
             return self.verify_cost(num_tokens)
-        return max(shape[base] + max(0.0, self.verify_cost(num_tokens) - self.verify_cost(base)), floor)
+        return max(shape[base] + self._added_by_tokens(base, num_tokens), floor)
 
     def num_passes(self, num_seqs: int, num_tokens: int) -> int:
         """How many recent passes of that shape pass_cost rests on (0: priced from other shapes)."""
@@ -116,6 +107,28 @@ class CostModel:
 
     def draft_cost(self, drafter: str) -> float:
         return self.draft_s.get(drafter, 0.0)
+
+
+def _interpolate(table: dict[int, float], num_tokens: int) -> float:
+    """Seconds of a pass over num_tokens from the measured sizes in `table`: linear between two, in
+    proportion below the smallest, along the last slope (never cheaper) past the largest."""
+    if num_tokens in table:
+        return table[num_tokens]
+    known = sorted(table)
+    if not known:
+        return float(num_tokens)  # nothing measured: assume cost grows with tokens (no speculation)
+    if num_tokens < known[0]:  # below every measured size: scale the smallest down, in proportion
+        return table[known[0]] * num_tokens / known[0]
+    lower = max(n for n in known if n < num_tokens)
+    upper = min((n for n in known if n > num_tokens), default=None)
+    if upper is None:  # extrapolate from the two largest sizes, never cheaper than the largest
+        if len(known) < 2:
+            return table[lower] * num_tokens / lower
+        a, b = known[-2], known[-1]
+        slope = max(0.0, (table[b] - table[a]) / (b - a))
+        return table[b] + slope * (num_tokens - b)
+    frac = (num_tokens - lower) / (upper - lower)
+    return table[lower] + frac * (table[upper] - table[lower])
 
 
 def _average_in(table: dict[int, float], key: int, seconds: float) -> None:
