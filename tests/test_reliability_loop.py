@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import LoopThread, RunningServer, ServerFactory, Target
 from verispec.api.server import Server
 from verispec.config import DEFAULT_MODEL, ModelConfig, config_from_argv
-from verispec.loader import start_engine
+from verispec.loader import LoadedModels, start_engine
 from verispec.models import resolve_model
 from verispec.request import SpeculationMode
 from verispec.spec.drafters import ModelDrafter
@@ -70,11 +70,7 @@ def test_a_stopped_server_gives_back_its_kv_pages_while_still_referenced(
     """Stopping closes the engine's runners, target and draft: their KV pages go at once, even while the
     server and its engine are still referenced (an exl2 runner and its CUDA graphs refer to each other, a
     cycle among start-up's frozen objects that would otherwise hold the GPU's memory to the end)."""
-    config = config_from_argv(["--host", "127.0.0.1", "--port", "0", "--draft-model", DEFAULT_MODEL])
-    server = Server(config)
-    loop_thread.run(server.start())
-    models = start_engine(config, target.backend, target.tokenizer, target.backend, observer=server.metrics)
-    loop_thread.run(server.load(lambda _config, _observer: models))
+    server, models = _loaded_server(target, loop_thread, "--draft-model", DEFAULT_MODEL, draft=target.backend)
     core = models.engine.core
     drafter = core.speculation.drafter_for(SpeculationMode.DRAFT_MODEL)
     assert isinstance(drafter, ModelDrafter)
@@ -86,13 +82,21 @@ def test_a_stopped_server_gives_back_its_kv_pages_while_still_referenced(
     assert models.engine.core is core, "while the engine itself is still referenced"
 
 
-def _serve_and_stop(target: Target, loop_thread: LoopThread) -> tuple[weakref.ref[Any], weakref.ref[Any]]:
-    """A server loaded and stopped; weak references to its engine and engine core once it is dropped."""
-    config = config_from_argv(["--host", "127.0.0.1", "--port", "0"])
+def _loaded_server(
+    target: Target, loop_thread: LoopThread, *flags: str, draft: Any = None
+) -> tuple[Server, LoadedModels]:
+    """A server started on an ephemeral port with extra `serve` flags, and the models it serves."""
+    config = config_from_argv(["--host", "127.0.0.1", "--port", "0", *flags])
     server = Server(config)
     loop_thread.run(server.start())
-    models = start_engine(config, target.backend, target.tokenizer, None, observer=server.metrics)
+    models = start_engine(config, target.backend, target.tokenizer, draft, observer=server.metrics)
     loop_thread.run(server.load(lambda _config, _observer: models))
+    return server, models
+
+
+def _serve_and_stop(target: Target, loop_thread: LoopThread) -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+    """A server loaded and stopped; weak references to its engine and engine core once it is dropped."""
+    server, models = _loaded_server(target, loop_thread)
     try:
         return weakref.ref(models.engine), weakref.ref(models.engine.core)
     finally:
